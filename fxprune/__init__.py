@@ -1,0 +1,2 @@
+from .analysis import Analysis, analyze
+from .errors import FxpruneError

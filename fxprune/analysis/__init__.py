@@ -1,0 +1,125 @@
+"""Analysis: which channels of which parameters must be removed together, found from the graph alone.
+
+``analyze`` runs the op rules (``rules.py``) over a captured graph, resolves the couplings into atoms
+(channels removed together) and gathers atoms into groups with their head layout and constraints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import networkx as nx
+import torch
+
+from ..capture import Captured, capture
+from .channels import Atoms, ChannelIds, Space
+from .groups import KINDS, Group, build_groups
+from .propagate import LABELS_KEY, OP_KEY, UnknownOp, propagate
+
+
+@dataclass
+class Analysis:
+    captured: Captured
+    ids: ChannelIds
+    atoms: Atoms
+    groups: list[Group]
+    unknown_ops: list[UnknownOp]
+
+    @property
+    def gm(self):
+        return self.captured.gm
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return _get_tensor(self.gm, name)
+
+    def graph(self) -> nx.Graph:
+        """The dependency graph: nodes are channel spaces (parameter dims), edges the couplings between them.
+
+        Each edge carries ``index_map`` (pairs of coupled indices) and ``identity`` (every pair i -> i); each
+        node carries its ``group`` names.
+        """
+        g = nx.Graph()
+        spaces = self.ids.spaces
+        starts = torch.tensor([s.start for s in spaces])
+        group_of_atom = {}
+        for group in self.groups:
+            for atom in group.atoms:
+                group_of_atom[atom] = group.name
+        for s in spaces:
+            g.add_node(s.label, param=s.param, dim=s.dim, size=s.size, groups=set())
+        order = torch.argsort(self.atoms.atom_of, stable=True)
+        sorted_atoms = self.atoms.atom_of[order]
+        bounds = torch.searchsorted(sorted_atoms, torch.arange(self.atoms.count + 1))
+        space_of = torch.searchsorted(starts, order, right=True) - 1
+        for atom in range(self.atoms.count):
+            lo, hi = int(bounds[atom]), int(bounds[atom + 1])
+            members = [(spaces[int(space_of[i])], int(order[i])) for i in range(lo, hi)]
+            for space, _ in members:
+                g.nodes[space.label]["groups"].add(group_of_atom.get(atom, "?"))
+            for (sa, ia), (sb, ib) in zip(members, members[1:]):
+                if sa.label == sb.label:
+                    continue
+                if not g.has_edge(sa.label, sb.label):
+                    g.add_edge(sa.label, sb.label, index_map=[])
+                g.edges[sa.label, sb.label]["index_map"].append((ia - sa.start, ib - sb.start))
+        for _, _, data in g.edges(data=True):
+            data["identity"] = all(a == b for a, b in data["index_map"])
+        return g
+
+    def table(self) -> str:
+        header = ("group", "kind", "heads x dim", "width", "members", "status")
+        rows = []
+        for g in self.groups:
+            layout = f"{g.heads} x {g.head_dim}" + (" (shared offsets)" if g.shared_across_heads else "")
+            members = ", ".join(s.label for s in g.members[:4]) + (f", +{len(g.members) - 4}" if len(g.members) > 4 else "")
+            status = "prunable" if g.prunable else _shorten("frozen: " + g.frozen[0], 90) + (f" (+{len(g.frozen) - 1} more)" if len(g.frozen) > 1 else "")
+            rows.append((g.name, g.kind, layout, str(g.width), members, status))
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+        widths[-1] = min(widths[-1], 100)
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+        lines.append("  ".join("-" * w for w in widths))
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) if i < len(r) - 1 else c for i, (c, w) in enumerate(zip(r, widths))))
+        summary = {k: sum(1 for g in self.groups if g.kind == k and g.prunable) for k in KINDS}
+        lines.append("")
+        lines.append("prunable groups: " + ", ".join(f"{k}={n}" for k, n in summary.items()))
+        if self.unknown_ops:
+            lines.append("ops without a rule (channels through them are frozen):")
+            for op in self.unknown_ops:
+                lines.append(f"  {op.node}: {op.target}" + ("" if op.touched_channels else " (no channels touched)"))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _shorten(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _get_tensor(gm: torch.nn.Module, name: str) -> torch.Tensor:
+    module_path, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(module_path) if module_path else gm
+    return getattr(owner, attr)
+
+
+def analyze_captured(captured: Captured) -> Analysis:
+    ids, unknown = propagate(captured)
+    atoms = ids.resolve()
+    param_ndim = {s.param: _get_tensor(captured.gm, s.param).ndim for s in ids.spaces}
+    groups = build_groups(atoms, param_ndim)
+    return Analysis(captured, ids, atoms, groups, unknown)
+
+
+def analyze(model: torch.nn.Module, example_inputs: Sequence | None = None) -> Analysis:
+    """Trace ``model`` (a copy; the model is not touched) and find its coupled channel groups."""
+    return analyze_captured(capture(model, example_inputs))
+
+
+__all__ = ["Analysis", "Group", "analyze", "analyze_captured", "KINDS", "LABELS_KEY", "OP_KEY"]

@@ -1,0 +1,136 @@
+"""Channel ids and their couplings.
+
+Every index of every parameter dimension that may be a channel gets one global integer id. Rules couple
+ids that must be removed together (``union``), forbid removing some (``freeze``), say which ids play
+which role in attention (``tag``), and record how ids are laid out in heads (``record_rows``). Nothing is
+resolved until ``resolve()``: unions are collected as edge lists and solved at once, vectorised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Space:
+    """One dimension of one parameter (or buffer), by qualified name."""
+
+    param: str
+    dim: int
+    size: int
+    start: int  # first global id
+
+    @property
+    def label(self) -> str:
+        return f"{self.param}[{self.dim}]"
+
+
+class ChannelIds:
+    def __init__(self) -> None:
+        self._spaces: dict[tuple[str, int], Space] = {}
+        self._edges: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._frozen: list[tuple[torch.Tensor, str]] = []
+        self._tags: list[tuple[torch.Tensor, str]] = []
+        self._rows: list[torch.Tensor] = []
+        self._active: list[torch.Tensor] = []
+        self.size = 0
+
+    def space(self, param: str, dim: int, size: int) -> torch.Tensor:
+        """The ids of ``param``'s dimension ``dim`` (created on first use)."""
+        key = (param, dim)
+        space = self._spaces.get(key)
+        if space is None:
+            space = Space(param, dim, size, self.size)
+            self._spaces[key] = space
+            self.size += size
+        return torch.arange(space.start, space.start + space.size)
+
+    @property
+    def spaces(self) -> list[Space]:
+        return sorted(self._spaces.values(), key=lambda s: s.start)
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = torch.broadcast_tensors(a, b)
+        a, b = a.reshape(-1), b.reshape(-1)
+        differ = a != b
+        if differ.any():
+            self._edges.append((a[differ], b[differ]))
+
+    def union_within(self, ids: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """Join ids along ``dims`` (a parameter shared along them) and return ids reduced to size 1 there."""
+        first = ids
+        for d in dims:
+            first = first.narrow(d, 0, 1)
+        self.union(ids, first)
+        return first
+
+    def freeze(self, ids: torch.Tensor, reason: str) -> None:
+        self._frozen.append((ids.reshape(-1).clone(), reason))
+
+    def tag(self, ids: torch.Tensor, role: str) -> None:
+        self._tags.append((ids.reshape(-1).clone(), role))
+
+    def mark_active(self, ids: torch.Tensor) -> None:
+        """These ids index channels of an activation (not only a parameter dim such as a kernel window)."""
+        self._active.append(torch.unique(ids))
+
+    def record_rows(self, rows: torch.Tensor) -> None:
+        """Ids laid out as (heads, channels of one head); heads must keep equally many channels."""
+        self._rows.append(rows.reshape(-1, rows.shape[-1]).clone())
+
+    def resolve(self) -> "Atoms":
+        return Atoms.build(self)
+
+
+def _components(n: int, edges: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Smallest id of each id's connected component (min-label propagation with pointer jumping)."""
+    labels = torch.arange(n)
+    if not edges or n == 0:
+        return labels
+    src = torch.cat([a for a, _ in edges])
+    dst = torch.cat([b for _, b in edges])
+    while True:
+        low = torch.minimum(labels[src], labels[dst])
+        new = labels.clone()
+        new.scatter_reduce_(0, src, low, reduce="amin")
+        new.scatter_reduce_(0, dst, low, reduce="amin")
+        new = new[new]
+        if torch.equal(new, labels):
+            return labels
+        labels = new
+
+
+@dataclass
+class Atoms:
+    """Classes of ids that must be removed together: the unit a pruning plan keeps or removes."""
+
+    ids: ChannelIds
+    atom_of: torch.Tensor  # id -> atom index
+    count: int
+    frozen: dict[int, list[str]] = field(default_factory=dict)  # atom -> reasons
+    roles: dict[int, set[str]] = field(default_factory=dict)
+    rows: list[torch.Tensor] = field(default_factory=list)  # each (heads, channels) of atom indices
+    active: torch.Tensor | None = None  # atom -> True when some activation carries it
+
+    @staticmethod
+    def build(ids: ChannelIds) -> "Atoms":
+        root = _components(ids.size, ids._edges)
+        roots, atom_of = torch.unique(root, return_inverse=True)
+        atoms = Atoms(ids=ids, atom_of=atom_of, count=len(roots))
+        for member_ids, reason in ids._frozen:
+            for atom in torch.unique(atom_of[member_ids]).tolist():
+                reasons = atoms.frozen.setdefault(atom, [])
+                if reason not in reasons:
+                    reasons.append(reason)
+        for member_ids, role in ids._tags:
+            for atom in torch.unique(atom_of[member_ids]).tolist():
+                atoms.roles.setdefault(atom, set()).add(role)
+        atoms.rows = [atom_of[r] for r in ids._rows]
+        atoms.active = torch.zeros(atoms.count, dtype=torch.bool)
+        if ids._active:
+            atoms.active[atom_of[torch.cat(ids._active)]] = True
+        return atoms
+
+    def of(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.atom_of[ids]

@@ -1,0 +1,143 @@
+"""Groups: atoms (channels removed together) gathered by the parameters they cut, with head layout."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from .channels import Atoms, Space
+
+KINDS = ("qk", "v", "mlp", "other")
+
+
+@dataclass
+class Group:
+    """Channels that belong together: one attention's q/k, one attention's v, one MLP hidden layer...
+
+    ``rows`` lists atom indices head by head (one row per distinct head; a single row when the group has no
+    heads, or when the graph forces every head to use the same channel offsets).
+    """
+
+    name: str
+    kind: str
+    rows: list[list[int]]
+    heads: int
+    head_dim: int
+    shared_across_heads: bool
+    members: list[Space]
+    frozen: list[str] = field(default_factory=list)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen
+
+    @property
+    def atoms(self) -> list[int]:
+        return [a for row in self.rows for a in row]
+
+    @property
+    def width(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+
+def _space_index(spaces: list[Space], n: int) -> torch.Tensor:
+    starts = torch.tensor([s.start for s in spaces], dtype=torch.long)
+    return torch.searchsorted(starts, torch.arange(n), right=True) - 1
+
+
+def build_groups(atoms: Atoms, param_ndim: dict[str, int]) -> list[Group]:
+    spaces = atoms.ids.spaces
+    if not spaces:
+        return []
+    n = atoms.ids.size
+    space_of = _space_index(spaces, n)
+    first_id = torch.full((atoms.count,), n, dtype=torch.long).scatter_reduce(0, atoms.atom_of, torch.arange(n), "amin")
+
+    pairs = torch.unique(atoms.atom_of * len(spaces) + space_of)
+    signature: dict[int, list[int]] = defaultdict(list)
+    for atom, space in zip((pairs // len(spaces)).tolist(), (pairs % len(spaces)).tolist()):
+        signature[atom].append(space)
+    by_signature: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for atom in torch.nonzero(atoms.active).flatten().tolist():  # parameter-only dims are no channels
+        by_signature[tuple(signature[atom])].append(atom)
+
+    group_of = torch.full((atoms.count,), -1, dtype=torch.long)
+    ordered = sorted(by_signature.items(), key=lambda kv: int(first_id[kv[1][0]]))
+    for g, (_, members) in enumerate(ordered):
+        group_of[torch.tensor(members)] = g
+
+    layouts: dict[int, list[torch.Tensor]] = defaultdict(list)
+    irregular: dict[int, str] = {}
+    for rows in atoms.rows:
+        owners = torch.unique(group_of[rows]).tolist()
+        if len(owners) == 1 and owners[0] >= 0:
+            layouts[owners[0]].append(rows)
+        else:
+            for g in owners:
+                if g >= 0:
+                    irregular[g] = "a head layout mixes channels of several groups"
+
+    groups: list[Group] = []
+    used_names: set[str] = set()
+    for g, (sig, members) in enumerate(ordered):
+        member_spaces = [spaces[s] for s in sig]
+        roles = set().union(*(atoms.roles.get(a, set()) for a in members))
+        kind = _kind(roles, member_spaces, param_ndim)
+        rows, heads, head_dim, shared, problem = _head_rows(members, layouts.get(g, []), first_id)
+        frozen = sorted({r for a in members for r in atoms.frozen.get(a, [])})
+        for extra in (irregular.get(g), problem):
+            if extra:
+                frozen.append(extra)
+        name = _name(kind, member_spaces, param_ndim, used_names)
+        groups.append(Group(name, kind, rows, heads, head_dim, shared, member_spaces, frozen))
+    return groups
+
+
+def _kind(roles: set[str], spaces: list[Space], param_ndim: dict[str, int]) -> str:
+    if "qk" in roles:
+        return "qk"
+    if "v" in roles:
+        return "v"
+    producers = sum(1 for s in spaces if s.dim == 0 and param_ndim.get(s.param, 0) >= 2)
+    consumes = any(s.dim == 1 and param_ndim.get(s.param, 0) >= 2 for s in spaces)
+    return "mlp" if producers == 1 and consumes else "other"  # one producer: a hidden layer, not a residual stream
+
+
+def _name(kind: str, spaces: list[Space], param_ndim: dict[str, int], used: set[str]) -> str:
+    producers = [s for s in spaces if s.dim == 0 and param_ndim.get(s.param, 0) >= 2]
+    anchor = (producers or spaces)[0].param
+    for suffix in (".weight", ".bias"):
+        if anchor.endswith(suffix):
+            anchor = anchor[: -len(suffix)]
+    name = f"{anchor}:{kind}"
+    k = 2
+    while name in used:
+        name = f"{anchor}:{kind}#{k}"
+        k += 1
+    used.add(name)
+    return name
+
+
+def _head_rows(members: list[int], layouts: list[torch.Tensor], first_id: torch.Tensor):
+    """Distinct head rows of a group, its heads × head_dim layout, and whether heads share offsets."""
+    if not layouts:
+        return [sorted(members, key=lambda a: int(first_id[a]))], 1, len(members), False, None
+    distinct: dict[frozenset, list[int]] = {}
+    for layout in layouts:
+        for row in layout.tolist():
+            key = frozenset(row)
+            if len(key) != len(row):
+                return [members], 1, len(members), False, "a head uses the same channel twice"
+            distinct.setdefault(key, row)
+    keys = list(distinct)
+    covered = set()
+    for key in keys:
+        if covered & key:
+            return [members], 1, len(members), False, "heads overlap irregularly"
+        covered |= key
+    if covered != set(members):
+        return [members], 1, len(members), False, "the head layout covers only part of the group"
+    first = layouts[0]
+    heads, head_dim = first.shape
+    return [distinct[k] for k in keys], heads, head_dim, len(keys) < heads, None

@@ -1,0 +1,166 @@
+"""Run the op rules over a captured graph, node by node, and collect every coupling."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..capture import VALUE_KEY, Captured, TensorValue
+from .channels import ChannelIds
+from .labels import Block, Labels, param_labels
+from .ops import OpCall, ParamRef, normalize
+from .rules import RULES
+
+LABELS_KEY = "fxprune_labels"  # node.meta: the node output's channel labels
+CONST_KEY = "fxprune_const"  # node.meta: True when the value depends on parameters only
+OP_KEY = "fxprune_op"  # node.meta: the normalised OpCall, or None for an op without a rule
+
+
+@dataclass
+class UnknownOp:
+    node: str
+    target: str
+    touched_channels: bool
+
+
+class RuleContext:
+    def __init__(self, gm: fx.GraphModule, ch: ChannelIds) -> None:
+        self.gm = gm
+        self.ch = ch
+        self.node: fx.Node | None = None
+        self._param_labels: dict[str, Labels] = {}
+
+    # --- what rules read ---
+    def labels(self, x: Any) -> Any:
+        if isinstance(x, fx.Node):
+            return x.meta.get(LABELS_KEY, ())
+        if isinstance(x, ParamRef):
+            if x.name not in self._param_labels:
+                self._param_labels[x.name] = param_labels(self.ch, x.name, x.shape)
+            return self._param_labels[x.name]
+        return ()
+
+    def shape(self, x: Any) -> tuple[int, ...] | None:
+        if isinstance(x, ParamRef):
+            return x.shape
+        if isinstance(x, fx.Node):
+            value = x.meta.get(VALUE_KEY)
+            if isinstance(value, TensorValue):
+                return value.shape
+        return None
+
+    def is_const(self, x: Any) -> bool:
+        if isinstance(x, ParamRef):
+            return True
+        if isinstance(x, fx.Node):
+            return bool(x.meta.get(CONST_KEY, False))
+        return True
+
+    @property
+    def out(self) -> TensorValue:
+        return self.node.meta[VALUE_KEY]
+
+    def describe(self, x: Any) -> str:
+        if isinstance(x, ParamRef):
+            return f"'{x.name}'"
+        if isinstance(x, fx.Node):
+            return f"node '{x.name}'"
+        return repr(x)
+
+    # --- what rules write ---
+    def freeze(self, ids: torch.Tensor, why: str) -> None:
+        self.ch.freeze(ids, f"{self.node.name}: {why}")
+
+    def freeze_labels(self, labels: Any, why: str) -> bool:
+        """Freeze every block in (possibly nested) labels; True if there was any."""
+        found = False
+        if isinstance(labels, Block):
+            self.freeze(labels.ids, why)
+            return True
+        if isinstance(labels, (list, tuple)):
+            for item in labels:
+                found |= self.freeze_labels(item, why)
+        return found
+
+
+def _input_nodes(node: fx.Node) -> list[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def _mark_const(node: fx.Node) -> bool:
+    if node.op == "get_attr":
+        return True
+    if node.op == "placeholder":
+        return False
+    inputs = _input_nodes(node)
+    if node.op == "call_module":
+        return False
+    return bool(inputs) and all(i.meta.get(CONST_KEY, False) for i in inputs)
+
+
+def _tensor_labels_of_args(ctx: RuleContext, node: fx.Node) -> list[Any]:
+    return [ctx.labels(i) for i in _input_nodes(node)]
+
+
+def _empty_like(value: Any) -> Any:
+    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        return [_empty_like(v) for v in value]
+    return () if isinstance(value, TensorValue) else None
+
+
+def propagate(captured: Captured) -> tuple[ChannelIds, list[UnknownOp]]:
+    """Label every node with its channel blocks; return the couplings and the ops without rules."""
+    gm = captured.gm
+    ch = ChannelIds()
+    ctx = RuleContext(gm, ch)
+    unknown: list[UnknownOp] = []
+    for node in gm.graph.nodes:
+        ctx.node = node
+        node.meta[CONST_KEY] = _mark_const(node)
+        value = node.meta.get(VALUE_KEY)
+        if node.op == "placeholder":
+            node.meta[LABELS_KEY] = _empty_like(value)
+            continue
+        if node.op == "get_attr":
+            shape = value.shape if isinstance(value, TensorValue) else None
+            node.meta[LABELS_KEY] = param_labels(ch, str(node.target), shape) if shape is not None else None
+            continue
+        if node.op == "output":
+            ctx.freeze_labels(_tensor_labels_of_args(ctx, node), "reaches the model output")
+            continue
+        call = normalize(node, gm)
+        node.meta[OP_KEY] = call
+        if value is not None and not isinstance(value, TensorValue) and not isinstance(value, (list, tuple)):
+            node.meta[LABELS_KEY] = None  # python scalars, sizes, dtypes: no channels
+            continue
+        rule = RULES.get(call.op) if call is not None else None
+        if rule is None:
+            touched = ctx.freeze_labels(_tensor_labels_of_args(ctx, node),
+                                        f"no rule for {_target_name(node)}; channels through it are kept")
+            unknown.append(UnknownOp(node.name, _target_name(node), touched))
+            node.meta[LABELS_KEY] = _empty_like(value)
+            continue
+        labels = rule(ctx, call)
+        node.meta[LABELS_KEY] = labels
+        if not node.meta[CONST_KEY]:
+            _mark_active(ch, labels)
+    return ch, unknown
+
+
+def _mark_active(ch: ChannelIds, labels: Any) -> None:
+    if isinstance(labels, Block):
+        ch.mark_active(labels.ids)
+    elif isinstance(labels, (list, tuple)):
+        for item in labels:
+            _mark_active(ch, item)
+
+
+def _target_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}' ({type(node.graph.owning_module.get_submodule(str(node.target))).__name__})"
+    target = node.target
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+    module = getattr(target, "__module__", None)
+    return f"{node.op} {module + '.' if module and node.op == 'call_function' else ''}{name}"

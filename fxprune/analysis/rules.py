@@ -1,0 +1,517 @@
+"""The op rule table: how channel ids flow through each op, and which channels each op couples.
+
+A rule receives the ``RuleContext`` and the normalised ``OpCall`` and returns the output's labels (a
+tuple of ``Block``s for a tensor, a list of those for a tuple of tensors). It couples ids with
+``ctx.ch.union``, freezes channels it cannot shrink consistently with ``ctx.freeze`` (saying why), tags
+attention roles with ``ctx.ch.tag`` and records head layouts with ``ctx.ch.record_rows``.
+
+Masked equivalence is the contract: removing a channel must compute what the original computes with
+that channel's weights zeroed. Ops that would see the zeros (normalisation or softmax over channels,
+means over channels) freeze those channels instead.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .labels import Block, Labels, block_on, make_block, merge, reshape_block
+from .ops import OpCall, ParamRef
+
+Rule = Callable[["RuleContext", OpCall], Any]
+
+
+def _dims(dim: Any, ndim: int) -> list[int]:
+    if dim is None:
+        return list(range(ndim))
+    if isinstance(dim, (list, tuple)):
+        return sorted(d % ndim for d in dim)
+    return [dim % ndim]
+
+
+def _drop_dims(block: Block, dims: Sequence[int]) -> Block:
+    """Remove size-1 dims ``dims`` from a block's ids."""
+    ids = block.ids
+    new_dim = block.dim
+    for d in sorted(dims, reverse=True):
+        ids = ids.squeeze(d) if ids.ndim > 0 else ids
+        if d < new_dim:
+            new_dim -= 1
+    return Block(ids, new_dim)
+
+
+def rule_unary(ctx, call: OpCall) -> Labels:
+    return ctx.labels(call.args["input"])
+
+
+def rule_elementwise(ctx, call: OpCall) -> Labels:
+    out_ndim = ctx.out.ndim
+    operands = [x for x in call.args.get("operands", []) if ctx.shape(x) is not None]
+    has_activation = any(not ctx.is_const(x) for x in operands)
+    aligned = []
+    for x in operands:
+        shape = ctx.shape(x)
+        pad = out_ndim - len(shape)
+        aligned.append((x, (1,) * pad + tuple(shape), [b.unsqueezed(pad) for b in ctx.labels(x)]))
+    activation_dims = {b.dim for x, _, blocks in aligned if not ctx.is_const(x) for b in blocks}
+    kept = []
+    for x, _, blocks in aligned:
+        for block in blocks:
+            if ctx.is_const(x) and has_activation and block.dim not in activation_dims:
+                continue  # a parameter broadcast along a dim that holds no channels (e.g. positions)
+            kept.append(block)
+    result = merge(ctx.ch, kept)
+    for x, shape, blocks in aligned:
+        own = {b.dim for b in blocks}
+        for block in result:
+            if shape[block.dim] > 1 and block.dim not in own:
+                ctx.freeze(block.ids, f"combined with {ctx.describe(x)}, which has no prunable channels on dim {block.dim}")
+    return result
+
+
+def rule_reshape(ctx, call: OpCall) -> Labels:
+    src = ctx.shape(call.args["input"])
+    dst = ctx.out.shape
+    out = []
+    for block in ctx.labels(call.args["input"]):
+        moved = reshape_block(block, src, dst)
+        if moved is None:
+            ctx.freeze(block.ids, f"reshape {tuple(src)} -> {tuple(dst)} mixes channel dim {block.dim} irregularly")
+        else:
+            out.append(moved)
+    return merge(ctx.ch, out)
+
+
+def _permute(ctx, labels: Labels, order: Sequence[int]) -> Labels:
+    return tuple(make_block(b.ids.permute(*order), list(order).index(b.dim)) for b in labels)
+
+
+def rule_permute(ctx, call: OpCall) -> Labels:
+    ndim = ctx.out.ndim
+    order = [d % ndim for d in call.args["dims"]]
+    return _permute(ctx, ctx.labels(call.args["input"]), order)
+
+
+def rule_transpose(ctx, call: OpCall) -> Labels:
+    ndim = ctx.out.ndim
+    order = list(range(ndim))
+    if ndim >= 2:
+        d0 = call.args.get("dim0", 0) % ndim
+        d1 = call.args.get("dim1", 1) % ndim
+        order[d0], order[d1] = order[d1], order[d0]
+    return _permute(ctx, ctx.labels(call.args["input"]), order)
+
+
+def rule_expand(ctx, call: OpCall) -> Labels:
+    pad = ctx.out.ndim - len(ctx.shape(call.args["input"]))
+    return tuple(b.unsqueezed(pad) for b in ctx.labels(call.args["input"]))
+
+
+def rule_linear(ctx, call: OpCall) -> Labels:
+    x, weight, bias = call.args["input"], call.args["weight"], call.args.get("bias")
+    last = len(ctx.shape(x)) - 1
+    w_labels = ctx.labels(weight)
+    w_out = block_on(w_labels, 0)
+    w_in = block_on(w_labels, 1)
+    out: list[Block] = []
+    for block in ctx.labels(x):
+        if block.dim == last:
+            consumed = ctx.ch.union_within(block.ids, tuple(block.row_dims()))
+            if w_in is not None:
+                ctx.ch.union(consumed.reshape(-1), w_in.ids.reshape(-1))
+        else:
+            rows = block.ids.narrow(last, 0, 1) if block.ids.shape[last] > 1 else block.ids
+            out.append(Block(rows, block.dim))
+    if w_in is not None and block_on(ctx.labels(x), last) is None:
+        ctx.freeze(w_in.ids, f"input features of {ctx.describe(weight)} come from {ctx.describe(x)}, which has no prunable channels")
+    if w_out is not None:
+        view = [1] * (last + 1)
+        view[last] = w_out.ids.numel()
+        out_ids = w_out.ids.reshape(view)
+        if bias is not None and ctx.labels(bias):
+            ctx.ch.union(out_ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
+        out.append(Block(out_ids, last))
+    return merge(ctx.ch, out)
+
+
+def rule_conv(ctx, call: OpCall) -> Labels:
+    x, weight, bias = call.args["input"], call.args["weight"], call.args.get("bias")
+    groups = call.args.get("groups", 1) or 1
+    w_shape = ctx.shape(weight)
+    w_labels = ctx.labels(weight)
+    in_block = block_on(ctx.labels(x), 1)
+    for block in ctx.labels(x):
+        if block.dim != 1 or block.row_dims():
+            ctx.freeze(block.ids, "convolution input channels vary along batch or spatial dims")
+    w_out = block_on(w_labels, 0)
+    out_ids = w_out.ids.reshape(1, -1, *([1] * (len(w_shape) - 2))) if w_out is not None else None
+    in_channels = ctx.shape(x)[1]
+    if groups == 1:
+        w_in = block_on(w_labels, 1)
+        if in_block is not None and w_in is not None:
+            ctx.ch.union(in_block.ids.reshape(-1), w_in.ids.reshape(-1))
+        elif w_in is not None:
+            ctx.freeze(w_in.ids, f"input channels of {ctx.describe(weight)} are not prunable channels")
+    elif groups == in_channels == w_shape[0] and w_shape[1] == 1:  # depthwise: channel i only sees channel i
+        if in_block is not None and out_ids is not None:
+            ctx.ch.union(in_block.ids.reshape(-1), out_ids.reshape(-1))
+        elif out_ids is not None:
+            ctx.freeze(out_ids, f"depthwise {ctx.describe(weight)} follows channels that are not prunable")
+    else:
+        for block in (in_block,) + tuple(w_labels):
+            if block is not None:
+                ctx.freeze(block.ids, f"grouped convolution (groups={groups}) is not supported")
+        return ()
+    if out_ids is None:
+        return ()
+    if bias is not None and ctx.labels(bias):
+        ctx.ch.union(out_ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
+    return (Block(out_ids, 1),)
+
+
+def _couple_param(ctx, param: Any, block: Block | None, param_dim: int, why_unlabeled: str) -> None:
+    """Couple a per-channel parameter's dim ``param_dim`` with an activation block (shared over its rows)."""
+    if param is None:
+        return
+    p_block = block_on(ctx.labels(param), param_dim)
+    if p_block is None:
+        return
+    if block is None:
+        ctx.freeze(p_block.ids, why_unlabeled)
+        return
+    shared = ctx.ch.union_within(block.ids, tuple(block.row_dims()))
+    ctx.ch.union(shared.reshape(-1), p_block.ids.reshape(-1))
+
+
+def rule_layer_norm(ctx, call: OpCall) -> Labels:
+    x = call.args["input"]
+    labels = ctx.labels(x)
+    ndim = len(ctx.shape(x))
+    normalized = call.args.get("normalized_shape") or ()
+    normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
+    first = ndim - len(normalized)
+    for block in labels:
+        if block.dim >= first:
+            ctx.freeze(block.ids, "normalised over these channels: removal would change the statistics (not masked-equivalent)")
+    for pdim in range(len(normalized)):
+        block = block_on(labels, first + pdim)
+        for param in (call.args.get("weight"), call.args.get("bias")):
+            _couple_param(ctx, param, block, pdim, "normalised features are not prunable channels")
+    return labels
+
+
+def rule_batch_norm(ctx, call: OpCall) -> Labels:
+    x = call.args["input"]
+    labels = ctx.labels(x)
+    block = block_on(labels, 1)
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        _couple_param(ctx, call.args.get(name), block, 0, "batch-norm features are not prunable channels")
+    return labels
+
+
+def _contraction_partner(ctx, a: Any, a_block: Block | None, b: Any, b_block: Block | None,
+                         a_dim: int, b_dim: int) -> None:
+    """Couple the contracted channels of two operands (q·kᵀ, x·W) or freeze an unpaired side."""
+    if a_block is not None and b_block is not None:
+        a_ids = a_block.ids.movedim(a_dim, -1)
+        b_ids = b_block.ids.movedim(b_dim, -1)
+        # positions other than batch dims (the non-contracted matrix dim) must agree
+        a_ids = ctx.ch.union_within(a_ids, (a_ids.ndim - 2,)) if a_ids.ndim >= 2 and a_ids.shape[-2] > 1 else a_ids
+        b_ids = ctx.ch.union_within(b_ids, (b_ids.ndim - 2,)) if b_ids.ndim >= 2 and b_ids.shape[-2] > 1 else b_ids
+        ctx.ch.union(a_ids, b_ids)
+        if not ctx.is_const(a) and not ctx.is_const(b):
+            joint = torch.broadcast_tensors(a_ids, b_ids)[0]
+            ctx.ch.tag(joint, "qk")
+            ctx.ch.record_rows(joint)
+    elif a_block is not None:
+        ctx.freeze(a_block.ids, f"contracted with {ctx.describe(b)}, which has no prunable channels")
+    elif b_block is not None:
+        ctx.freeze(b_block.ids, f"contracted with {ctx.describe(a)}, which has no prunable channels")
+
+
+def rule_matmul(ctx, call: OpCall) -> Labels:
+    a, b = call.args["input"], call.args["other"]
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    if len(sa) < 2 or len(sb) < 2:
+        for x in (a, b):
+            ctx.freeze_labels(ctx.labels(x), "matmul with a 1-D operand is not supported")
+        return ()
+    nd = ctx.out.ndim
+    la, lb = ctx.labels(a), ctx.labels(b)
+    ka, kb = len(sa) - 1, len(sb) - 2
+    _contraction_partner(ctx, a, block_on(la, ka), b, block_on(lb, kb), ka, kb)
+    out: list[Block] = []
+    both_activations = not ctx.is_const(a) and not ctx.is_const(b)
+    for labels, k, pad, carried_dim in ((la, ka, nd - len(sa), len(sa) - 2), (lb, kb, nd - len(sb), len(sb) - 1)):
+        for block in labels:
+            if block.dim == k:
+                continue
+            ids = block.ids
+            if ids.shape[k] > 1:
+                ids = ctx.ch.union_within(ids, (k,))
+            moved = Block(ids, block.dim).unsqueezed(pad)
+            out.append(moved)
+            if both_activations and block.dim == carried_dim:
+                ctx.ch.tag(moved.ids, "v")
+                ctx.ch.record_rows(moved.rows())
+    return merge(ctx.ch, out)
+
+
+def rule_sdpa(ctx, call: OpCall) -> Labels:
+    q, k, v = call.args["query"], call.args["key"], call.args["value"]
+    ndim = len(ctx.shape(q))
+    lq, lk, lv = ctx.labels(q), ctx.labels(k), ctx.labels(v)
+    _contraction_partner(ctx, q, block_on(lq, ndim - 1), k, block_on(lk, ndim - 1), ndim - 1, ndim - 1)
+    for labels, name in ((lq, "query"), (lk, "key")):
+        for block in labels:
+            if block.dim != ndim - 1:
+                ctx.freeze(block.ids, f"{name} of attention has channels along dim {block.dim}")
+    out: list[Block] = []
+    for block in lv:
+        if block.dim == ndim - 1 and block.ids.shape[ndim - 2] == 1:
+            ctx.ch.tag(block.ids, "v")
+            ctx.ch.record_rows(block.rows())
+            out.append(block)
+        else:
+            ctx.freeze(block.ids, f"value of attention has channels along dim {block.dim}")
+    ctx.freeze_labels(ctx.labels(call.args.get("attn_mask")), "attention mask carries channels")
+    return tuple(out)
+
+
+def rule_softmax(ctx, call: OpCall) -> Labels:
+    labels = ctx.labels(call.args["input"])
+    dim = call.args.get("dim")
+    if dim is None:
+        ctx.freeze_labels(labels, "softmax without an explicit dim")
+        return ()
+    dim %= ctx.out.ndim
+    out = []
+    for block in labels:
+        if block.dim == dim or block.ids.shape[dim] > 1:
+            ctx.freeze(block.ids, "softmax over channels: removal would change the normaliser")
+        out.append(block)
+    return tuple(out)
+
+
+def rule_normalize(ctx, call: OpCall) -> Labels:
+    # F.normalize divides by a norm over `dim`: zeroed (masked) channels add nothing to a p-norm, p > 0
+    labels = ctx.labels(call.args["input"])
+    p = call.args.get("p", 2.0)
+    dim = call.args.get("dim", 1) % ctx.out.ndim
+    if not (isinstance(p, (int, float)) and p > 0):
+        for block in labels:
+            if block.dim == dim:
+                ctx.freeze(block.ids, f"normalisation with p={p} over channels")
+    return labels
+
+
+def _reduce(ctx, call: OpCall, zero_safe: bool, what: str) -> Labels:
+    x = call.args["input"]
+    ndim = len(ctx.shape(x))
+    dims = _dims(call.args.get("dim"), ndim)
+    keepdim = bool(call.args.get("keepdim", False))
+    out = []
+    for block in ctx.labels(x):
+        if block.dim in dims:
+            if not zero_safe:
+                ctx.freeze(block.ids, f"{what} over channels: removal would change the result")
+            continue
+        ids = block.ids
+        rows = [d for d in dims if ids.shape[d] > 1]
+        if rows:
+            ids = ctx.ch.union_within(ids, tuple(rows))
+        reduced = Block(ids, block.dim)
+        out.append(reduced if keepdim else _drop_dims(reduced, dims))
+    return tuple(out)
+
+
+def rule_sum(ctx, call):
+    return _reduce(ctx, call, True, "sum")
+
+
+def rule_norm(ctx, call):
+    p = call.args.get("p", 2)
+    return _reduce(ctx, call, p is None or p == "fro" or (isinstance(p, (int, float)) and p > 0), "norm")
+
+
+def rule_mean(ctx, call):
+    return _reduce(ctx, call, False, "mean")
+
+
+def rule_amax(ctx, call):
+    return _reduce(ctx, call, False, "max")
+
+
+def rule_cat(ctx, call: OpCall) -> Labels:
+    tensors = list(call.args["tensors"])
+    ndim = ctx.out.ndim
+    dim = call.args.get("dim", 0) % ndim
+    per_input = [(x, ctx.shape(x), {b.dim: b for b in ctx.labels(x)}) for x in tensors]
+    out: list[Block] = []
+    channel_dims = sorted({d for _, _, blocks in per_input for d in blocks})
+    for cd in channel_dims:
+        if any(cd not in blocks and shape[cd] > 1 for _, shape, blocks in per_input if cd != dim):
+            for _, _, blocks in per_input:
+                if cd in blocks:
+                    ctx.freeze(blocks[cd].ids, "concatenated with a tensor that has no prunable channels on this dim")
+            continue
+        if cd != dim and all(cd not in blocks or blocks[cd].ids.shape[dim] == 1 for _, _, blocks in per_input):
+            out.extend(blocks[cd] for _, _, blocks in per_input if cd in blocks)  # merged (coupled) below
+            continue
+        pieces = []
+        for x, shape, blocks in per_input:
+            if cd in blocks:
+                target = list(blocks[cd].ids.shape)
+                target[dim] = shape[dim]
+                pieces.append(blocks[cd].ids.expand(target))
+            else:  # along the cat dim, a piece without channels contributes positions that are never removed
+                ctx.freeze_labels(tuple(b for _, _, bl in per_input for b in bl.values() if b.dim == cd),
+                                  f"concatenated along dim {dim} with {ctx.describe(x)}, which has no channel ids")
+                pieces = []
+                break
+        if pieces:
+            full = [max(p.shape[d] for p in pieces) for d in range(ndim)]
+            pieces = [p.expand([full[d] if d != dim else p.shape[d] for d in range(ndim)]) for p in pieces]
+            out.append(make_block(torch.cat(pieces, dim), cd))
+    return merge(ctx.ch, out)
+
+
+def rule_stack(ctx, call: OpCall) -> Labels:
+    ndim = ctx.out.ndim
+    dim = call.args.get("dim", 0) % ndim
+    blocks = []
+    for x in call.args["tensors"]:
+        for b in ctx.labels(x):
+            ids = b.ids.unsqueeze(dim)
+            blocks.append(Block(ids, b.dim + (1 if b.dim >= dim else 0)))
+    return merge(ctx.ch, blocks)
+
+
+def _pieces(ctx, x: Any, dim: int, sizes: list[int], keep_dim: bool) -> list[Labels]:
+    outputs: list[list[Block]] = [[] for _ in sizes]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    for block in ctx.labels(x):
+        if not keep_dim and block.dim == dim:
+            ctx.freeze(block.ids, f"unbound along its channel dim {dim}")
+            continue
+        for i, (start, size) in enumerate(zip(starts, sizes)):
+            ids = block.ids.narrow(dim, start, size) if block.ids.shape[dim] > 1 else block.ids
+            piece = Block(ids, block.dim)
+            if not keep_dim:
+                piece = _drop_dims(piece, [dim])
+            outputs[i].append(make_block(piece.ids, piece.dim))
+    return [tuple(o) for o in outputs]
+
+
+def rule_unbind(ctx, call: OpCall) -> list[Labels]:
+    x = call.args["input"]
+    shape = ctx.shape(x)
+    dim = call.args.get("dim", 0) % len(shape)
+    return _pieces(ctx, x, dim, [1] * shape[dim], keep_dim=False)
+
+
+def rule_split(ctx, call: OpCall) -> list[Labels]:
+    x = call.args["input"]
+    shape = ctx.shape(x)
+    dim = call.args.get("dim", 0) % len(shape)
+    sizes = [v.shape[dim] for v in ctx.node.meta["fxprune_value"]]
+    return _pieces(ctx, x, dim, sizes, keep_dim=True)
+
+
+def rule_getitem(ctx, call: OpCall) -> Any:
+    x, index = call.args["input"], call.args["index"]
+    labels = ctx.labels(x)
+    if isinstance(labels, list):  # element of a tuple output (unbind, split)
+        return labels[index] if isinstance(index, int) else ()
+    shape = ctx.shape(x)
+    if shape is None:
+        return ()
+    index = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, (fx.Node, torch.Tensor, list)) for i in index) or index.count(Ellipsis) > 1:
+        ctx.freeze_labels(labels, "advanced indexing is not supported")
+        return ()
+    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (len(shape) - n_real) + index[at + 1:]
+    index = index + (slice(None),) * (len(shape) - sum(1 for i in index if i is not None))
+    out = []
+    for block in labels:
+        ids, dim, src, ok = block.ids, block.dim, 0, True
+        new_dim = None
+        parts = []
+        for item in index:
+            if item is None:
+                parts.append(("new", None))
+                continue
+            parts.append(("dim", (src, item)))
+            src += 1
+        # build the output ids step by step
+        result = ids
+        offset = 0
+        for kind, payload in parts:
+            if kind == "new":
+                result = result.unsqueeze(offset)
+                offset += 1
+                continue
+            d, item = payload
+            if isinstance(item, int):
+                if d == dim:
+                    ctx.freeze(block.ids, "a single channel is indexed out")
+                    ok = False
+                    break
+                result = result.select(offset, item if result.shape[offset] > 1 else 0)
+                continue
+            if isinstance(item, slice):
+                full = item == slice(None) or (item.start in (None, 0) and item.stop in (None,) and item.step in (None, 1))
+                if not full and d == dim:
+                    ctx.freeze(block.ids, "channels are sliced by position")
+                    ok = False
+                    break
+                if not full and result.shape[offset] > 1:
+                    result = result[(slice(None),) * offset + (item,)]
+                if d == dim:
+                    new_dim = offset
+                offset += 1
+                continue
+            ctx.freeze(block.ids, f"index {item!r} is not supported")
+            ok = False
+            break
+        if ok and new_dim is not None:
+            out.append(make_block(result, new_dim))
+    return tuple(out)
+
+
+def rule_shape_query(ctx, call: OpCall) -> None:
+    return None
+
+
+RULES: dict[str, Rule] = {
+    "linear": rule_linear,
+    "conv": rule_conv,
+    "layer_norm": rule_layer_norm,
+    "batch_norm": rule_batch_norm,
+    "elementwise": rule_elementwise,
+    "unary": rule_unary,
+    "reshape": rule_reshape,
+    "permute": rule_permute,
+    "transpose": rule_transpose,
+    "expand": rule_expand,
+    "matmul": rule_matmul,
+    "sdpa": rule_sdpa,
+    "softmax": rule_softmax,
+    "normalize": rule_normalize,
+    "sum": rule_sum,
+    "mean": rule_mean,
+    "amax": rule_amax,
+    "norm": rule_norm,
+    "cat": rule_cat,
+    "stack": rule_stack,
+    "unbind": rule_unbind,
+    "split": rule_split,
+    "chunk": rule_split,
+    "getitem": rule_getitem,
+    "shape_query": rule_shape_query,
+}

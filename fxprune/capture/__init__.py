@@ -1,0 +1,131 @@
+"""Capture: a model and example inputs become a torch.fx GraphModule with every node's shape known.
+
+The user's model is deep-copied first, so nothing done later can reach it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import CaptureError, InvalidArgumentError
+from .tracer import LeafAwareTracer
+
+VALUE_KEY = "fxprune_value"  # node.meta key: the example value's shape (tensors) or the value (python scalars)
+
+
+@dataclass
+class Captured:
+    """A traced copy of the model; node.meta[VALUE_KEY] describes each node's example output."""
+
+    gm: fx.GraphModule
+    example_inputs: tuple
+    was_training: bool
+
+
+class _ValueRecorder(ShapeProp):
+    """ShapeProp that also records python values (sizes, ints) that shape queries produce."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta[VALUE_KEY] = _describe(result)
+        return result
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorValue(tuple(value.shape), value.dtype)
+    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        return type(value)(_describe(v) for v in value)
+    if isinstance(value, (int, float, bool, str, torch.Size, type(None), torch.dtype, torch.device)):
+        return value
+    return OpaqueValue(type(value).__name__)
+
+
+@dataclass(frozen=True)
+class TensorValue:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
+class OpaqueValue:
+    type_name: str
+
+
+def resolve_example_inputs(model: torch.nn.Module, example_inputs: Sequence | None) -> tuple:
+    """The example inputs to trace with: the user's, or one random batch of timm's declared input size."""
+    if example_inputs is not None:
+        if isinstance(example_inputs, torch.Tensor):
+            return (example_inputs,)
+        if not isinstance(example_inputs, (tuple, list)):
+            raise InvalidArgumentError(
+                f"fxprune: example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}; "
+                "pass e.g. example_inputs=(torch.randn(1, 3, 224, 224),)"
+            )
+        return tuple(example_inputs)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    input_size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if input_size is None:
+        raise InvalidArgumentError(
+            f"fxprune: cannot tell the input shape of {type(model).__name__}: it carries no "
+            "pretrained_cfg['input_size']. Pass example_inputs=(torch.randn(1, C, H, W),)."
+        )
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None and len(input_size) == 3 and tuple(img_size) != tuple(input_size[1:]):
+        input_size = (input_size[0], *img_size)  # models built with img_size= override the cfg
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(1, *input_size, generator=generator),)
+
+
+def capture(model: torch.nn.Module, example_inputs: Sequence | None = None) -> Captured:
+    """Trace a deep copy of ``model`` and record every node's example output shape."""
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidArgumentError(f"fxprune: expected a torch.nn.Module, got {type(model).__name__}")
+    inputs = resolve_example_inputs(model, example_inputs)
+    was_training = model.training
+    model_copy = copy.deepcopy(model).eval()  # python-level `if self.training` branches are traced as in eval
+    if isinstance(model_copy, fx.GraphModule):
+        gm = model_copy
+    else:
+        tracer = LeafAwareTracer()
+        try:
+            graph = tracer.trace(model_copy)
+        except Exception as exc:  # fx raises many exception types; all mean "not traceable"
+            where = tracer.scope_stack[-1] if tracer.scope_stack else "<root>"
+            where_type = type(model_copy.get_submodule(where)).__name__ if tracer.scope_stack else type(model).__name__
+            raise CaptureError(
+                f"fxprune: torch.fx cannot trace module '{where}' ({where_type}): {type(exc).__name__}: {exc}. "
+                "Shape-dependent Python control flow is the usual cause: make the module a leaf "
+                "(timm.layers.register_notrace_module) so its channels are frozen, or rewrite the branch."
+            ) from exc
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    try:
+        with torch.no_grad():
+            _ValueRecorder(gm).propagate(*inputs)
+    except Exception as exc:
+        raise CaptureError(
+            f"fxprune: running the traced {type(model).__name__} on the example inputs failed: "
+            f"{type(exc).__name__}: {exc}. Check that example_inputs have the shape the model expects."
+        ) from exc
+    return Captured(gm=gm, example_inputs=inputs, was_training=was_training)
+
+
+def tensor_value(node: Any) -> TensorValue | None:
+    if isinstance(node, fx.Node):
+        value = node.meta.get(VALUE_KEY)
+        return value if isinstance(value, TensorValue) else None
+    return None
+
+
+def numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)

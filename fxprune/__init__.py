@@ -1,2 +1,20 @@
-from .analysis import Analysis, analyze
-from .errors import FxpruneError
+"""fxprune: physically smaller vision transformers by head-aligned channel pruning on the torch.fx graph.
+
+Pipeline (one sub-package each): capture -> analysis -> importance -> allocate -> rewrite -> verify.
+"""
+from .analysis import Analysis, Group
+from .api import __version__, apply, mask, plan, plan_of, prune
+from .api import _analysis as _analysis_of
+from .errors import CaptureError, FxpruneError, InvalidArgumentError, PlanError, RewriteError
+from .plan import Plan
+from .verify import count_macs, count_params, latency, relative_error
+
+
+def analyze(model, example_inputs=None) -> Analysis:
+    """Trace a copy of ``model`` and return its coupled channel groups (print it for a table)."""
+    return _analysis_of(model, example_inputs)
+
+
+__all__ = ["analyze", "plan", "apply", "prune", "mask", "plan_of", "Analysis", "Group", "Plan",
+           "FxpruneError", "InvalidArgumentError", "CaptureError", "PlanError", "RewriteError",
+           "count_macs", "count_params", "latency", "relative_error", "__version__"]

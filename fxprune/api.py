@@ -1,0 +1,111 @@
+"""The public entry points: analyze, plan, apply, prune, mask."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import importance as importance_
+from .allocate import DEFAULT_KINDS, uniform
+from .analysis import Analysis, analyze_captured
+from .capture import capture
+from .errors import InvalidArgumentError, PlanError
+from .plan import Plan
+from .rewrite import PLAN_KEY, apply_plan
+from .verify import masked
+
+__version__ = "0.1.0"
+
+
+def _check_ratio(ratio: object, name: str = "ratio") -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise InvalidArgumentError(f"fxprune: {name} must be a number in [0, 1), got {ratio!r}")
+    value = float(ratio)
+    if math.isnan(value) or not 0.0 <= value < 1.0:
+        raise InvalidArgumentError(f"fxprune: {name} must be in [0, 1), got {ratio!r}")
+    return value
+
+
+def _analysis(model_or_analysis, example_inputs) -> Analysis:
+    if isinstance(model_or_analysis, Analysis):
+        return model_or_analysis
+    return analyze_captured(capture(model_or_analysis, example_inputs))
+
+
+def plan(model: torch.nn.Module | Analysis, ratio: float, *, example_inputs: Sequence | None = None,
+         importance: str = "l2", kinds: Iterable[str] = DEFAULT_KINDS, seed: int = 0) -> Plan:
+    """Decide which channels to remove: ``ratio`` of every head's channels in every prunable group."""
+    ratio = _check_ratio(ratio)
+    analysis = _analysis(model, example_inputs)
+    scores = importance_.score(analysis, importance, seed=seed)
+    input_shapes = [list(t.shape) for t in analysis.captured.example_inputs if isinstance(t, torch.Tensor)]
+    return uniform(analysis, scores, ratio, kinds,
+                   options={"importance": importance, "seed": seed, "input_shapes": input_shapes})
+
+
+def _inputs_from_plan(p: Plan) -> tuple | None:
+    shapes = p.options.get("input_shapes")
+    if not shapes:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(*s, generator=generator) for s in shapes)
+
+
+def apply(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequence | None = None) -> fx.GraphModule:
+    """Carry out a plan: a physically smaller GraphModule that carries the plan (``fxprune.plan_of``)."""
+    if not isinstance(p, Plan):
+        raise InvalidArgumentError(f"fxprune: expected a Plan, got {type(p).__name__}")
+    if example_inputs is None and not isinstance(model, Analysis):
+        try:
+            example_inputs = _analysis_inputs_default(model)
+        except InvalidArgumentError:
+            example_inputs = _inputs_from_plan(p)
+    analysis = _analysis(model, example_inputs)
+    return apply_plan(analysis, p, train=analysis.captured.was_training)
+
+
+def _analysis_inputs_default(model):
+    from .capture import resolve_example_inputs
+
+    return resolve_example_inputs(model, None)
+
+
+_KNOWN_OPTIONS = {"kinds", "seed"}
+
+
+def prune(model: torch.nn.Module, ratio: float, *, example_inputs: Sequence | None = None, importance: str = "l2",
+          **options) -> fx.GraphModule:
+    """Remove ``ratio`` of each head's q/k and v channels and of every MLP hidden layer.
+
+    Returns a new, physically smaller ``torch.fx.GraphModule``; ``model`` is not modified.
+    Options: ``kinds`` (group kinds to prune, default qk, v, mlp), ``seed`` (for ``importance="random"``).
+    """
+    unknown = set(options) - _KNOWN_OPTIONS
+    if unknown:
+        raise InvalidArgumentError(f"fxprune: unknown option(s) {sorted(unknown)}; known: {sorted(_KNOWN_OPTIONS)}")
+    ratio = _check_ratio(ratio)
+    analysis = _analysis(model, example_inputs)
+    p = plan(analysis, ratio, importance=importance, **options)
+    return apply_plan(analysis, p, train=analysis.captured.was_training)
+
+
+def plan_of(gm: fx.GraphModule) -> Plan:
+    """The plan a pruned GraphModule was made with."""
+    p = getattr(gm, "meta", {}).get(PLAN_KEY)
+    if p is None:
+        raise PlanError("fxprune: this module carries no plan; it was not made by fxprune.prune/apply")
+    return p
+
+
+def mask(model: torch.nn.Module, p: Plan, *, example_inputs: Sequence | None = None) -> torch.nn.Module:
+    """A copy of ``model`` with the plan's removed channels zeroed instead of removed."""
+    if example_inputs is None:
+        try:
+            example_inputs = _analysis_inputs_default(model)
+        except InvalidArgumentError:
+            example_inputs = _inputs_from_plan(p)
+    analysis = _analysis(model, example_inputs)
+    return masked(model, analysis, p)

@@ -1,0 +1,62 @@
+"""Pass: make every parameter and buffer that holds removed channels physically smaller."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+
+def kept_indices(analysis, removed: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+    """parameter name -> dim -> indices kept, for every parameter dim that loses channels."""
+    keep: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    for space in analysis.ids.spaces:
+        ids = torch.arange(space.start, space.start + space.size)
+        gone = removed[analysis.atoms.atom_of[ids]]
+        if gone.any():
+            keep[space.param][space.dim] = torch.nonzero(~gone).flatten()
+    return dict(keep)
+
+
+def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (root.get_submodule(path) if path else root), attr
+
+
+def _fix_module_attributes(module: nn.Module, was_depthwise: bool) -> None:
+    """Keep a module's size attributes true to its (smaller) tensors."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        module.out_channels = module.weight.shape[0]
+        if was_depthwise:
+            module.groups = module.in_channels = module.out_channels
+        else:
+            module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        reference = module.weight if module.weight is not None else module.running_mean
+        module.num_features = reference.shape[0]
+
+
+def slice_parameters(gm: fx.GraphModule, keep: dict[str, dict[int, torch.Tensor]]) -> None:
+    touched: dict[int, tuple[nn.Module, bool]] = {}
+    for name, dims in keep.items():
+        owner, attr = _owner(gm, name)
+        if id(owner) not in touched:
+            depthwise = isinstance(owner, nn.modules.conv._ConvNd) and owner.groups > 1 and owner.groups == owner.out_channels \
+                and owner.weight.shape[1] == 1
+            touched[id(owner)] = (owner, depthwise)
+        old = getattr(owner, attr)
+        new = old.detach()
+        for dim, index in sorted(dims.items()):
+            new = new.index_select(dim, index)
+        new = new.contiguous()
+        if isinstance(old, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            owner.register_buffer(attr, new, persistent=attr not in getattr(owner, "_non_persistent_buffers_set", set()))
+    for owner, depthwise in touched.values():
+        _fix_module_attributes(owner, depthwise)

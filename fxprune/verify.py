@@ -1,0 +1,80 @@
+"""Verify and report: the masked original, the equivalence error, params, MACs and latency."""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop
+
+from .rewrite.slice_parameters import kept_indices
+
+
+def masked(model: nn.Module, analysis, plan) -> nn.Module:
+    """A copy of ``model`` with every removed channel's weights zeroed (what the pruned model must equal)."""
+    removed = plan.removed_atoms(analysis)
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        for space in analysis.ids.spaces:
+            ids = torch.arange(space.start, space.start + space.size)
+            gone = torch.nonzero(removed[analysis.atoms.atom_of[ids]]).flatten()
+            if len(gone):
+                path, _, attr = space.param.rpartition(".")
+                owner = copy_.get_submodule(path) if path else copy_
+                getattr(owner, attr).index_fill_(space.dim, gone, 0.0)
+    return copy_
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max |e| (0 when both are zero)."""
+    scale = expected.abs().max().item()
+    diff = (actual - expected).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+_cpu_sdpa_registered = False
+
+
+def _register_cpu_sdpa() -> None:
+    """FlopCounterMode counts CPU flash attention as zero in torch 2.14; give it SDPA's formula."""
+    global _cpu_sdpa_registered
+    if _cpu_sdpa_registered:
+        return
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        from torch.utils.flop_counter import flop_registry
+
+        if op not in flop_registry and op.default not in flop_registry:
+            @register_flop_formula(op)
+            def _cpu_flash_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+                return sdpa_flop(query_shape, key_shape, value_shape)
+    _cpu_sdpa_registered = True
+
+
+def count_macs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
+    """Multiply-accumulates of one forward pass (FLOPs / 2), attention included."""
+    _register_cpu_sdpa()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*inputs)
+    return counter.get_total_flops() // 2
+
+
+def latency(model: nn.Module, inputs: Sequence[torch.Tensor], repeats: int = 10, warmup: int = 3) -> float:
+    """Median wall time of one forward pass, in milliseconds."""
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            model(*inputs)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)

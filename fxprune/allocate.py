@@ -19,12 +19,17 @@ def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] =
     head picks its own lowest-scoring channels. Groups whose heads share offsets have a single row.
     """
     kinds = tuple(kinds)
+    counts = {}
+    for group in analysis.groups:
+        width = min(len(r) for r in group.rows)
+        eligible = group.kind in kinds and group.prunable
+        counts[group.name] = min(math.floor(ratio * width + 1e-9), width - 1) if eligible else 0
+    for group in analysis.groups:  # groups stacked in one tensor must keep equal counts per row
+        for peer in group.same_count_as:
+            counts[group.name] = min(counts[group.name], counts[peer])
     removed: dict[str, list[list[int]]] = {}
     for group in analysis.groups:
-        if group.kind not in kinds or not group.prunable:
-            continue
-        width = min(len(r) for r in group.rows)
-        count = min(math.floor(ratio * width + 1e-9), width - 1)
+        count = counts[group.name]
         if count <= 0:
             continue
         rows = []

@@ -78,7 +78,7 @@ class Analysis:
         for g in self.groups:
             layout = f"{g.heads} x {g.head_dim}" + (" (shared offsets)" if g.shared_across_heads else "")
             members = ", ".join(s.label for s in g.members[:4]) + (f", +{len(g.members) - 4}" if len(g.members) > 4 else "")
-            status = "prunable" if g.prunable else _shorten("frozen: " + g.frozen[0], 90) + (f" (+{len(g.frozen) - 1} more)" if len(g.frozen) > 1 else "")
+            status = ("prunable" + (f" (same count as {', '.join(g.same_count_as)})" if g.same_count_as else "")) if g.prunable else _shorten("frozen: " + g.frozen[0], 90) + (f" (+{len(g.frozen) - 1} more)" if len(g.frozen) > 1 else "")
             rows.append((g.name, g.kind, layout, str(g.width), members, status))
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
         widths[-1] = min(widths[-1], 100)
@@ -109,11 +109,26 @@ def _get_tensor(gm: torch.nn.Module, name: str) -> torch.Tensor:
     return getattr(owner, attr)
 
 
+def _activation_blocks(gm) -> list:
+    from .labels import Block
+
+    found = []
+    for node in gm.graph.nodes:
+        stack = [node.meta.get(LABELS_KEY)]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, Block):
+                found.append(item)
+            elif isinstance(item, (list, tuple)):
+                stack.extend(item)
+    return found
+
+
 def analyze_captured(captured: Captured) -> Analysis:
     ids, unknown = propagate(captured)
     atoms = ids.resolve()
     param_ndim = {s.param: _get_tensor(captured.gm, s.param).ndim for s in ids.spaces}
-    groups = build_groups(atoms, param_ndim)
+    groups = build_groups(atoms, param_ndim, _activation_blocks(captured.gm))
     return Analysis(captured, ids, atoms, groups, unknown)
 
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 
 from .channels import Atoms, Space
+from .labels import Block
 
 KINDS = ("qk", "v", "mlp", "other")
 
@@ -27,6 +29,7 @@ class Group:
     shared_across_heads: bool
     members: list[Space]
     frozen: list[str] = field(default_factory=list)
+    same_count_as: list[str] = field(default_factory=list)  # groups stacked with this one in some tensor
 
     @property
     def prunable(self) -> bool:
@@ -46,7 +49,7 @@ def _space_index(spaces: list[Space], n: int) -> torch.Tensor:
     return torch.searchsorted(starts, torch.arange(n), right=True) - 1
 
 
-def build_groups(atoms: Atoms, param_ndim: dict[str, int]) -> list[Group]:
+def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Block] = ()) -> list[Group]:
     spaces = atoms.ids.spaces
     if not spaces:
         return []
@@ -91,7 +94,32 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int]) -> list[Group]:
                 frozen.append(extra)
         name = _name(kind, member_spaces, param_ndim, used_names)
         groups.append(Group(name, kind, rows, heads, head_dim, shared, member_spaces, frozen))
+    for peers in _stacked_groups(atoms, group_of, blocks):
+        for g in peers:
+            groups[g].same_count_as = sorted(groups[p].name for p in peers if p != g)
     return groups
+
+
+def _stacked_groups(atoms: Atoms, group_of: torch.Tensor, blocks: Iterable[Block]) -> list[set[int]]:
+    """Sets of groups whose channels share a tensor row by row: each must keep the same count per row."""
+    parent: dict[int, int] = {}
+
+    def find(g: int) -> int:
+        while parent.setdefault(g, g) != g:
+            g = parent[g]
+        return g
+
+    for block in blocks:
+        if not block.row_dims():
+            continue
+        row_groups = torch.unique(group_of[atoms.atom_of[block.rows()[:, 0]]]).tolist()
+        row_groups = [g for g in row_groups if g >= 0]
+        for g in row_groups[1:]:
+            parent[find(g)] = find(row_groups[0])
+    sets: dict[int, set[int]] = defaultdict(set)
+    for g in list(parent):
+        sets[find(g)].add(g)
+    return [s for s in sets.values() if len(s) > 1]
 
 
 def _kind(roles: set[str], spaces: list[Space], param_ndim: dict[str, int]) -> str:

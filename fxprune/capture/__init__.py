@@ -109,15 +109,23 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None) -> C
                 "(timm.layers.register_notrace_module) so its channels are frozen, or rewrite the branch."
             ) from exc
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _record_values(gm, inputs, type(model).__name__)
+    from .normalize import unpack_stacked_heads  # needs the recorded shapes
+
+    if unpack_stacked_heads(gm):
+        _record_values(gm, inputs, type(model).__name__)
+    return Captured(gm=gm, example_inputs=inputs, was_training=was_training)
+
+
+def _record_values(gm: fx.GraphModule, inputs: tuple, model_name: str) -> None:
     try:
         with torch.no_grad():
             _ValueRecorder(gm).propagate(*inputs)
     except Exception as exc:
         raise CaptureError(
-            f"fxprune: running the traced {type(model).__name__} on the example inputs failed: "
+            f"fxprune: running the traced {model_name} on the example inputs failed: "
             f"{type(exc).__name__}: {exc}. Check that example_inputs have the shape the model expects."
         ) from exc
-    return Captured(gm=gm, example_inputs=inputs, was_training=was_training)
 
 
 def tensor_value(node: Any) -> TensorValue | None:

@@ -14,6 +14,9 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from ..analysis.propagate import OP_KEY
+
+# node.meta[OP_KEY] describes the analysed graph: its node references point there, not into this copy.
+# Only names and recorded values are read from it here.
 from ..capture import VALUE_KEY, TensorValue
 
 _SIZED_RESHAPES = {"reshape", "view", "expand"}
@@ -63,7 +66,7 @@ def _rewrite_split(node: fx.Node, call, shapes: dict[str, Any]) -> None:
         return
     graph = node.graph
     with graph.inserting_after(node):
-        replacement = graph.call_function(torch.split, (call.args["input"], new_sizes), {"dim": dim})
+        replacement = graph.call_function(torch.split, (node.args[0], new_sizes), {"dim": dim})
     replacement.meta = dict(node.meta)
     node.replace_all_uses_with(replacement)
     graph.erase_node(node)

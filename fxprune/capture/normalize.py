@@ -1,0 +1,105 @@
+"""Capture-time graph normalisation: numerically identical rewrites that make channels freer to prune.
+
+``unpack_stacked_heads``: ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)`` stacks q, k and v
+in one tensor, which forces them to keep the same head_dim. It becomes ``qkv.split(C, -1)`` followed by one
+reshape and permute per part, so q/k and v widths can differ (and v can shrink when q/k are frozen).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from . import VALUE_KEY, TensorValue
+
+_RESHAPES = {"reshape", "view"}
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _RESHAPES) or (node.op == "call_function" and node.target is torch.reshape)
+
+
+def _sizes(node: fx.Node) -> list:
+    args = node.args[1:]
+    return list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else list(args)
+
+
+def _permute_dims(node: fx.Node) -> list[int] | None:
+    if node.op == "call_method" and node.target == "permute":
+        dims = node.args[1:]
+    elif node.op == "call_function" and node.target is torch.permute:
+        dims = node.args[1:]
+    else:
+        return None
+    dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
+    return dims if all(isinstance(d, int) for d in dims) else None
+
+
+def _unbind_dim(node: fx.Node) -> int | None:
+    if (node.op == "call_method" and node.target == "unbind") or (node.op == "call_function" and node.target is torch.unbind):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return dim if isinstance(dim, int) else None
+    return None
+
+
+def unpack_stacked_heads(gm: fx.GraphModule) -> int:
+    """Rewrite every stacked q/k/v split (reshape -> [permute] -> unbind). Returns how many were rewritten."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not _is_reshape(node):
+            continue
+        src = node.args[0].meta.get(VALUE_KEY) if isinstance(node.args[0], fx.Node) else None
+        out = node.meta.get(VALUE_KEY)
+        if not (isinstance(src, TensorValue) and isinstance(out, TensorValue)):
+            continue
+        lead = len(src.shape) - 1
+        if len(out.shape) < lead + 2 or out.shape[:lead] != src.shape[:lead]:
+            continue
+        parts = out.shape[lead]
+        sizes = _sizes(node)
+        if parts < 2 or len(sizes) != len(out.shape) or not isinstance(sizes[lead], int):
+            continue
+        chain = list(node.users)
+        if len(chain) != 1:
+            continue
+        order = _permute_dims(chain[0])
+        if order is not None:
+            permute = chain[0]
+            order = [d % len(out.shape) for d in order]
+            if len(permute.users) != 1:
+                continue
+            unbind = next(iter(permute.users))
+        else:
+            permute, order, unbind = None, list(range(len(out.shape))), chain[0]
+        dim = _unbind_dim(unbind)
+        if dim is None or order[dim % len(out.shape)] != lead:
+            continue
+        getters = list(unbind.users)
+        if not all(g.op == "call_function" and g.target is operator.getitem and isinstance(g.args[1], int)
+                   for g in getters):
+            continue
+        graph = gm.graph
+        part_order = [d - (1 if d > lead else 0) for d in order if d != lead]
+        with graph.inserting_before(unbind):
+            pieces = graph.call_function(torch.split, (node.args[0], src.shape[-1] // parts), {"dim": -1})
+        replacements = {}
+        for g in getters:
+            i = g.args[1] % parts
+            if i in replacements:
+                g.replace_all_uses_with(replacements[i])
+                continue
+            with graph.inserting_before(g):
+                piece = graph.call_function(operator.getitem, (pieces, i))
+                shaped = graph.call_method(node.target if node.op == "call_method" else "reshape",
+                                           (piece, *(sizes[:lead] + sizes[lead + 1:])))
+                result = graph.call_method("permute", (shaped, *part_order)) if permute is not None else shaped
+            replacements[i] = result
+            g.replace_all_uses_with(result)
+        for dead in getters + [unbind] + ([permute] if permute is not None else []) + [node]:
+            graph.erase_node(dead)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count

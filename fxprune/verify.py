@@ -19,7 +19,7 @@ def masked(model: nn.Module, analysis, plan) -> nn.Module:
     removed = plan.removed_atoms(analysis)
     copy_ = copy.deepcopy(model)
     with torch.no_grad():
-        for space in analysis.ids.spaces:
+        for space in analysis.ids.param_spaces:
             ids = torch.arange(space.start, space.start + space.size)
             gone = torch.nonzero(removed[analysis.atoms.atom_of[ids]]).flatten()
             if len(gone):

@@ -127,7 +127,7 @@ def _activation_blocks(gm) -> list:
 def analyze_captured(captured: Captured) -> Analysis:
     ids, unknown = propagate(captured)
     atoms = ids.resolve()
-    param_ndim = {s.param: _get_tensor(captured.gm, s.param).ndim for s in ids.spaces}
+    param_ndim = {s.param: _get_tensor(captured.gm, s.param).ndim for s in ids.param_spaces}
     groups = build_groups(atoms, param_ndim, _activation_blocks(captured.gm))
     return Analysis(captured, ids, atoms, groups, unknown)
 

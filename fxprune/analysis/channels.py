@@ -20,6 +20,7 @@ class Space:
     dim: int
     size: int
     start: int  # first global id
+    virtual: bool = False  # a constant made in forward (zeros_like...), not a parameter to slice
 
     @property
     def label(self) -> str:
@@ -36,19 +37,25 @@ class ChannelIds:
         self._active: list[torch.Tensor] = []
         self.size = 0
 
-    def space(self, param: str, dim: int, size: int) -> torch.Tensor:
+    def space(self, param: str, dim: int, size: int, virtual: bool = False) -> torch.Tensor:
         """The ids of ``param``'s dimension ``dim`` (created on first use)."""
         key = (param, dim)
         space = self._spaces.get(key)
         if space is None:
-            space = Space(param, dim, size, self.size)
+            space = Space(param, dim, size, self.size, virtual)
             self._spaces[key] = space
             self.size += size
         return torch.arange(space.start, space.start + space.size)
 
     @property
     def spaces(self) -> list[Space]:
+        """Every space, virtual ones included, in id order."""
         return sorted(self._spaces.values(), key=lambda s: s.start)
+
+    @property
+    def param_spaces(self) -> list[Space]:
+        """The spaces of real parameters and buffers."""
+        return [s for s in self.spaces if not s.virtual]
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = torch.broadcast_tensors(a, b)

@@ -84,7 +84,7 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
     groups: list[Group] = []
     used_names: set[str] = set()
     for g, (sig, members) in enumerate(ordered):
-        member_spaces = [spaces[s] for s in sig]
+        member_spaces = [spaces[s] for s in sig if not spaces[s].virtual]
         roles = set().union(*(atoms.roles.get(a, set()) for a in members))
         kind = _kind(roles, member_spaces, param_ndim)
         rows, heads, head_dim, shared, problem = _head_rows(members, layouts.get(g, []), first_id)

@@ -74,14 +74,14 @@ def block_on(labels: Labels, dim: int) -> Block | None:
     return None
 
 
-def param_labels(ch: ChannelIds, name: str, shape: Sequence[int]) -> Labels:
+def param_labels(ch: ChannelIds, name: str, shape: Sequence[int], virtual: bool = False) -> Labels:
     """Every dimension of size > 1 of a parameter is a candidate channel space of its own."""
     blocks = []
     for d, n in enumerate(shape):
         if n > 1:
             view = [1] * len(shape)
             view[d] = n
-            blocks.append(Block(ch.space(name, d, n).reshape(view), d))
+            blocks.append(Block(ch.space(name, d, n, virtual).reshape(view), d))
     return tuple(blocks)
 
 

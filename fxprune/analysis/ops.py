@@ -59,6 +59,7 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "getitem": ("input", "index"),
     "expand": ("input", "*sizes"),
     "shape_query": ("input", "*rest"),
+    "like": ("input",),
 }
 
 _ELEMENTWISE = ["add", "sub", "mul", "div", "truediv", "floordiv", "pow", "maximum", "minimum", "where",
@@ -67,6 +68,8 @@ _UNARY = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "exp", "abs", "sqrt"
           "dropout", "contiguous", "clone", "float", "half", "bfloat16", "to", "type_as", "type", "detach",
           "softplus", "elu", "leaky_relu", "hardswish", "hardsigmoid", "mish", "relu6", "square", "sin", "cos",
           "clamp", "clamp_min", "clamp_max", "reciprocal", "sign", "gelu_tanh"]
+# constants shaped like their input: their channels are free; the rewrite gives them explicit sizes
+LIKE_CREATORS = {"zeros_like": "new_zeros", "ones_like": "new_ones", "empty_like": "new_empty"}
 _RESHAPE = ["reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"]
 
 FUNCTIONS: dict[Callable, str] = {
@@ -118,6 +121,8 @@ FUNCTIONS: dict[Callable, str] = {
     torch.squeeze: "reshape",
     torch.unsqueeze: "reshape",
 }
+for _name in LIKE_CREATORS:
+    FUNCTIONS[getattr(torch, _name)] = "like"
 for _name in _ELEMENTWISE:
     if hasattr(torch, _name):
         FUNCTIONS.setdefault(getattr(torch, _name), "elementwise")

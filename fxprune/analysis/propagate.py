@@ -161,6 +161,11 @@ def _target_name(node: fx.Node) -> str:
     if node.op == "call_module":
         return f"module '{node.target}' ({type(node.graph.owning_module.get_submodule(str(node.target))).__name__})"
     target = node.target
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+    if node.op == "call_method":
+        return f"method Tensor.{target}"
+    name = getattr(target, "__name__", None) or str(target)
+    for namespace, prefix in ((torch, "torch."), (torch.nn.functional, "torch.nn.functional.")):
+        if getattr(namespace, name, None) is target:
+            return f"function {prefix}{name}"
     module = getattr(target, "__module__", None)
-    return f"{node.op} {module + '.' if module and node.op == 'call_function' else ''}{name}"
+    return f"function {module + '.' if module else ''}{getattr(target, '__qualname__', name)}"

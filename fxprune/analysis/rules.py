@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .labels import Block, Labels, block_on, make_block, merge, reshape_block
+from .labels import Block, Labels, block_on, make_block, merge, param_labels, reshape_block
 from .ops import OpCall, ParamRef
 
 Rule = Callable[["RuleContext", OpCall], Any]
@@ -141,10 +141,12 @@ def rule_conv(ctx, call: OpCall) -> Labels:
     groups = call.args.get("groups", 1) or 1
     w_shape = ctx.shape(weight)
     w_labels = ctx.labels(weight)
-    in_block = block_on(ctx.labels(x), 1)
+    in_block = None
     for block in ctx.labels(x):
-        if block.dim != 1 or block.row_dims():
-            ctx.freeze(block.ids, "convolution input channels vary along batch or spatial dims")
+        if block.dim != 1:
+            ctx.freeze(block.ids, f"convolution input has channels along dim {block.dim}")
+        else:  # filters are shared by every batch item and position: rows there (e.g. heads) share offsets
+            in_block = Block(ctx.ch.union_within(block.ids, tuple(block.row_dims())), 1)
     w_out = block_on(w_labels, 0)
     out_ids = w_out.ids.reshape(1, -1, *([1] * (len(w_shape) - 2))) if w_out is not None else None
     in_channels = ctx.shape(x)[1]
@@ -488,6 +490,11 @@ def rule_shape_query(ctx, call: OpCall) -> None:
     return None
 
 
+def rule_like(ctx, call: OpCall) -> Labels:
+    """zeros_like(x) and friends: a constant with channels of its own, coupled only where it is used."""
+    return param_labels(ctx.ch, f"<{ctx.node.name}>", ctx.out.shape, virtual=True)
+
+
 RULES: dict[str, Rule] = {
     "linear": rule_linear,
     "conv": rule_conv,
@@ -514,4 +521,5 @@ RULES: dict[str, Rule] = {
     "chunk": rule_split,
     "getitem": rule_getitem,
     "shape_query": rule_shape_query,
+    "like": rule_like,
 }

@@ -67,21 +67,26 @@ def unpack_stacked_heads(gm: fx.GraphModule) -> int:
         if order is not None:
             permute = chain[0]
             order = [d % len(out.shape) for d in order]
-            if len(permute.users) != 1:
-                continue
-            unbind = next(iter(permute.users))
+            stacked = permute
         else:
-            permute, order, unbind = None, list(range(len(out.shape))), chain[0]
-        dim = _unbind_dim(unbind)
-        if dim is None or order[dim % len(out.shape)] != lead:
+            permute, order, stacked = None, list(range(len(out.shape))), node
+        users = list(stacked.users)
+        if len(users) == 1 and _unbind_dim(users[0]) is not None:
+            unbind = users[0]  # q, k, v = qkv.unbind(dim)
+            if order[_unbind_dim(unbind) % len(out.shape)] != lead:
+                continue
+            getters = list(unbind.users)
+        elif users and order[0] == lead:
+            unbind = None  # q, k, v = qkv[0], qkv[1], qkv[2]
+            getters = users
+        else:
             continue
-        getters = list(unbind.users)
         if not all(g.op == "call_function" and g.target is operator.getitem and isinstance(g.args[1], int)
                    for g in getters):
             continue
         graph = gm.graph
         part_order = [d - (1 if d > lead else 0) for d in order if d != lead]
-        with graph.inserting_before(unbind):
+        with graph.inserting_after(node):
             pieces = graph.call_function(torch.split, (node.args[0], src.shape[-1] // parts), {"dim": -1})
         replacements = {}
         for g in getters:
@@ -96,7 +101,7 @@ def unpack_stacked_heads(gm: fx.GraphModule) -> int:
                 result = graph.call_method("permute", (shaped, *part_order)) if permute is not None else shaped
             replacements[i] = result
             g.replace_all_uses_with(result)
-        for dead in getters + [unbind] + ([permute] if permute is not None else []) + [node]:
+        for dead in getters + ([unbind] if unbind is not None else []) + ([permute] if permute is not None else []) + [node]:
             graph.erase_node(dead)
         count += 1
     if count:

@@ -8,7 +8,7 @@ from . import register
 
 def _atom_sums(analysis, power: float) -> torch.Tensor:
     scores = torch.zeros(analysis.atoms.count, dtype=torch.float64)
-    for space in analysis.ids.spaces:
+    for space in analysis.ids.param_spaces:
         tensor = analysis.tensor(space.param).detach().to(torch.float64)
         per_index = tensor.movedim(space.dim, 0).reshape(space.size, -1).abs().pow(power).sum(1)
         ids = torch.arange(space.start, space.start + space.size)

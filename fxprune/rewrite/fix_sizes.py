@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
+from ..analysis.ops import LIKE_CREATORS
 from ..analysis.propagate import OP_KEY
 
 # node.meta[OP_KEY] describes the analysed graph: its node references point there, not into this copy.
@@ -53,6 +54,14 @@ def _rewrite_unflatten(node: fx.Node, old: tuple, new: tuple) -> None:
         node.args = tuple(args)
     else:
         node.kwargs = {**node.kwargs, key_sizes: tuple(sizes)}
+
+
+def _give_explicit_size(node: fx.Node, new: tuple) -> None:
+    """zeros_like(x) whose channels differ from x's after pruning becomes x.new_zeros(size)."""
+    method = LIKE_CREATORS[node.target.__name__]
+    node.target, node.op = method, "call_method"
+    node.args = (node.args[0], tuple(new))
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k in ("dtype", "device", "requires_grad")}
 
 
 def _rewrite_split(node: fx.Node, call, shapes: dict[str, Any]) -> None:
@@ -116,6 +125,8 @@ def fix_sizes(gm: fx.GraphModule, shapes: dict[str, Any]) -> None:
                 _rewrite_sizes(node, old, new)
             elif call.op == "reshape" and node.target in ("unflatten", torch.unflatten):
                 _rewrite_unflatten(node, old, new)
+            elif call.op == "like":
+                _give_explicit_size(node, new)
         elif call.op in ("split", "chunk") and node.name in shapes:
             _rewrite_split(node, call, shapes)
     _pin_shape_scalars(gm, shapes)
@@ -133,5 +144,7 @@ def _pin_shape_scalars(gm: fx.GraphModule, shapes: dict[str, Any]) -> None:
         if new == old:
             continue
         for user in list(node.users):
+            if isinstance(old, torch.Size) and user.op == "call_function" and user.target is operator.getitem:
+                continue  # x.shape[i] is pinned (or not) on its own: batch and token sizes stay dynamic
             user.args = map_arg(user.args, lambda n: old if n is node else n)
             user.kwargs = map_arg(user.kwargs, lambda n: old if n is node else n)

@@ -11,7 +11,7 @@ import torch.nn as nn
 def kept_indices(analysis, removed: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
     """parameter name -> dim -> indices kept, for every parameter dim that loses channels."""
     keep: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
-    for space in analysis.ids.spaces:
+    for space in analysis.ids.param_spaces:
         ids = torch.arange(space.start, space.start + space.size)
         gone = removed[analysis.atoms.atom_of[ids]]
         if gone.any():

@@ -39,37 +39,33 @@ class Analysis:
         return _get_tensor(self.gm, name)
 
     def graph(self) -> nx.Graph:
-        """The dependency graph: nodes are channel spaces (parameter dims), edges the couplings between them.
+        """The dependency graph: nodes are channel spaces (parameter dims), edges the couplings the rules made.
 
-        Each edge carries ``index_map`` (pairs of coupled indices) and ``identity`` (every pair i -> i); each
-        node carries its ``group`` names.
+        Each edge carries ``index_map`` (sorted pairs of coupled indices, in the edge's node order ``(u, v)``
+        as stored in ``edge["spaces"]``) and ``identity`` (every pair is i -> i); each node carries ``groups``.
         """
         g = nx.Graph()
         spaces = self.ids.spaces
         starts = torch.tensor([s.start for s in spaces])
-        group_of_atom = {}
-        for group in self.groups:
-            for atom in group.atoms:
-                group_of_atom[atom] = group.name
+        group_of_atom = {a: group.name for group in self.groups for a in group.atoms}
         for s in spaces:
-            g.add_node(s.label, param=s.param, dim=s.dim, size=s.size, groups=set())
-        order = torch.argsort(self.atoms.atom_of, stable=True)
-        sorted_atoms = self.atoms.atom_of[order]
-        bounds = torch.searchsorted(sorted_atoms, torch.arange(self.atoms.count + 1))
-        space_of = torch.searchsorted(starts, order, right=True) - 1
-        for atom in range(self.atoms.count):
-            lo, hi = int(bounds[atom]), int(bounds[atom + 1])
-            members = [(spaces[int(space_of[i])], int(order[i])) for i in range(lo, hi)]
-            for space, _ in members:
-                g.nodes[space.label]["groups"].add(group_of_atom.get(atom, "?"))
-            for (sa, ia), (sb, ib) in zip(members, members[1:]):
-                if sa.label == sb.label:
-                    continue
-                if not g.has_edge(sa.label, sb.label):
-                    g.add_edge(sa.label, sb.label, index_map=[])
-                g.edges[sa.label, sb.label]["index_map"].append((ia - sa.start, ib - sb.start))
-        for _, _, data in g.edges(data=True):
-            data["identity"] = all(a == b for a, b in data["index_map"])
+            ids = torch.arange(s.start, s.start + s.size)
+            groups = {group_of_atom[a] for a in self.atoms.atom_of[ids].tolist() if a in group_of_atom}
+            g.add_node(s.label, param=s.param, dim=s.dim, size=s.size, virtual=s.virtual, groups=groups)
+        a, b = self.ids.edges()
+        space_a = torch.searchsorted(starts, a, right=True) - 1
+        space_b = torch.searchsorted(starts, b, right=True) - 1
+        pairs: dict[tuple[int, int], set[tuple[int, int]]] = {}
+        for sa, sb, ia, ib in zip(space_a.tolist(), space_b.tolist(), a.tolist(), b.tolist()):
+            if sa == sb:
+                continue
+            if sa > sb:
+                sa, sb, ia, ib = sb, sa, ib, ia
+            pairs.setdefault((sa, sb), set()).add((ia - spaces[sa].start, ib - spaces[sb].start))
+        for (sa, sb), index_map in pairs.items():
+            u, v = spaces[sa].label, spaces[sb].label
+            ordered = sorted(index_map)
+            g.add_edge(u, v, spaces=(u, v), index_map=ordered, identity=all(i == j for i, j in ordered))
         return g
 
     def table(self) -> str:

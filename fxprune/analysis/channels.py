@@ -86,6 +86,13 @@ class ChannelIds:
         """Ids laid out as (heads, channels of one head); heads must keep equally many channels."""
         self._rows.append(rows.reshape(-1, rows.shape[-1]).clone())
 
+    def edges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every coupling made so far, as two id tensors."""
+        if not self._edges:
+            empty = torch.empty(0, dtype=torch.long)
+            return empty, empty
+        return torch.cat([a for a, _ in self._edges]), torch.cat([b for _, b in self._edges])
+
     def resolve(self) -> "Atoms":
         return Atoms.build(self)
 
@@ -95,8 +102,7 @@ def _components(n: int, edges: list[tuple[torch.Tensor, torch.Tensor]]) -> torch
     labels = torch.arange(n)
     if not edges or n == 0:
         return labels
-    src = torch.cat([a for a, _ in edges])
-    dst = torch.cat([b for _, b in edges])
+    src, dst = torch.cat([a for a, _ in edges]), torch.cat([b for _, b in edges])
     while True:
         low = torch.minimum(labels[src], labels[dst])
         new = labels.clone()

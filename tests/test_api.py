@@ -1,0 +1,141 @@
+"""Public API contract: arguments, errors, plans, the carried plan, training mode, MACs."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, strategies as st
+
+import fxprune
+from helpers import small_vit
+from toy_models import OldStyleAttention, Residual
+
+X = torch.randn(1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), float("inf"), "0.5", None, True])
+def test_bad_ratio_is_rejected(ratio):
+    with pytest.raises(fxprune.InvalidArgumentError, match="ratio"):
+        fxprune.prune(small_vit(), ratio, example_inputs=(X,))
+
+
+@given(ratio=st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1.0), st.just(float("nan"))))
+def test_out_of_range_ratios_never_prune(ratio):
+    with pytest.raises(fxprune.InvalidArgumentError):
+        fxprune.plan(fxprune.analyze(Residual(OldStyleAttention(), 16), (torch.randn(1, 4, 16),)), ratio)
+
+
+def test_non_module_is_rejected():
+    with pytest.raises(fxprune.InvalidArgumentError, match="nn.Module"):
+        fxprune.prune(lambda x: x, 0.5, example_inputs=(X,))
+
+
+def test_missing_example_inputs_asks_for_them():
+    with pytest.raises(fxprune.InvalidArgumentError, match="example_inputs"):
+        fxprune.prune(Residual(OldStyleAttention(), 16), 0.5)
+
+
+def test_timm_input_size_is_used_when_no_inputs_are_given():
+    model = small_vit()
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)  # the cfg default; img_size=16 must win
+    pruned = fxprune.prune(model, 0.5)
+    with torch.no_grad():
+        assert pruned(X).shape == (1, 5)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 4), Branchy())
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            return x
+        return -x
+
+
+def test_untraceable_model_names_the_module():
+    with pytest.raises(fxprune.CaptureError, match=r"inner\.1.*Branchy"):
+        fxprune.prune(DataDependent(), 0.5, example_inputs=(torch.randn(2, 4),))
+
+
+def test_wrong_input_shape_is_a_capture_error():
+    with pytest.raises(fxprune.CaptureError, match="example_inputs"):
+        fxprune.prune(small_vit(), 0.5, example_inputs=(torch.randn(1, 5, 16, 16),))
+
+
+def test_unknown_option_and_importance():
+    with pytest.raises(fxprune.InvalidArgumentError, match="unknown option"):
+        fxprune.prune(small_vit(), 0.5, example_inputs=(X,), head_ratio_typo=0.5)
+    with pytest.raises(fxprune.InvalidArgumentError, match="importance"):
+        fxprune.prune(small_vit(), 0.5, example_inputs=(X,), importance="nope")
+
+
+def test_plan_round_trips_through_json_and_replays():
+    model = small_vit(depth=2)
+    pruned = fxprune.prune(model, 0.5, example_inputs=(X,))
+    plan = fxprune.plan_of(pruned)
+    again = fxprune.apply(model, fxprune.Plan.from_json(plan.to_json()))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(again(x), pruned(x))
+    assert fxprune.plan_of(again).removed == plan.removed
+
+
+def test_plan_for_another_model_is_rejected():
+    plan = fxprune.plan_of(fxprune.prune(small_vit(depth=2), 0.5, example_inputs=(X,)))
+    with pytest.raises(fxprune.PlanError, match="blocks.1"):
+        fxprune.apply(small_vit(depth=1), plan, example_inputs=(X,))
+
+
+def test_plan_that_empties_a_head_is_rejected():
+    analysis = fxprune.analyze(small_vit(), (X,))
+    group = next(g for g in analysis.groups if g.kind == "v")
+    plan = fxprune.Plan({group.name: [list(range(len(r))) for r in group.rows]})
+    with pytest.raises(fxprune.PlanError, match="keep at least one"):
+        fxprune.apply(analysis, plan)
+
+
+def test_training_mode_is_kept_and_model_untouched():
+    model = small_vit().train()
+    pruned = fxprune.prune(model, 0.5, example_inputs=(X,))
+    assert model.training and pruned.training
+    assert all(not p.is_inference() for p in pruned.parameters())
+
+
+def test_pruned_model_fine_tunes():
+    pruned = fxprune.prune(small_vit(), 0.5, example_inputs=(X,)).train()
+    loss = pruned(torch.randn(4, 3, 16, 16)).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in pruned.parameters() if p.requires_grad)
+
+
+def test_analysis_table_and_dependency_graph():
+    analysis = fxprune.analyze(small_vit(depth=1, num_heads=2, embed_per_head=4), (X,))
+    table = str(analysis)
+    for name in ("blocks.0.attn.qkv:qk", "blocks.0.attn.qkv:v", "blocks.0.mlp.fc1:mlp"):
+        assert name in table
+    qk = analysis.group("blocks.0.attn.qkv:qk")
+    assert (qk.heads, qk.head_dim, qk.width) == (2, 4, 8)
+    graph = analysis.graph()
+    edge = graph.edges["blocks.0.attn.qkv.weight[0]", "blocks.0.attn.proj.weight[1]"]
+    assert edge["spaces"] == ("blocks.0.attn.qkv.weight[0]", "blocks.0.attn.proj.weight[1]")
+    assert edge["index_map"] == [(16 + i, i) for i in range(8)]  # v rows of qkv feed proj columns
+    assert not edge["identity"]
+    assert "blocks.0.attn.qkv:v" in graph.nodes["blocks.0.attn.proj.weight[1]"]["groups"]
+
+
+def test_macs_count_attention_fused_or_not():
+    fused, manual = small_vit(fused_attn=True), small_vit(fused_attn=False)
+    macs_fused, macs_manual = fxprune.count_macs(fused, (X,)), fxprune.count_macs(manual, (X,))
+    assert macs_fused == macs_manual
+    tokens, width = 5, 16
+    linear_only = 2 * (tokens * width * (3 * width + width + 2 * 2 * width))  # qkv, proj, fc1, fc2 per block
+    assert macs_fused > linear_only  # attention's q·kᵀ and attn·v are counted
+    pruned = fxprune.prune(fused, 0.5, example_inputs=(X,))
+    assert fxprune.count_macs(pruned, (X,)) < macs_fused

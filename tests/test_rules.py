@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 
 import fxprune
 from helpers import assert_unchanged, masked_error, state_snapshot
-from toy_models import (CatBiasAttention, ConvMlp, LinearAttention, OldStyleAttention, Residual,
+from toy_models import (CatBiasAttention, ChunkedAttention, ConvMlp, LinearAttention, OldStyleAttention, Residual,
                         SeparateProjections, SharedDepthwiseOnV, UnknownOpMlp)
 
 TOKENS = 9
@@ -25,7 +25,8 @@ def _groups(analysis, kind):
     return [g for g in analysis.groups if g.kind == kind]
 
 
-ATTENTIONS = [OldStyleAttention, SeparateProjections, SharedDepthwiseOnV, LinearAttention, CatBiasAttention]
+ATTENTIONS = [OldStyleAttention, SeparateProjections, SharedDepthwiseOnV, LinearAttention, CatBiasAttention,
+              ChunkedAttention]
 
 
 @pytest.mark.parametrize("block", ATTENTIONS, ids=lambda c: c.__name__)
@@ -113,3 +114,13 @@ def test_op_without_rule_freezes_its_channels_and_is_reported():
     assert pruned.get_submodule("fc3").out_features == 6
     assert any("cumsum" in op.target for op in analysis.unknown_ops)
     assert "cumsum" in str(analysis)
+
+
+def test_chunk_becomes_split_when_q_k_and_v_widths_differ():
+    model = Residual(ChunkedAttention(16, 2), 16).eval()
+    analysis = fxprune.analyze(model, (torch.randn(1, TOKENS, 16),))
+    qk = _groups(analysis, "qk")[0]
+    plan = fxprune.Plan({qk.name: [[0, 1, 2], [0, 1, 2]]})  # q/k lose 3 of 8 per head, v keeps all
+    pruned = fxprune.apply(analysis, plan)
+    assert "split" in pruned.code and "[10, 10, 16]" in pruned.code
+    assert masked_error(model, analysis, plan, pruned, torch.randn(2, TOKENS, 16)) < 1e-5

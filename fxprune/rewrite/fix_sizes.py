@@ -43,9 +43,9 @@ def _rewrite_sizes(node: fx.Node, old: tuple, new: tuple) -> None:
 def _rewrite_unflatten(node: fx.Node, old: tuple, new: tuple) -> None:
     args = list(node.args)
     dim = args[1] if len(args) > 1 else node.kwargs["dim"]
-    dim %= len(old)
     key_sizes = "sizes"
     sizes = list(args[2] if len(args) > 2 else node.kwargs[key_sizes])
+    dim %= len(old) - len(sizes) + 1  # dim counts in the input, which has len(sizes) - 1 fewer dims
     for i in range(len(sizes)):
         if old[dim + i] != new[dim + i] and sizes[i] != -1:
             sizes[i] = new[dim + i]

@@ -60,6 +60,7 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "expand": ("input", "*sizes"),
     "shape_query": ("input", "*rest"),
     "like": ("input",),
+    "pad": ("input", "pad", "mode", "value"),
 }
 
 _ELEMENTWISE = ["add", "sub", "mul", "div", "truediv", "floordiv", "pow", "maximum", "minimum", "where",
@@ -79,6 +80,7 @@ FUNCTIONS: dict[Callable, str] = {
     F.layer_norm: "layer_norm",
     F.batch_norm: "batch_norm",
     F.scaled_dot_product_attention: "sdpa",
+    F.pad: "pad",
     F.softmax: "softmax",
     torch.softmax: "softmax",
     F.normalize: "normalize",

@@ -486,6 +486,19 @@ def rule_getitem(ctx, call: OpCall) -> Any:
     return tuple(out)
 
 
+def rule_pad(ctx, call: OpCall) -> Labels:
+    """F.pad on the trailing dims: channels on a padded dim would gain positions, so they are frozen."""
+    labels = ctx.labels(call.args["input"])
+    padded = {ctx.out.ndim - 1 - i // 2 for i, amount in enumerate(call.args.get("pad") or ()) if amount != 0}
+    out = []
+    for block in labels:
+        if block.dim in padded or any(block.ids.shape[d] > 1 for d in padded):
+            ctx.freeze(block.ids, "padded along its channel dim")
+        else:
+            out.append(block)
+    return tuple(out)
+
+
 def rule_shape_query(ctx, call: OpCall) -> None:
     return None
 
@@ -522,4 +535,5 @@ RULES: dict[str, Rule] = {
     "getitem": rule_getitem,
     "shape_query": rule_shape_query,
     "like": rule_like,
+    "pad": rule_pad,
 }

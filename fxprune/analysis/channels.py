@@ -35,6 +35,8 @@ class ChannelIds:
         self._tags: list[tuple[torch.Tensor, str]] = []
         self._rows: list[torch.Tensor] = []
         self._active: list[torch.Tensor] = []
+        self._heads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._whole: list[tuple[torch.Tensor, str]] = []
         self.size = 0
 
     def space(self, param: str, dim: int, size: int, virtual: bool = False) -> torch.Tensor:
@@ -86,6 +88,14 @@ class ChannelIds:
         """Ids laid out as (heads, channels of one head); heads must keep equally many channels."""
         self._rows.append(rows.reshape(-1, rows.shape[-1]).clone())
 
+    def record_heads(self, head_ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Head ``head_ids[h]`` owns the channels ``rows[h]``: removing the head removes them all."""
+        self._heads.append((head_ids.reshape(-1).clone(), rows.reshape(head_ids.numel(), -1).clone()))
+
+    def whole(self, rows: torch.Tensor, reason: str) -> None:
+        """Each row is a set of ids that is removed entirely or not at all (normalised together)."""
+        self._whole.append((rows.reshape(-1, rows.shape[-1]).clone(), reason))
+
     def edges(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every coupling made so far, as two id tensors."""
         if not self._edges:
@@ -125,6 +135,8 @@ class Atoms:
     roles: dict[int, set[str]] = field(default_factory=dict)
     rows: list[torch.Tensor] = field(default_factory=list)  # each (heads, channels) of atom indices
     active: torch.Tensor | None = None  # atom -> True when some activation carries it
+    head_links: dict[int, set[int]] = field(default_factory=dict)  # head atom -> channel atoms it owns
+    whole_sets: list[tuple[frozenset, str]] = field(default_factory=list)  # all-or-nothing atom sets
 
     @staticmethod
     def build(ids: ChannelIds) -> "Atoms":
@@ -140,6 +152,16 @@ class Atoms:
             for atom in torch.unique(atom_of[member_ids]).tolist():
                 atoms.roles.setdefault(atom, set()).add(role)
         atoms.rows = [atom_of[r] for r in ids._rows]
+        for head_ids, rows in ids._heads:
+            for head, row in zip(atom_of[head_ids].tolist(), atom_of[rows].tolist()):
+                atoms.head_links.setdefault(head, set()).update(row)
+        seen = set()
+        for rows, reason in ids._whole:
+            for row in atom_of[rows].tolist():
+                key = (frozenset(row), reason)
+                if key not in seen:
+                    seen.add(key)
+                    atoms.whole_sets.append(key)
         atoms.active = torch.zeros(atoms.count, dtype=torch.bool)
         if ids._active:
             atoms.active[atom_of[torch.cat(ids._active)]] = True

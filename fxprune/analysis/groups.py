@@ -8,9 +8,10 @@ from typing import Iterable
 import torch
 
 from .channels import Atoms, Space
-from .labels import Block
+from .labels import CHANNEL, Block
 
-KINDS = ("qk", "v", "mlp", "other")
+KINDS = ("qk", "v", "mlp", "heads", "other")
+HEAD_SPACE = "<heads:"  # name prefix of the virtual spaces that number an attention's heads
 
 
 @dataclass
@@ -81,23 +82,66 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
                 if g >= 0:
                     irregular[g] = "a head layout mixes channels of several groups"
 
+    whole_reasons: dict[int, set[str]] = defaultdict(set)
+    for atom_set, reason in atoms.whole_sets:
+        for a in atom_set:
+            whole_reasons[a].add(reason)
+
     groups: list[Group] = []
     used_names: set[str] = set()
+    head_groups: list[tuple[int, list[int]]] = []
     for g, (sig, members) in enumerate(ordered):
         member_spaces = [spaces[s] for s in sig if not spaces[s].virtual]
+        frozen = sorted({r for a in members for r in atoms.frozen.get(a, [])})
+        if any(spaces[s].virtual and spaces[s].param.startswith(HEAD_SPACE) for s in sig):
+            rows = [sorted(members, key=lambda a: int(first_id[a]))]
+            groups.append(Group("", "heads", rows, len(members), 1, False, member_spaces, frozen))
+            head_groups.append((g, members))
+            continue
         roles = set().union(*(atoms.roles.get(a, set()) for a in members))
         kind = _kind(roles, member_spaces, param_ndim)
         rows, heads, head_dim, shared, problem = _head_rows(members, layouts.get(g, []), first_id)
-        frozen = sorted({r for a in members for r in atoms.frozen.get(a, [])})
+        frozen += sorted({r for a in members for r in whole_reasons.get(a, ())})
         for extra in (irregular.get(g), problem):
             if extra:
                 frozen.append(extra)
         name = _name(kind, member_spaces, param_ndim, used_names)
         groups.append(Group(name, kind, rows, heads, head_dim, shared, member_spaces, frozen))
-    for peers in _stacked_groups(atoms, group_of, blocks):
+    for g, members in head_groups:
+        _describe_heads(groups[g], members, atoms, group_of, groups, used_names)
+    for peers in _stacked_groups(atoms, group_of, (b for b in blocks if b.level == CHANNEL)):
         for g in peers:
             groups[g].same_count_as = sorted(groups[p].name for p in peers if p != g)
     return groups
+
+
+def _describe_heads(group: Group, members: list[int], atoms: Atoms, group_of: torch.Tensor,
+                    groups: list[Group], used: set[str]) -> None:
+    """Name a head group after the channels its heads own, and freeze it where whole-head removal is unsafe."""
+    owners: dict[int, set[int]] = defaultdict(set)
+    for head, channels in atoms.head_links.items():
+        for c in channels:
+            owners[c].add(head)
+    linked: set[int] = set()
+    for head in members:
+        channels = atoms.head_links.get(head)
+        if not channels:
+            group.frozen.append("a head whose channels are unknown")
+            continue
+        linked |= channels
+    if any(len(owners[c]) > 1 for c in linked):
+        group.frozen.append("channels are shared across heads (the same offsets in every head)")
+    for c in sorted(linked):
+        for reason in atoms.frozen.get(c, []):
+            if reason not in group.frozen:
+                group.frozen.append(reason)
+    anchors = sorted({groups[int(group_of[c])].name.split(":")[0] for c in linked if int(group_of[c]) >= 0})
+    anchor = anchors[0] if anchors else "attention"
+    name, k = f"{anchor}:heads", 2
+    while name in used:
+        name, k = f"{anchor}:heads#{k}", k + 1
+    used.add(name)
+    group.name = name
 
 
 def _stacked_groups(atoms: Atoms, group_of: torch.Tensor, blocks: Iterable[Block]) -> list[set[int]]:

@@ -16,16 +16,32 @@ import torch
 from .channels import ChannelIds
 
 
+CHANNEL, HEAD, FREE = "channel", "head", "free"
+
+
 @dataclass(frozen=True)
 class Block:
+    """Ids along ``dim`` (and rows along other dims). ``level`` says what the ids index:
+
+    - ``channel``: channels (rows of weights, per-channel parameters);
+    - ``head``: whole attention heads (an attention map's head dim, per-head tables and scales);
+    - ``free``: copies made by expanding a constant to a literal size (a mask over heads); they take the
+      level of whatever they are combined with.
+    """
+
     ids: torch.Tensor
     dim: int
+    level: str = CHANNEL
+
+    def moved(self, ids: torch.Tensor, dim: int) -> "Block":
+        """A block of the same level with other ids or another channel dim."""
+        return Block(compact(ids, dim), dim, self.level)
 
     def unsqueezed(self, leading: int) -> "Block":
         """The same block seen from a tensor with ``leading`` extra leading dims (broadcasting)."""
         if leading == 0:
             return self
-        return Block(self.ids.reshape((1,) * leading + tuple(self.ids.shape)), self.dim + leading)
+        return Block(self.ids.reshape((1,) * leading + tuple(self.ids.shape)), self.dim + leading, self.level)
 
     def row_dims(self) -> list[int]:
         return [d for d, n in enumerate(self.ids.shape) if n > 1 and d != self.dim]
@@ -46,42 +62,55 @@ def compact(ids: torch.Tensor, keep_dim: int) -> torch.Tensor:
     return ids.contiguous()
 
 
-def make_block(ids: torch.Tensor, dim: int) -> Block:
-    return Block(compact(ids, dim), dim)
+def make_block(ids: torch.Tensor, dim: int, level: str = CHANNEL) -> Block:
+    return Block(compact(ids, dim), dim, level)
 
 
 def merge(ch: ChannelIds, blocks: Iterable[Block]) -> Labels:
-    """Blocks on the same channel dimension describe the same positions: couple them into one."""
-    by_dim: dict[int, torch.Tensor] = {}
+    """Blocks of one level on the same dimension describe the same positions: couple them into one.
+
+    A free block takes the level of another block on its dim (head first), else stays free.
+    """
+    blocks = list(blocks)
+    levels_on: dict[int, set[str]] = {}
     for block in blocks:
-        existing = by_dim.get(block.dim)
+        if block.level != FREE:
+            levels_on.setdefault(block.dim, set()).add(block.level)
+    merged: dict[tuple[int, str], torch.Tensor] = {}
+    for block in blocks:
+        level = block.level
+        if level == FREE:
+            present = levels_on.get(block.dim, set())
+            level = HEAD if HEAD in present else CHANNEL if CHANNEL in present else FREE
+        key = (block.dim, level)
+        existing = merged.get(key)
         if existing is None:
-            by_dim[block.dim] = block.ids
+            merged[key] = block.ids
         else:
             ch.union(existing, block.ids)
-            by_dim[block.dim] = torch.broadcast_tensors(existing, block.ids)[0]
-    return tuple(make_block(ids, d) for d, ids in sorted(by_dim.items()))
+            merged[key] = torch.broadcast_tensors(existing, block.ids)[0]
+    return tuple(make_block(ids, d, level) for (d, level), ids in sorted(merged.items()))
 
 
-def block_on(labels: Labels, dim: int) -> Block | None:
-    """The block whose channels lie along ``dim`` (a block with rows along ``dim`` is re-read that way)."""
+def block_on(labels: Labels, dim: int, level: str = CHANNEL) -> Block | None:
+    """The ``level`` block whose ids lie along ``dim`` (a block with rows along ``dim`` is re-read that way)."""
     for block in labels:
-        if block.dim == dim:
+        if block.dim == dim and block.level == level:
             return block
     for block in labels:
-        if block.ids.shape[dim] > 1:
-            return Block(block.ids, dim)
+        if block.level == level and block.ids.shape[dim] > 1:
+            return Block(block.ids, dim, level)
     return None
 
 
-def param_labels(ch: ChannelIds, name: str, shape: Sequence[int], virtual: bool = False) -> Labels:
+def param_labels(ch: ChannelIds, name: str, shape: Sequence[int], virtual: bool = False, level: str = CHANNEL) -> Labels:
     """Every dimension of size > 1 of a parameter is a candidate channel space of its own."""
     blocks = []
     for d, n in enumerate(shape):
         if n > 1:
             view = [1] * len(shape)
             view[d] = n
-            blocks.append(Block(ch.space(name, d, n, virtual).reshape(view), d))
+            blocks.append(Block(ch.space(name, d, n, virtual).reshape(view), d, level))
     return tuple(blocks)
 
 
@@ -135,4 +164,4 @@ def reshape_block(block: Block, src: Sequence[int], dst: Sequence[int]) -> Block
     if new_dim is None:
         return None
     ids = block.ids.expand(mat_in).reshape(mat_out)
-    return make_block(ids, new_dim)
+    return make_block(ids, new_dim, block.level)

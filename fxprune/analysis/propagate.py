@@ -73,6 +73,9 @@ class RuleContext:
     def freeze(self, ids: torch.Tensor, why: str) -> None:
         self.ch.freeze(ids, f"{self.node.name}: {why}")
 
+    def whole(self, rows: torch.Tensor, why: str) -> None:
+        self.ch.whole(rows, f"{self.node.name}: {why}")
+
     def freeze_labels(self, labels: Any, why: str) -> bool:
         """Freeze every block in (possibly nested) labels; True if there was any."""
         found = False
@@ -95,8 +98,6 @@ def _mark_const(node: fx.Node) -> bool:
     if node.op == "placeholder":
         return False
     inputs = _input_nodes(node)
-    if node.op == "call_module":
-        return False
     return bool(inputs) and all(i.meta.get(CONST_KEY, False) for i in inputs)
 
 

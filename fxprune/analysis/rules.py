@@ -2,23 +2,23 @@
 
 A rule receives the ``RuleContext`` and the normalised ``OpCall`` and returns the output's labels (a
 tuple of ``Block``s for a tensor, a list of those for a tuple of tensors). It couples ids with
-``ctx.ch.union``, freezes channels it cannot shrink consistently with ``ctx.freeze`` (saying why), tags
-attention roles with ``ctx.ch.tag`` and records head layouts with ``ctx.ch.record_rows``.
+``ctx.ch.union``, freezes channels it cannot shrink consistently with ``ctx.freeze`` (saying why), marks
+sets that may only go as a whole with ``ctx.whole``, tags attention roles with ``ctx.ch.tag`` and records
+head layouts with ``ctx.ch.record_rows`` / ``ctx.ch.record_heads``.
 
 Masked equivalence is the contract: removing a channel must compute what the original computes with
 that channel's weights zeroed. Ops that would see the zeros (normalisation or softmax over channels,
-means over channels) freeze those channels instead.
+means over channels) only allow removing the whole normalised set (e.g. a whole head).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
-from .labels import Block, Labels, block_on, make_block, merge, param_labels, reshape_block
-from .ops import OpCall, ParamRef
+from .labels import CHANNEL, FREE, HEAD, Block, Labels, block_on, make_block, merge, param_labels, reshape_block
+from .ops import OpCall
 
 Rule = Callable[["RuleContext", OpCall], Any]
 
@@ -39,7 +39,20 @@ def _drop_dims(block: Block, dims: Sequence[int]) -> Block:
         ids = ids.squeeze(d) if ids.ndim > 0 else ids
         if d < new_dim:
             new_dim -= 1
-    return Block(ids, new_dim)
+    return Block(ids, new_dim, block.level)
+
+
+def _whole_rows(ctx, block: Block, dims: Sequence[int], why: str) -> None:
+    """The ids along ``dims`` are reduced together (normalised, softmaxed): each such set goes whole."""
+    ids = block.ids
+    rest = [d for d in range(ids.ndim) if d not in dims]
+    width = 1
+    for d in dims:
+        width *= ids.shape[d]
+    ctx.whole(ids.permute(*rest, *dims).reshape(-1, width), why)
+
+
+# --- shape-preserving and elementwise ops -------------------------------------------------------------
 
 
 def rule_unary(ctx, call: OpCall) -> Labels:
@@ -55,20 +68,53 @@ def rule_elementwise(ctx, call: OpCall) -> Labels:
         shape = ctx.shape(x)
         pad = out_ndim - len(shape)
         aligned.append((x, (1,) * pad + tuple(shape), [b.unsqueezed(pad) for b in ctx.labels(x)]))
-    activation_dims = {b.dim for x, _, blocks in aligned if not ctx.is_const(x) for b in blocks}
-    kept = []
+    activation_levels: dict[int, set[str]] = {}
     for x, _, blocks in aligned:
-        for block in blocks:
-            if ctx.is_const(x) and has_activation and block.dim not in activation_dims:
-                continue  # a parameter broadcast along a dim that holds no channels (e.g. positions)
-            kept.append(block)
-    result = merge(ctx.ch, kept)
+        if not ctx.is_const(x):
+            for b in blocks:
+                if b.level != FREE:
+                    activation_levels.setdefault(b.dim, set()).add(b.level)
+    adjusted = []
     for x, shape, blocks in aligned:
-        own = {b.dim for b in blocks}
+        own = []
+        for block in blocks:
+            if ctx.is_const(x) and has_activation and block.level == CHANNEL:
+                levels = activation_levels.get(block.dim, set())
+                if not levels:
+                    continue  # a parameter broadcast along a dim that holds no channels (e.g. positions)
+                if CHANNEL not in levels:  # a per-head parameter (bias table, logit scale) meets heads
+                    block = Block(block.ids, block.dim, HEAD)
+            own.append(block)
+        adjusted.append((x, shape, own))
+    result = merge(ctx.ch, [b for _, _, own in adjusted for b in own])
+    for x, shape, own in adjusted:
+        covered = {(b.dim, b.level) for b in own} | {(b.dim, lvl) for b in own if b.level == FREE for lvl in (CHANNEL, HEAD)}
         for block in result:
-            if shape[block.dim] > 1 and block.dim not in own:
-                ctx.freeze(block.ids, f"combined with {ctx.describe(x)}, which has no prunable channels on dim {block.dim}")
+            if block.level != FREE and shape[block.dim] > 1 and (block.dim, block.level) not in covered:
+                what = "heads" if block.level == HEAD else "channels"
+                ctx.freeze(block.ids, f"combined with {ctx.describe(x)}, which has no prunable {what} on dim {block.dim}")
     return result
+
+
+def rule_pad(ctx, call: OpCall) -> Labels:
+    """F.pad on the trailing dims: ids on a padded dim would gain positions, so they are frozen."""
+    labels = ctx.labels(call.args["input"])
+    padded = {ctx.out.ndim - 1 - i // 2 for i, amount in enumerate(call.args.get("pad") or ()) if amount != 0}
+    out = []
+    for block in labels:
+        if block.dim in padded or any(block.ids.shape[d] > 1 for d in padded):
+            ctx.freeze(block.ids, "padded along its channel dim")
+        else:
+            out.append(block)
+    return tuple(out)
+
+
+def rule_like(ctx, call: OpCall) -> Labels:
+    """zeros_like(x) and friends: a constant with channels of its own, coupled only where it is used."""
+    return param_labels(ctx.ch, f"<{ctx.node.name}>", ctx.out.shape, virtual=True)
+
+
+# --- layout ops -----------------------------------------------------------------------------------------
 
 
 def rule_reshape(ctx, call: OpCall) -> Labels:
@@ -84,14 +130,13 @@ def rule_reshape(ctx, call: OpCall) -> Labels:
     return merge(ctx.ch, out)
 
 
-def _permute(ctx, labels: Labels, order: Sequence[int]) -> Labels:
-    return tuple(make_block(b.ids.permute(*order), list(order).index(b.dim)) for b in labels)
+def _permute(labels: Labels, order: Sequence[int]) -> Labels:
+    return tuple(b.moved(b.ids.permute(*order), list(order).index(b.dim)) for b in labels)
 
 
 def rule_permute(ctx, call: OpCall) -> Labels:
     ndim = ctx.out.ndim
-    order = [d % ndim for d in call.args["dims"]]
-    return _permute(ctx, ctx.labels(call.args["input"]), order)
+    return _permute(ctx.labels(call.args["input"]), [d % ndim for d in call.args["dims"]])
 
 
 def rule_transpose(ctx, call: OpCall) -> Labels:
@@ -101,12 +146,178 @@ def rule_transpose(ctx, call: OpCall) -> Labels:
         d0 = call.args.get("dim0", 0) % ndim
         d1 = call.args.get("dim1", 1) % ndim
         order[d0], order[d1] = order[d1], order[d0]
-    return _permute(ctx, ctx.labels(call.args["input"]), order)
+    return _permute(ctx.labels(call.args["input"]), order)
 
 
 def rule_expand(ctx, call: OpCall) -> Labels:
-    pad = ctx.out.ndim - len(ctx.shape(call.args["input"]))
-    return tuple(b.unsqueezed(pad) for b in ctx.labels(call.args["input"]))
+    """Broadcast copies. A constant expanded to a literal size (a mask repeated per head) gets free ids
+    there, so the copies can shrink with whatever they meet."""
+    x = call.args["input"]
+    src = ctx.shape(x)
+    dst = ctx.out.shape
+    pad = len(dst) - len(src)
+    blocks = [b.unsqueezed(pad) for b in ctx.labels(x)]
+    sizes = call.args.get("sizes") or []
+    if ctx.is_const(x) and len(sizes) == len(dst):
+        for d, size in enumerate(sizes):
+            source = src[d - pad] if d >= pad else 1
+            if isinstance(size, int) and size > 1 and source == 1:
+                view = [1] * len(dst)
+                view[d] = size
+                blocks.append(Block(ctx.ch.space(f"<{ctx.node.name}>", d, size, True).reshape(view), d, FREE))
+    return merge(ctx.ch, blocks)
+
+
+def rule_cat(ctx, call: OpCall) -> Labels:
+    tensors = list(call.args["tensors"])
+    ndim = ctx.out.ndim
+    dim = call.args.get("dim", 0) % ndim
+    per_input = [(x, ctx.shape(x), {(b.dim, b.level): b for b in ctx.labels(x)}) for x in tensors]
+    out: list[Block] = []
+    keys = sorted({k for _, _, blocks in per_input for k in blocks})
+    for key in keys:
+        cd = key[0]
+        if cd != dim and any(key not in blocks and shape[cd] > 1 for _, shape, blocks in per_input):
+            for _, _, blocks in per_input:
+                if key in blocks:
+                    ctx.freeze(blocks[key].ids, "concatenated with a tensor that has no prunable channels on this dim")
+            continue
+        if cd != dim and all(key not in blocks or blocks[key].ids.shape[dim] == 1 for _, _, blocks in per_input):
+            out.extend(blocks[key] for _, _, blocks in per_input if key in blocks)  # coupled by merge below
+            continue
+        pieces = []
+        for x, shape, blocks in per_input:
+            if key not in blocks:  # positions without ids along the cat dim can never be removed
+                ctx.freeze_labels(tuple(bl[key] for _, _, bl in per_input if key in bl),
+                                  f"concatenated along dim {dim} with {ctx.describe(x)}, which has no ids there")
+                pieces = []
+                break
+            target = list(blocks[key].ids.shape)
+            target[dim] = shape[dim]
+            pieces.append(blocks[key].ids.expand(target))
+        if pieces:
+            full = [max(p.shape[d] for p in pieces) for d in range(ndim)]
+            pieces = [p.expand([full[d] if d != dim else p.shape[d] for d in range(ndim)]) for p in pieces]
+            out.append(make_block(torch.cat(pieces, dim), cd, key[1]))
+    return merge(ctx.ch, out)
+
+
+def rule_stack(ctx, call: OpCall) -> Labels:
+    dim = call.args.get("dim", 0) % ctx.out.ndim
+    blocks = []
+    for x in call.args["tensors"]:
+        for b in ctx.labels(x):
+            blocks.append(Block(b.ids.unsqueeze(dim), b.dim + (1 if b.dim >= dim else 0), b.level))
+    return merge(ctx.ch, blocks)
+
+
+def _pieces(ctx, x: Any, dim: int, sizes: list[int], keep_dim: bool) -> list[Labels]:
+    outputs: list[list[Block]] = [[] for _ in sizes]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    for block in ctx.labels(x):
+        if not keep_dim and block.dim == dim:
+            ctx.freeze(block.ids, f"unbound along its channel dim {dim}")
+            continue
+        for i, (start, size) in enumerate(zip(starts, sizes)):
+            ids = block.ids.narrow(dim, start, size) if block.ids.shape[dim] > 1 else block.ids
+            piece = Block(ids, block.dim, block.level)
+            if not keep_dim:
+                piece = _drop_dims(piece, [dim])
+            outputs[i].append(piece.moved(piece.ids, piece.dim))
+    return [tuple(o) for o in outputs]
+
+
+def rule_unbind(ctx, call: OpCall) -> list[Labels]:
+    x = call.args["input"]
+    shape = ctx.shape(x)
+    dim = call.args.get("dim", 0) % len(shape)
+    return _pieces(ctx, x, dim, [1] * shape[dim], keep_dim=False)
+
+
+def rule_split(ctx, call: OpCall) -> list[Labels]:
+    x = call.args["input"]
+    shape = ctx.shape(x)
+    dim = call.args.get("dim", 0) % len(shape)
+    sizes = [v.shape[dim] for v in ctx.node.meta["fxprune_value"]]
+    return _pieces(ctx, x, dim, sizes, keep_dim=True)
+
+
+def rule_getitem(ctx, call: OpCall) -> Any:
+    x, index = call.args["input"], call.args["index"]
+    labels = ctx.labels(x)
+    if isinstance(labels, list):  # element of a tuple output (unbind, split)
+        return labels[index] if isinstance(index, int) else ()
+    shape = ctx.shape(x)
+    if shape is None:
+        return ()
+    index = index if isinstance(index, tuple) else (index,)
+    if index.count(Ellipsis) > 1:
+        ctx.freeze_labels(labels, "indexing with several ellipses")
+        return ()
+    tensors = [i for i in index if isinstance(i, (fx.Node, torch.Tensor, list))]
+    if tensors:
+        return _gather(ctx, labels, index, shape)
+    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (len(shape) - n_real) + index[at + 1:]
+    index = index + (slice(None),) * (len(shape) - sum(1 for i in index if i is not None))
+    out = []
+    for block in labels:
+        result, offset, src, new_dim, ok = block.ids, 0, 0, None, True
+        for item in index:
+            if item is None:
+                result = result.unsqueeze(offset)
+                offset += 1
+                continue
+            d, src = src, src + 1
+            if isinstance(item, int):
+                if d == block.dim:
+                    ctx.freeze(block.ids, "a single channel is indexed out")
+                    ok = False
+                    break
+                result = result.select(offset, item if result.shape[offset] > 1 else 0)
+                continue
+            if isinstance(item, slice):
+                full = item.start in (None, 0) and item.stop is None and item.step in (None, 1)
+                if not full and d == block.dim:
+                    ctx.freeze(block.ids, "channels are sliced by position")
+                    ok = False
+                    break
+                if not full and result.shape[offset] > 1:
+                    result = result[(slice(None),) * offset + (item,)]
+                if d == block.dim:
+                    new_dim = offset
+                offset += 1
+                continue
+            ctx.freeze(block.ids, f"index {item!r} is not supported")
+            ok = False
+            break
+        if ok and new_dim is not None:
+            out.append(block.moved(result, new_dim))
+    return tuple(out)
+
+
+def _gather(ctx, labels: Labels, index: tuple, shape: Sequence[int]) -> Labels:
+    """``table[idx]`` with one index tensor on dim 0 (relative position tables): other dims keep their ids."""
+    if len(index) != 1 or not isinstance(index[0], fx.Node):
+        ctx.freeze_labels(labels, "advanced indexing other than table[index] is not supported")
+        return ()
+    gathered = ctx.shape(index[0])
+    if gathered is None:
+        ctx.freeze_labels(labels, "indexing with a non-tensor index")
+        return ()
+    out = []
+    for block in labels:
+        if block.dim == 0 or block.ids.shape[0] > 1:
+            ctx.freeze(block.ids, "channels along a gathered dim")
+            continue
+        ids = block.ids.squeeze(0).reshape((1,) * len(gathered) + tuple(block.ids.shape[1:]))
+        out.append(block.moved(ids, block.dim - 1 + len(gathered)))
+    return tuple(out)
+
+
+# --- ops with parameters ----------------------------------------------------------------------------------
 
 
 def rule_linear(ctx, call: OpCall) -> Labels:
@@ -118,12 +329,14 @@ def rule_linear(ctx, call: OpCall) -> Labels:
     out: list[Block] = []
     for block in ctx.labels(x):
         if block.dim == last:
-            consumed = ctx.ch.union_within(block.ids, tuple(block.row_dims()))
-            if w_in is not None:
-                ctx.ch.union(consumed.reshape(-1), w_in.ids.reshape(-1))
+            if block.level == CHANNEL:
+                consumed = ctx.ch.union_within(block.ids, tuple(block.row_dims()))
+                if w_in is not None:
+                    ctx.ch.union(consumed.reshape(-1), w_in.ids.reshape(-1))
+            # head ids along the features end here: the weight columns carry the channels
         else:
-            rows = block.ids.narrow(last, 0, 1) if block.ids.shape[last] > 1 else block.ids
-            out.append(Block(rows, block.dim))
+            ids = ctx.ch.union_within(block.ids, (last,)) if block.ids.shape[last] > 1 else block.ids
+            out.append(Block(ids, block.dim, block.level))
     if w_in is not None and block_on(ctx.labels(x), last) is None:
         ctx.freeze(w_in.ids, f"input features of {ctx.describe(weight)} come from {ctx.describe(x)}, which has no prunable channels")
     if w_out is not None:
@@ -143,8 +356,8 @@ def rule_conv(ctx, call: OpCall) -> Labels:
     w_labels = ctx.labels(weight)
     in_block = None
     for block in ctx.labels(x):
-        if block.dim != 1:
-            ctx.freeze(block.ids, f"convolution input has channels along dim {block.dim}")
+        if block.dim != 1 or block.level != CHANNEL:
+            ctx.freeze(block.ids, f"convolution input has {block.level} ids along dim {block.dim}")
         else:  # filters are shared by every batch item and position: rows there (e.g. heads) share offsets
             in_block = Block(ctx.ch.union_within(block.ids, tuple(block.row_dims())), 1)
     w_out = block_on(w_labels, 0)
@@ -194,9 +407,10 @@ def rule_layer_norm(ctx, call: OpCall) -> Labels:
     normalized = call.args.get("normalized_shape") or ()
     normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
     first = ndim - len(normalized)
+    dims = list(range(first, ndim))
     for block in labels:
-        if block.dim >= first:
-            ctx.freeze(block.ids, "normalised over these channels: removal would change the statistics (not masked-equivalent)")
+        if block.dim >= first or any(block.ids.shape[d] > 1 for d in dims):
+            _whole_rows(ctx, block, dims, "normalised over these channels: removing some would change the statistics")
     for pdim in range(len(normalized)):
         block = block_on(labels, first + pdim)
         for param in (call.args.get("weight"), call.args.get("bias")):
@@ -213,9 +427,44 @@ def rule_batch_norm(ctx, call: OpCall) -> Labels:
     return labels
 
 
-def _contraction_partner(ctx, a: Any, a_block: Block | None, b: Any, b_block: Block | None,
-                         a_dim: int, b_dim: int) -> None:
-    """Couple the contracted channels of two operands (q·kᵀ, x·W) or freeze an unpaired side."""
+# --- attention --------------------------------------------------------------------------------------------
+
+
+def _new_heads(ctx, joint: torch.Tensor, out_ndim: int) -> Block | None:
+    """Fresh head ids for an attention whose contracted channel ids ``joint`` (batch..., k) have rows.
+
+    Each head owns the channels of its row. Returns the head block placed on the output's head dim.
+    """
+    batch = joint.shape[:-1]
+    row_dims = [d for d, n in enumerate(batch) if n > 1]
+    if len(row_dims) != 1:
+        return None
+    r = row_dims[0]
+    heads = batch[r]
+    head_ids = ctx.ch.space(f"<heads:{ctx.node.name}>", 0, heads, True)
+    rows = joint.movedim(r, 0).reshape(heads, -1, joint.shape[-1]).reshape(heads, -1)
+    ctx.ch.record_heads(head_ids, rows)
+    view = [1] * out_ndim
+    out_dim = r + (out_ndim - 2 - len(batch))
+    view[out_dim] = heads
+    return Block(head_ids.reshape(view), out_dim, HEAD)
+
+
+def _link_heads(ctx, head: Block, channel: Block) -> None:
+    """A head block and a channel block with rows along the head dim: head h owns row h."""
+    if channel.ids.shape[head.dim] != head.ids.shape[head.dim]:
+        return
+    heads = head.ids.movedim(head.dim, 0).reshape(head.ids.shape[head.dim], -1)[:, 0]
+    rows = channel.ids.movedim(head.dim, 0).reshape(channel.ids.shape[head.dim], -1)
+    ctx.ch.record_heads(heads, rows)
+
+
+def _contract(ctx, a: Any, a_block: Block | None, b: Any, b_block: Block | None, a_dim: int, b_dim: int,
+              out_ndim: int) -> Block | None:
+    """Couple the contracted channels of two operands (q·kᵀ, x·W) or freeze an unpaired side.
+
+    Returns a new head block when both operands are activations and their channels come in heads.
+    """
     if a_block is not None and b_block is not None:
         a_ids = a_block.ids.movedim(a_dim, -1)
         b_ids = b_block.ids.movedim(b_dim, -1)
@@ -227,10 +476,12 @@ def _contraction_partner(ctx, a: Any, a_block: Block | None, b: Any, b_block: Bl
             joint = torch.broadcast_tensors(a_ids, b_ids)[0]
             ctx.ch.tag(joint, "qk")
             ctx.ch.record_rows(joint)
+            return _new_heads(ctx, joint.squeeze(-2) if joint.ndim >= 2 else joint, out_ndim)
     elif a_block is not None:
         ctx.freeze(a_block.ids, f"contracted with {ctx.describe(b)}, which has no prunable channels")
     elif b_block is not None:
         ctx.freeze(b_block.ids, f"contracted with {ctx.describe(a)}, which has no prunable channels")
+    return None
 
 
 def rule_matmul(ctx, call: OpCall) -> Labels:
@@ -243,21 +494,30 @@ def rule_matmul(ctx, call: OpCall) -> Labels:
     nd = ctx.out.ndim
     la, lb = ctx.labels(a), ctx.labels(b)
     ka, kb = len(sa) - 1, len(sb) - 2
-    _contraction_partner(ctx, a, block_on(la, ka), b, block_on(lb, kb), ka, kb)
+    for labels, k in ((la, ka), (lb, kb)):
+        for block in labels:
+            if block.level != CHANNEL and (block.dim == k or block.ids.shape[k] > 1):
+                ctx.freeze(block.ids, f"{block.level} ids along a contracted dim")
     out: list[Block] = []
+    heads = _contract(ctx, a, block_on(la, ka), b, block_on(lb, kb), ka, kb, nd)
+    if heads is not None:
+        out.append(heads)
     both_activations = not ctx.is_const(a) and not ctx.is_const(b)
+    carried: list[Block] = []
     for labels, k, pad, carried_dim in ((la, ka, nd - len(sa), len(sa) - 2), (lb, kb, nd - len(sb), len(sb) - 1)):
         for block in labels:
-            if block.dim == k:
+            if block.dim == k or (block.level != CHANNEL and block.ids.shape[k] > 1):
                 continue
-            ids = block.ids
-            if ids.shape[k] > 1:
-                ids = ctx.ch.union_within(ids, (k,))
-            moved = Block(ids, block.dim).unsqueezed(pad)
-            out.append(moved)
-            if both_activations and block.dim == carried_dim:
+            ids = ctx.ch.union_within(block.ids, (k,)) if block.ids.shape[k] > 1 else block.ids
+            moved = Block(ids, block.dim, block.level).unsqueezed(pad)
+            carried.append(moved)
+            if both_activations and block.dim == carried_dim and block.level == CHANNEL:
                 ctx.ch.tag(moved.ids, "v")
                 ctx.ch.record_rows(moved.rows())
+    out.extend(carried)
+    for head in (b for b in out if b.level == HEAD):
+        for channel in (b for b in carried if b.level == CHANNEL):
+            _link_heads(ctx, head, channel)
     return merge(ctx.ch, out)
 
 
@@ -265,21 +525,34 @@ def rule_sdpa(ctx, call: OpCall) -> Labels:
     q, k, v = call.args["query"], call.args["key"], call.args["value"]
     ndim = len(ctx.shape(q))
     lq, lk, lv = ctx.labels(q), ctx.labels(k), ctx.labels(v)
-    _contraction_partner(ctx, q, block_on(lq, ndim - 1), k, block_on(lk, ndim - 1), ndim - 1, ndim - 1)
+    heads = _contract(ctx, q, block_on(lq, ndim - 1), k, block_on(lk, ndim - 1), ndim - 1, ndim - 1, ndim)
     for labels, name in ((lq, "query"), (lk, "key")):
         for block in labels:
-            if block.dim != ndim - 1:
-                ctx.freeze(block.ids, f"{name} of attention has channels along dim {block.dim}")
-    out: list[Block] = []
+            if block.dim != ndim - 1 or block.level != CHANNEL:
+                ctx.freeze(block.ids, f"{name} of attention has {block.level} ids along dim {block.dim}")
+    out: list[Block] = [] if heads is None else [heads]
     for block in lv:
-        if block.dim == ndim - 1 and block.ids.shape[ndim - 2] == 1:
+        if block.dim == ndim - 1 and block.level == CHANNEL and block.ids.shape[ndim - 2] == 1:
             ctx.ch.tag(block.ids, "v")
             ctx.ch.record_rows(block.rows())
             out.append(block)
+            if heads is not None:
+                _link_heads(ctx, heads, block)
         else:
-            ctx.freeze(block.ids, f"value of attention has channels along dim {block.dim}")
-    ctx.freeze_labels(ctx.labels(call.args.get("attn_mask")), "attention mask carries channels")
-    return tuple(out)
+            ctx.freeze(block.ids, f"value of attention has {block.level} ids along dim {block.dim}")
+    mask = call.args.get("attn_mask")
+    mask_labels = ctx.labels(mask)
+    if mask_labels:
+        pad = ndim - len(ctx.shape(mask))
+        for block in (b.unsqueezed(pad) for b in mask_labels):
+            if heads is not None and block.dim == heads.dim:  # a per-head bias (or a mask repeated per head)
+                ctx.ch.union(block.ids, heads.ids)
+            else:
+                ctx.freeze(block.ids, "attention mask carries ids outside the head dim")
+    return merge(ctx.ch, out)
+
+
+# --- reductions and normalisations -----------------------------------------------------------------
 
 
 def rule_softmax(ctx, call: OpCall) -> Labels:
@@ -289,12 +562,10 @@ def rule_softmax(ctx, call: OpCall) -> Labels:
         ctx.freeze_labels(labels, "softmax without an explicit dim")
         return ()
     dim %= ctx.out.ndim
-    out = []
     for block in labels:
         if block.dim == dim or block.ids.shape[dim] > 1:
-            ctx.freeze(block.ids, "softmax over channels: removal would change the normaliser")
-        out.append(block)
-    return tuple(out)
+            _whole_rows(ctx, block, [dim], "softmax over these ids: removing some would change the normaliser")
+    return labels
 
 
 def rule_normalize(ctx, call: OpCall) -> Labels:
@@ -302,10 +573,10 @@ def rule_normalize(ctx, call: OpCall) -> Labels:
     labels = ctx.labels(call.args["input"])
     p = call.args.get("p", 2.0)
     dim = call.args.get("dim", 1) % ctx.out.ndim
-    if not (isinstance(p, (int, float)) and p > 0):
-        for block in labels:
-            if block.dim == dim:
-                ctx.freeze(block.ids, f"normalisation with p={p} over channels")
+    for block in labels:
+        on_dim = block.dim == dim or block.ids.shape[dim] > 1
+        if on_dim and (block.level != CHANNEL or not (isinstance(p, (int, float)) and p > 0)):
+            _whole_rows(ctx, block, [dim], f"normalised (p={p}) over these ids")
     return labels
 
 
@@ -317,14 +588,14 @@ def _reduce(ctx, call: OpCall, zero_safe: bool, what: str) -> Labels:
     out = []
     for block in ctx.labels(x):
         if block.dim in dims:
-            if not zero_safe:
-                ctx.freeze(block.ids, f"{what} over channels: removal would change the result")
+            if not zero_safe or block.level != CHANNEL:
+                _whole_rows(ctx, block, [block.dim], f"{what} over these ids: removing some would change the result")
             continue
         ids = block.ids
         rows = [d for d in dims if ids.shape[d] > 1]
         if rows:
             ids = ctx.ch.union_within(ids, tuple(rows))
-        reduced = Block(ids, block.dim)
+        reduced = Block(ids, block.dim, block.level)
         out.append(reduced if keepdim else _drop_dims(reduced, dims))
     return tuple(out)
 
@@ -346,166 +617,8 @@ def rule_amax(ctx, call):
     return _reduce(ctx, call, False, "max")
 
 
-def rule_cat(ctx, call: OpCall) -> Labels:
-    tensors = list(call.args["tensors"])
-    ndim = ctx.out.ndim
-    dim = call.args.get("dim", 0) % ndim
-    per_input = [(x, ctx.shape(x), {b.dim: b for b in ctx.labels(x)}) for x in tensors]
-    out: list[Block] = []
-    channel_dims = sorted({d for _, _, blocks in per_input for d in blocks})
-    for cd in channel_dims:
-        if any(cd not in blocks and shape[cd] > 1 for _, shape, blocks in per_input if cd != dim):
-            for _, _, blocks in per_input:
-                if cd in blocks:
-                    ctx.freeze(blocks[cd].ids, "concatenated with a tensor that has no prunable channels on this dim")
-            continue
-        if cd != dim and all(cd not in blocks or blocks[cd].ids.shape[dim] == 1 for _, _, blocks in per_input):
-            out.extend(blocks[cd] for _, _, blocks in per_input if cd in blocks)  # merged (coupled) below
-            continue
-        pieces = []
-        for x, shape, blocks in per_input:
-            if cd in blocks:
-                target = list(blocks[cd].ids.shape)
-                target[dim] = shape[dim]
-                pieces.append(blocks[cd].ids.expand(target))
-            else:  # along the cat dim, a piece without channels contributes positions that are never removed
-                ctx.freeze_labels(tuple(b for _, _, bl in per_input for b in bl.values() if b.dim == cd),
-                                  f"concatenated along dim {dim} with {ctx.describe(x)}, which has no channel ids")
-                pieces = []
-                break
-        if pieces:
-            full = [max(p.shape[d] for p in pieces) for d in range(ndim)]
-            pieces = [p.expand([full[d] if d != dim else p.shape[d] for d in range(ndim)]) for p in pieces]
-            out.append(make_block(torch.cat(pieces, dim), cd))
-    return merge(ctx.ch, out)
-
-
-def rule_stack(ctx, call: OpCall) -> Labels:
-    ndim = ctx.out.ndim
-    dim = call.args.get("dim", 0) % ndim
-    blocks = []
-    for x in call.args["tensors"]:
-        for b in ctx.labels(x):
-            ids = b.ids.unsqueeze(dim)
-            blocks.append(Block(ids, b.dim + (1 if b.dim >= dim else 0)))
-    return merge(ctx.ch, blocks)
-
-
-def _pieces(ctx, x: Any, dim: int, sizes: list[int], keep_dim: bool) -> list[Labels]:
-    outputs: list[list[Block]] = [[] for _ in sizes]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    for block in ctx.labels(x):
-        if not keep_dim and block.dim == dim:
-            ctx.freeze(block.ids, f"unbound along its channel dim {dim}")
-            continue
-        for i, (start, size) in enumerate(zip(starts, sizes)):
-            ids = block.ids.narrow(dim, start, size) if block.ids.shape[dim] > 1 else block.ids
-            piece = Block(ids, block.dim)
-            if not keep_dim:
-                piece = _drop_dims(piece, [dim])
-            outputs[i].append(make_block(piece.ids, piece.dim))
-    return [tuple(o) for o in outputs]
-
-
-def rule_unbind(ctx, call: OpCall) -> list[Labels]:
-    x = call.args["input"]
-    shape = ctx.shape(x)
-    dim = call.args.get("dim", 0) % len(shape)
-    return _pieces(ctx, x, dim, [1] * shape[dim], keep_dim=False)
-
-
-def rule_split(ctx, call: OpCall) -> list[Labels]:
-    x = call.args["input"]
-    shape = ctx.shape(x)
-    dim = call.args.get("dim", 0) % len(shape)
-    sizes = [v.shape[dim] for v in ctx.node.meta["fxprune_value"]]
-    return _pieces(ctx, x, dim, sizes, keep_dim=True)
-
-
-def rule_getitem(ctx, call: OpCall) -> Any:
-    x, index = call.args["input"], call.args["index"]
-    labels = ctx.labels(x)
-    if isinstance(labels, list):  # element of a tuple output (unbind, split)
-        return labels[index] if isinstance(index, int) else ()
-    shape = ctx.shape(x)
-    if shape is None:
-        return ()
-    index = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(i, (fx.Node, torch.Tensor, list)) for i in index) or index.count(Ellipsis) > 1:
-        ctx.freeze_labels(labels, "advanced indexing is not supported")
-        return ()
-    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (len(shape) - n_real) + index[at + 1:]
-    index = index + (slice(None),) * (len(shape) - sum(1 for i in index if i is not None))
-    out = []
-    for block in labels:
-        ids, dim, src, ok = block.ids, block.dim, 0, True
-        new_dim = None
-        parts = []
-        for item in index:
-            if item is None:
-                parts.append(("new", None))
-                continue
-            parts.append(("dim", (src, item)))
-            src += 1
-        # build the output ids step by step
-        result = ids
-        offset = 0
-        for kind, payload in parts:
-            if kind == "new":
-                result = result.unsqueeze(offset)
-                offset += 1
-                continue
-            d, item = payload
-            if isinstance(item, int):
-                if d == dim:
-                    ctx.freeze(block.ids, "a single channel is indexed out")
-                    ok = False
-                    break
-                result = result.select(offset, item if result.shape[offset] > 1 else 0)
-                continue
-            if isinstance(item, slice):
-                full = item == slice(None) or (item.start in (None, 0) and item.stop in (None,) and item.step in (None, 1))
-                if not full and d == dim:
-                    ctx.freeze(block.ids, "channels are sliced by position")
-                    ok = False
-                    break
-                if not full and result.shape[offset] > 1:
-                    result = result[(slice(None),) * offset + (item,)]
-                if d == dim:
-                    new_dim = offset
-                offset += 1
-                continue
-            ctx.freeze(block.ids, f"index {item!r} is not supported")
-            ok = False
-            break
-        if ok and new_dim is not None:
-            out.append(make_block(result, new_dim))
-    return tuple(out)
-
-
-def rule_pad(ctx, call: OpCall) -> Labels:
-    """F.pad on the trailing dims: channels on a padded dim would gain positions, so they are frozen."""
-    labels = ctx.labels(call.args["input"])
-    padded = {ctx.out.ndim - 1 - i // 2 for i, amount in enumerate(call.args.get("pad") or ()) if amount != 0}
-    out = []
-    for block in labels:
-        if block.dim in padded or any(block.ids.shape[d] > 1 for d in padded):
-            ctx.freeze(block.ids, "padded along its channel dim")
-        else:
-            out.append(block)
-    return tuple(out)
-
-
 def rule_shape_query(ctx, call: OpCall) -> None:
     return None
-
-
-def rule_like(ctx, call: OpCall) -> Labels:
-    """zeros_like(x) and friends: a constant with channels of its own, coupled only where it is used."""
-    return param_labels(ctx.ch, f"<{ctx.node.name}>", ctx.out.shape, virtual=True)
 
 
 RULES: dict[str, Rule] = {
@@ -515,10 +628,18 @@ RULES: dict[str, Rule] = {
     "batch_norm": rule_batch_norm,
     "elementwise": rule_elementwise,
     "unary": rule_unary,
+    "like": rule_like,
+    "pad": rule_pad,
     "reshape": rule_reshape,
     "permute": rule_permute,
     "transpose": rule_transpose,
     "expand": rule_expand,
+    "cat": rule_cat,
+    "stack": rule_stack,
+    "unbind": rule_unbind,
+    "split": rule_split,
+    "chunk": rule_split,
+    "getitem": rule_getitem,
     "matmul": rule_matmul,
     "sdpa": rule_sdpa,
     "softmax": rule_softmax,
@@ -527,13 +648,5 @@ RULES: dict[str, Rule] = {
     "mean": rule_mean,
     "amax": rule_amax,
     "norm": rule_norm,
-    "cat": rule_cat,
-    "stack": rule_stack,
-    "unbind": rule_unbind,
-    "split": rule_split,
-    "chunk": rule_split,
-    "getitem": rule_getitem,
     "shape_query": rule_shape_query,
-    "like": rule_like,
-    "pad": rule_pad,
 }

@@ -6,24 +6,47 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..analysis.labels import Block
+from ..analysis.labels import CHANNEL, Block
 from ..analysis.propagate import LABELS_KEY
 from ..capture import VALUE_KEY, TensorValue
 from ..errors import RewriteError
 
 
 def _tensor_shape(node_name: str, value: TensorValue, labels: Any, atom_of: torch.Tensor, removed: torch.Tensor) -> tuple:
+    """Channel dims shrink to the channels each (surviving) row keeps; head dims to the heads kept."""
     shape = list(value.shape)
-    for block in labels or ():
-        if not isinstance(block, Block):
+    blocks = [b for b in labels or () if isinstance(b, Block)]
+    decided: dict[int, int] = {}
+    row_sizes: dict[int, int] = {}
+    for block in (b for b in blocks if b.level == CHANNEL):
+        kept = ~removed[atom_of[block.ids]]
+        counts = kept.sum(dim=block.dim)
+        alive = counts[counts > 0]
+        if alive.numel() == 0:
+            raise RewriteError(f"fxprune: the plan removes every channel of node '{node_name}' along dim {block.dim}")
+        low, high = int(alive.min()), int(alive.max())
+        if low != high:
+            raise RewriteError(f"fxprune: the plan leaves node '{node_name}' ragged along dim {block.dim} "
+                               f"({low}..{high} channels per row); every head must keep the same count")
+        decided[block.dim] = low
+        for r in block.row_dims():  # a row (head) whose channels are all removed disappears
+            row_sizes[r] = int(kept.movedim(r, 0).reshape(kept.shape[r], -1).any(1).sum())
+    for block in (b for b in blocks if b.level != CHANNEL):
+        if block.dim in decided:
             continue
         kept = ~removed[atom_of[block.ids]]
         counts = kept.sum(dim=block.dim)
         low, high = int(counts.min()), int(counts.max())
         if low != high:
-            raise RewriteError(f"fxprune: the plan leaves node '{node_name}' ragged along dim {block.dim} "
-                               f"({low}..{high} channels per row); every head must keep the same count")
-        shape[block.dim] = low
+            raise RewriteError(f"fxprune: the plan keeps different head counts along dim {block.dim} of node '{node_name}'")
+        if block.ids.shape[block.dim] == shape[block.dim]:
+            decided[block.dim] = low
+    for dim, size in row_sizes.items():
+        if dim in decided and decided[dim] != size:
+            raise RewriteError(f"fxprune: node '{node_name}' keeps {size} rows of channels but {decided[dim]} heads on dim {dim}")
+        decided.setdefault(dim, size)
+    for dim, size in decided.items():
+        shape[dim] = size
     return tuple(shape)
 
 

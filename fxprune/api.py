@@ -35,14 +35,16 @@ def _analysis(model_or_analysis, example_inputs) -> Analysis:
     return analyze_captured(capture(model_or_analysis, example_inputs))
 
 
-def plan(model: torch.nn.Module | Analysis, ratio: float, *, example_inputs: Sequence | None = None,
-         importance: str = "l2", kinds: Iterable[str] = DEFAULT_KINDS, seed: int = 0) -> Plan:
-    """Decide which channels to remove: ``ratio`` of every head's channels in every prunable group."""
+def plan(model: torch.nn.Module | Analysis, ratio: float = 0.0, *, example_inputs: Sequence | None = None,
+         importance: str = "l2", kinds: Iterable[str] = DEFAULT_KINDS, head_ratio: float = 0.0, seed: int = 0) -> Plan:
+    """Decide what to remove: ``head_ratio`` of every attention's heads, then ``ratio`` of every remaining
+    head's channels (and of every MLP hidden layer) in every prunable group."""
     ratio = _check_ratio(ratio)
+    head_ratio = _check_ratio(head_ratio, "head_ratio")
     analysis = _analysis(model, example_inputs)
     scores = importance_.score(analysis, importance, seed=seed)
     input_shapes = [list(t.shape) for t in analysis.captured.example_inputs if isinstance(t, torch.Tensor)]
-    return uniform(analysis, scores, ratio, kinds,
+    return uniform(analysis, scores, ratio, kinds, head_ratio=head_ratio,
                    options={"importance": importance, "seed": seed, "input_shapes": input_shapes})
 
 
@@ -73,7 +75,7 @@ def _analysis_inputs_default(model):
     return resolve_example_inputs(model, None)
 
 
-_KNOWN_OPTIONS = {"kinds", "seed"}
+_KNOWN_OPTIONS = {"kinds", "seed", "head_ratio"}
 
 
 def prune(model: torch.nn.Module, ratio: float, *, example_inputs: Sequence | None = None, importance: str = "l2",
@@ -81,7 +83,8 @@ def prune(model: torch.nn.Module, ratio: float, *, example_inputs: Sequence | No
     """Remove ``ratio`` of each head's q/k and v channels and of every MLP hidden layer.
 
     Returns a new, physically smaller ``torch.fx.GraphModule``; ``model`` is not modified.
-    Options: ``kinds`` (group kinds to prune, default qk, v, mlp), ``seed`` (for ``importance="random"``).
+    Options: ``head_ratio`` (fraction of every attention's heads to remove first, at least one stays),
+    ``kinds`` (group kinds to prune, default qk, v, mlp), ``seed`` (for ``importance="random"``).
     """
     unknown = set(options) - _KNOWN_OPTIONS
     if unknown:

@@ -48,18 +48,55 @@ class Plan:
                 raise PlanError(f"fxprune: plan removes channels of frozen group '{group_name}' ({group.frozen[0]})")
             if len(rows) != len(group.rows):
                 raise PlanError(f"fxprune: plan has {len(rows)} head rows for '{group_name}', the model {len(group.rows)}")
-            counts = {len(r) for r in rows}
+        gone = removed_head_channels(analysis, self.removed)
+        mask[torch.tensor(sorted(gone), dtype=torch.long)] = True
+        for group_name, rows in self.removed.items():
+            group = names[group_name]
+            dead = dead_rows(group, gone) if group.kind != "heads" else [False] * len(group.rows)
+            counts = {len(r) for r, d in zip(rows, dead) if not d}
             if len(counts) > 1:
                 raise PlanError(f"fxprune: plan removes unequal channel counts across heads of '{group_name}': {sorted(counts)}")
-            for row, positions in zip(group.rows, rows):
+            for row, positions, is_dead in zip(group.rows, rows, dead):
                 if len(set(positions)) != len(positions) or any(not 0 <= p < len(row) for p in positions):
-                    raise PlanError(f"fxprune: bad channel positions {positions} for a head of '{group_name}' (width {len(row)})")
-                if len(positions) >= len(row):
-                    raise PlanError(f"fxprune: plan removes every channel of a head of '{group_name}'; keep at least one")
-                mask[torch.tensor([row[p] for p in positions], dtype=torch.long)] = True
+                    raise PlanError(f"fxprune: bad positions {positions} in '{group_name}' (width {len(row)})")
+                if len(positions) >= len(row) and not is_dead:
+                    what = "head" if group.kind == "heads" else "channel of a head"
+                    raise PlanError(f"fxprune: plan removes every {what} of '{group_name}'; keep at least one")
+                if positions:
+                    mask[torch.tensor([row[p] for p in positions], dtype=torch.long)] = True
+        for atom_set, reason in analysis.atoms.whole_sets:
+            hit = mask[torch.tensor(sorted(atom_set), dtype=torch.long)]
+            if hit.any() and not hit.all():
+                raise PlanError(f"fxprune: plan removes part of a set that must go whole ({reason})")
         return mask
 
     def kept(self, analysis, group_name: str) -> list[list[int]]:
         group = analysis.group(group_name)
         removed = self.removed.get(group_name, [[] for _ in group.rows])
         return [[i for i in range(len(row)) if i not in set(rm)] for row, rm in zip(group.rows, removed)]
+
+
+def removed_head_channels(analysis, removed: dict[str, list[list[int]]]) -> set[int]:
+    """Atoms removed by whole-head removal: the head atoms and every channel atom they own."""
+    gone: set[int] = set()
+    for group in analysis.groups:
+        if group.kind != "heads" or group.name not in removed:
+            continue
+        for position in removed[group.name][0]:
+            if not 0 <= position < group.width:
+                raise PlanError(f"fxprune: bad head position {position} in '{group.name}' ({group.width} heads)")
+            head = group.rows[0][position]
+            gone.add(head)
+            gone |= analysis.atoms.head_links.get(head, set())
+    return gone
+
+
+def dead_rows(group, gone: set[int]) -> list[bool]:
+    """For each head row of a channel group: True when whole-head removal already took all its channels."""
+    flags = []
+    for row in group.rows:
+        hit = sum(1 for a in row if a in gone)
+        if 0 < hit < len(row):
+            raise PlanError(f"fxprune: removing heads takes part of a head row of '{group.name}'")
+        flags.append(hit == len(row) and hit > 0)
+    return flags

@@ -123,6 +123,12 @@ FUNCTIONS: dict[Callable, str] = {
     torch.squeeze: "reshape",
     torch.unsqueeze: "reshape",
 }
+try:  # timm's wrapped attention helpers (leaf functions for fx): scores + mask when a mask is given
+    from timm.layers.attention import maybe_add_mask as _timm_maybe_add_mask
+
+    FUNCTIONS[_timm_maybe_add_mask] = "elementwise"
+except ImportError:  # pragma: no cover - timm is a dependency, but keep the table importable without it
+    pass
 for _name in LIKE_CREATORS:
     FUNCTIONS[getattr(torch, _name)] = "like"
 for _name in _ELEMENTWISE:

@@ -97,8 +97,17 @@ def _mark_const(node: fx.Node) -> bool:
         return True
     if node.op == "placeholder":
         return False
-    inputs = _input_nodes(node)
-    return bool(inputs) and all(i.meta.get(CONST_KEY, False) for i in inputs)
+    # only tensors count: a constant reshaped with sizes read from the input's shape is still a constant
+    tensors = [i for i in _input_nodes(node) if _holds_tensor(i.meta.get(VALUE_KEY))]
+    return all(i.meta.get(CONST_KEY, False) for i in tensors)
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, TensorValue):
+        return True
+    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        return any(_holds_tensor(v) for v in value)
+    return False
 
 
 def _tensor_labels_of_args(ctx: RuleContext, node: fx.Node) -> list[Any]:
@@ -137,6 +146,9 @@ def propagate(captured: Captured) -> tuple[ChannelIds, list[UnknownOp]]:
             node.meta[LABELS_KEY] = None  # python scalars, sizes, dtypes: no channels
             continue
         rule = RULES.get(call.op) if call is not None else None
+        if rule is None and value is None:  # produced no tensor (e.g. a helper returning no mask)
+            node.meta[LABELS_KEY] = None
+            continue
         if rule is None:
             touched = ctx.freeze_labels(_tensor_labels_of_args(ctx, node),
                                         f"no rule for {_target_name(node)}; channels through it are kept")

@@ -83,3 +83,30 @@ def test_qk_norm_freezes_qk_and_still_prunes_v(cfg, ratio):
     assert masked_error(model, analysis, plan, pruned, x) < 1e-5
     original = fxprune.count_params(model)
     assert fxprune.count_params(pruned) == expected_params(cfg, original, ratio, qk_frozen=True)
+
+
+def expected_params_with_heads(cfg: dict, original: int, ratio: float, head_ratio: float) -> int:
+    heads, d = cfg["num_heads"], cfg["embed_per_head"]
+    c = heads * d
+    hidden = int(c * cfg["mlp_ratio"])
+    bias = 1 if cfg["qkv_bias"] else 0
+    gone_heads = min(math.floor(head_ratio * heads + 1e-9), heads - 1)
+    left = heads - gone_heads
+    k_head = min(math.floor(ratio * d + 1e-9), d - 1)
+    k_mlp = min(math.floor(ratio * hidden + 1e-9), hidden - 1)
+    per_channel_kind = gone_heads * d + left * k_head       # removed q (= k = v) channels per block
+    per_block = 3 * per_channel_kind * (c + bias) + per_channel_kind * c
+    per_block += k_mlp * (c + 1) + k_mlp * c
+    return original - cfg["depth"] * per_block
+
+
+@given(cfg=vit_configs(), ratio=st.floats(0.0, 0.9), head_ratio=st.floats(0.0, 0.9), batch=st.integers(1, 3))
+def test_head_removal_equals_masked_original(cfg, ratio, head_ratio, batch):
+    model = small_vit(**cfg)
+    analysis = fxprune.analyze(model, (torch.randn(1, 3, 16, 16),))
+    assert all(g.prunable for g in analysis.groups if g.kind == "heads")
+    plan = fxprune.plan(analysis, ratio, head_ratio=head_ratio)
+    pruned = fxprune.apply(analysis, plan)
+    x = torch.randn(batch, 3, 16, 16)
+    assert masked_error(model, analysis, plan, pruned, x) < 1e-5
+    assert fxprune.count_params(pruned) == expected_params_with_heads(cfg, fxprune.count_params(model), ratio, head_ratio)

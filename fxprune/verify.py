@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop
 
-from .rewrite.slice_parameters import kept_indices
+FXPRUNE_PREFIX = "_fxprune_"  # buffers that capture adds to the graph module
 
 
 def masked(model: nn.Module, analysis, plan) -> nn.Module:
@@ -25,6 +25,8 @@ def masked(model: nn.Module, analysis, plan) -> nn.Module:
             if len(gone):
                 path, _, attr = space.param.rpartition(".")
                 owner = copy_.get_submodule(path) if path else copy_
+                if attr.startswith(FXPRUNE_PREFIX) and not hasattr(owner, attr):
+                    continue  # a constant capture made (e.g. a window mask), not part of the model
                 getattr(owner, attr).index_fill_(space.dim, gone, 0.0)
     return copy_
 

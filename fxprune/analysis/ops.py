@@ -61,6 +61,7 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "shape_query": ("input", "*rest"),
     "like": ("input",),
     "pad": ("input", "pad", "mode", "value"),
+    "roll": ("input", "shifts", "dims"),
 }
 
 _ELEMENTWISE = ["add", "sub", "mul", "div", "truediv", "floordiv", "pow", "maximum", "minimum", "where",
@@ -81,6 +82,7 @@ FUNCTIONS: dict[Callable, str] = {
     F.batch_norm: "batch_norm",
     F.scaled_dot_product_attention: "sdpa",
     F.pad: "pad",
+    torch.roll: "roll",
     F.softmax: "softmax",
     torch.softmax: "softmax",
     F.normalize: "normalize",
@@ -129,6 +131,12 @@ try:  # timm's wrapped attention helpers (leaf functions for fx): scores + mask 
     FUNCTIONS[_timm_maybe_add_mask] = "elementwise"
 except ImportError:  # pragma: no cover - timm is a dependency, but keep the table importable without it
     pass
+try:  # torchvision's per-sample drop path: identity in eval, a per-sample scale in training
+    from torchvision.ops.stochastic_depth import stochastic_depth as _tv_stochastic_depth
+
+    FUNCTIONS[_tv_stochastic_depth] = "unary"
+except ImportError:  # pragma: no cover
+    pass
 for _name in LIKE_CREATORS:
     FUNCTIONS[getattr(torch, _name)] = "like"
 for _name in _ELEMENTWISE:
@@ -143,7 +151,7 @@ METHODS: dict[str, str] = {
     "matmul": "matmul", "bmm": "matmul", "permute": "permute", "transpose": "transpose",
     "softmax": "softmax", "unbind": "unbind", "split": "split", "chunk": "chunk",
     "sum": "sum", "mean": "mean", "amax": "amax", "norm": "norm",
-    "expand": "expand", "expand_as": "expand", "size": "shape_query", "dim": "shape_query",
+    "expand": "expand", "expand_as": "expand", "roll": "roll", "size": "shape_query", "dim": "shape_query",
     **{n: "elementwise" for n in _ELEMENTWISE},
     **{n: "unary" for n in _UNARY},
     **{n: "reshape" for n in _RESHAPE},

@@ -109,6 +109,20 @@ def rule_pad(ctx, call: OpCall) -> Labels:
     return tuple(out)
 
 
+def rule_roll(ctx, call: OpCall) -> Labels:
+    """torch.roll shifts positions (windows, tokens); ids along a rolled dim would move, so they are frozen."""
+    labels = ctx.labels(call.args["input"])
+    dims = call.args.get("dims")
+    rolled = set(range(ctx.out.ndim)) if dims is None else set(_dims(dims, ctx.out.ndim))
+    out = []
+    for block in labels:
+        if block.dim in rolled or any(block.ids.shape[d] > 1 for d in rolled):
+            ctx.freeze(block.ids, "rolled along a dim that holds ids")
+        else:
+            out.append(block)
+    return tuple(out)
+
+
 def rule_like(ctx, call: OpCall) -> Labels:
     """zeros_like(x) and friends: a constant with channels of its own, coupled only where it is used."""
     return param_labels(ctx.ch, f"<{ctx.node.name}>", ctx.out.shape, virtual=True)
@@ -630,6 +644,7 @@ RULES: dict[str, Rule] = {
     "unary": rule_unary,
     "like": rule_like,
     "pad": rule_pad,
+    "roll": rule_roll,
     "reshape": rule_reshape,
     "permute": rule_permute,
     "transpose": rule_transpose,

@@ -110,10 +110,12 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None) -> C
             ) from exc
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _record_values(gm, inputs, type(model).__name__)
-    from .normalize import unpack_stacked_heads  # needs the recorded shapes
+    from .decompose import make_attention_visible  # these passes need the recorded shapes
+    from .normalize import unpack_stacked_heads
 
-    if unpack_stacked_heads(gm):
-        _record_values(gm, inputs, type(model).__name__)
+    for normalise in (make_attention_visible, unpack_stacked_heads):
+        if normalise(gm):
+            _record_values(gm, inputs, type(model).__name__)
     return Captured(gm=gm, example_inputs=inputs, was_training=was_training)
 
 

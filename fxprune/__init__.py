@@ -10,11 +10,19 @@ from .plan import Plan
 from .verify import count_macs, count_params, latency, relative_error
 
 
+def make_attention_visible(model, example_inputs=None):
+    """A traced copy of ``model`` in which opaque attention (nn.MultiheadAttention self-attention, torchvision's
+    shifted_window_attention) is replaced by explicit, equivalent ops; the copy computes what ``model`` does."""
+    from .capture import capture
+
+    return capture(model, example_inputs).gm
+
+
 def analyze(model, example_inputs=None) -> Analysis:
     """Trace a copy of ``model`` and return its coupled channel groups (print it for a table)."""
     return _analysis_of(model, example_inputs)
 
 
-__all__ = ["analyze", "plan", "apply", "prune", "mask", "plan_of", "Analysis", "Group", "Plan",
+__all__ = ["analyze", "make_attention_visible", "plan", "apply", "prune", "mask", "plan_of", "Analysis", "Group", "Plan",
            "FxpruneError", "InvalidArgumentError", "CaptureError", "PlanError", "RewriteError",
            "count_macs", "count_params", "latency", "relative_error", "__version__"]

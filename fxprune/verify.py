@@ -70,7 +70,7 @@ def count_macs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     return counter.get_total_flops() // 2
 
 
-def latency(model: nn.Module, inputs: Sequence[torch.Tensor], repeats: int = 10, warmup: int = 3) -> float:
+def latency(model: nn.Module, inputs: Sequence[torch.Tensor], repeats: int = 10, warmup: int = 5) -> float:
     """Median wall time of one forward pass, in milliseconds."""
     times = []
     with torch.inference_mode():

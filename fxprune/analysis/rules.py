@@ -87,8 +87,13 @@ def rule_elementwise(ctx, call: OpCall) -> Labels:
             own.append(block)
         adjusted.append((x, shape, own))
     result = merge(ctx.ch, [b for _, _, own in adjusted for b in own])
+    for head in (b for b in result if b.level == HEAD):
+        for channel in (b for b in result if b.level == CHANNEL and b.ids.shape[head.dim] > 1):
+            _link_heads(ctx, head, channel)
     for x, shape, own in adjusted:
         covered = {(b.dim, b.level) for b in own} | {(b.dim, lvl) for b in own if b.level == FREE for lvl in (CHANNEL, HEAD)}
+        # rows of channels along a head dim shrink with the heads that own them
+        covered |= {(d, HEAD) for b in own if b.level == CHANNEL for d in b.row_dims()}
         for block in result:
             if block.level != FREE and shape[block.dim] > 1 and (block.dim, block.level) not in covered:
                 what = "heads" if block.level == HEAD else "channels"
@@ -368,11 +373,12 @@ def rule_conv(ctx, call: OpCall) -> Labels:
     groups = call.args.get("groups", 1) or 1
     w_shape = ctx.shape(weight)
     w_labels = ctx.labels(weight)
-    in_block = None
+    in_block = in_rows = result = None
     for block in ctx.labels(x):
         if block.dim != 1 or block.level != CHANNEL:
             ctx.freeze(block.ids, f"convolution input has {block.level} ids along dim {block.dim}")
         else:  # filters are shared by every batch item and position: rows there (e.g. heads) share offsets
+            in_rows = block
             in_block = Block(ctx.ch.union_within(block.ids, tuple(block.row_dims())), 1)
     w_out = block_on(w_labels, 0)
     out_ids = w_out.ids.reshape(1, -1, *([1] * (len(w_shape) - 2))) if w_out is not None else None
@@ -386,6 +392,8 @@ def rule_conv(ctx, call: OpCall) -> Labels:
     elif groups == in_channels == w_shape[0] and w_shape[1] == 1:  # depthwise: channel i only sees channel i
         if in_block is not None and out_ids is not None:
             ctx.ch.union(in_block.ids.reshape(-1), out_ids.reshape(-1))
+            if in_rows.row_dims():  # keep the rows (heads merged into the batch) for whoever reads them
+                result = in_rows.ids.reshape(in_rows.ids.shape[0], -1, *([1] * (len(w_shape) - 2)))
         elif out_ids is not None:
             ctx.freeze(out_ids, f"depthwise {ctx.describe(weight)} follows channels that are not prunable")
     else:
@@ -397,7 +405,7 @@ def rule_conv(ctx, call: OpCall) -> Labels:
         return ()
     if bias is not None and ctx.labels(bias):
         ctx.ch.union(out_ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
-    return (Block(out_ids, 1),)
+    return (make_block(result if result is not None else out_ids, 1),)
 
 
 def _couple_param(ctx, param: Any, block: Block | None, param_dim: int, why_unlabeled: str) -> None:

@@ -19,9 +19,11 @@ def make_attention_visible(model, example_inputs=None):
     return capture(model, example_inputs).gm
 
 
-def analyze(model, example_inputs=None) -> Analysis:
-    """Trace a copy of ``model`` and return its coupled channel groups (print it for a table)."""
-    return _analysis_of(model, example_inputs)
+def analyze(model, example_inputs=None, untie_shared_convs: bool = False) -> Analysis:
+    """Trace a copy of ``model`` and return its coupled channel groups (print it for a table).
+
+    ``untie_shared_convs``: give every head its own copy of a depthwise conv the heads share (see ``plan``)."""
+    return _analysis_of(model, example_inputs, untie_shared_convs)
 
 
 __all__ = ["analyze", "make_attention_visible", "plan", "apply", "prune", "mask", "plan_of", "Analysis", "Group", "Plan",

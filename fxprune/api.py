@@ -29,23 +29,29 @@ def _check_ratio(ratio: object, name: str = "ratio") -> float:
     return value
 
 
-def _analysis(model_or_analysis, example_inputs) -> Analysis:
+def _analysis(model_or_analysis, example_inputs, untie_shared_convs: bool = False) -> Analysis:
     if isinstance(model_or_analysis, Analysis):
         return model_or_analysis
-    return analyze_captured(capture(model_or_analysis, example_inputs))
+    return analyze_captured(capture(model_or_analysis, example_inputs), untie_shared_convs)
 
 
 def plan(model: torch.nn.Module | Analysis, ratio: float = 0.0, *, example_inputs: Sequence | None = None,
-         importance: str = "l2", kinds: Iterable[str] = DEFAULT_KINDS, head_ratio: float = 0.0, seed: int = 0) -> Plan:
+         importance: str = "l2", kinds: Iterable[str] = DEFAULT_KINDS, head_ratio: float = 0.0, seed: int = 0,
+         untie_shared_convs: bool = False) -> Plan:
     """Decide what to remove: ``head_ratio`` of every attention's heads, then ``ratio`` of every remaining
-    head's channels (and of every MLP hidden layer) in every prunable group."""
+    head's channels (and of every MLP hidden layer) in every prunable group.
+
+    ``untie_shared_convs`` first gives every head its own copy of a depthwise conv the heads share (FLatten's
+    DWC on V; numerically identical), so heads may choose their own channels and be removed whole.
+    """
     ratio = _check_ratio(ratio)
     head_ratio = _check_ratio(head_ratio, "head_ratio")
-    analysis = _analysis(model, example_inputs)
+    analysis = _analysis(model, example_inputs, untie_shared_convs)
     scores = importance_.score(analysis, importance, seed=seed)
     input_shapes = [list(t.shape) for t in analysis.captured.example_inputs if isinstance(t, torch.Tensor)]
     return uniform(analysis, scores, ratio, kinds, head_ratio=head_ratio,
-                   options={"importance": importance, "seed": seed, "input_shapes": input_shapes})
+                   options={"importance": importance, "seed": seed, "input_shapes": input_shapes,
+                            "untie_shared_convs": analysis.captured.untied})
 
 
 def _inputs_from_plan(p: Plan) -> tuple | None:
@@ -65,7 +71,7 @@ def apply(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequenc
             example_inputs = _analysis_inputs_default(model)
         except InvalidArgumentError:
             example_inputs = _inputs_from_plan(p)
-    analysis = _analysis(model, example_inputs)
+    analysis = _analysis(model, example_inputs, bool(p.options.get("untie_shared_convs")))
     return apply_plan(analysis, p, train=analysis.captured.was_training)
 
 
@@ -75,7 +81,7 @@ def _analysis_inputs_default(model):
     return resolve_example_inputs(model, None)
 
 
-_KNOWN_OPTIONS = {"kinds", "seed", "head_ratio"}
+_KNOWN_OPTIONS = {"kinds", "seed", "head_ratio", "untie_shared_convs"}
 
 
 def prune(model: torch.nn.Module, ratio: float, *, example_inputs: Sequence | None = None, importance: str = "l2",
@@ -84,13 +90,14 @@ def prune(model: torch.nn.Module, ratio: float, *, example_inputs: Sequence | No
 
     Returns a new, physically smaller ``torch.fx.GraphModule``; ``model`` is not modified.
     Options: ``head_ratio`` (fraction of every attention's heads to remove first, at least one stays),
-    ``kinds`` (group kinds to prune, default qk, v, mlp), ``seed`` (for ``importance="random"``).
+    ``kinds`` (group kinds to prune, default qk, v, mlp), ``seed`` (for ``importance="random"``),
+    ``untie_shared_convs`` (see ``plan``).
     """
     unknown = set(options) - _KNOWN_OPTIONS
     if unknown:
         raise InvalidArgumentError(f"fxprune: unknown option(s) {sorted(unknown)}; known: {sorted(_KNOWN_OPTIONS)}")
     ratio = _check_ratio(ratio)
-    analysis = _analysis(model, example_inputs)
+    analysis = _analysis(model, example_inputs, bool(options.pop("untie_shared_convs", False)))
     p = plan(analysis, ratio, importance=importance, **options)
     return apply_plan(analysis, p, train=analysis.captured.was_training)
 
@@ -103,12 +110,18 @@ def plan_of(gm: fx.GraphModule) -> Plan:
     return p
 
 
-def mask(model: torch.nn.Module, p: Plan, *, example_inputs: Sequence | None = None) -> torch.nn.Module:
-    """A copy of ``model`` with the plan's removed channels zeroed instead of removed."""
+def mask(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequence | None = None) -> torch.nn.Module:
+    """A copy of ``model`` with the plan's removed channels zeroed instead of removed.
+
+    For a plan made with ``untie_shared_convs`` (or when given an Analysis) the copy is of the captured
+    graph, which computes what the model computes but holds the untied parameters.
+    """
+    if isinstance(model, Analysis):
+        return masked(model.gm, model, p)
     if example_inputs is None:
         try:
             example_inputs = _analysis_inputs_default(model)
         except InvalidArgumentError:
             example_inputs = _inputs_from_plan(p)
-    analysis = _analysis(model, example_inputs)
-    return masked(model, analysis, p)
+    analysis = _analysis(model, example_inputs, bool(p.options.get("untie_shared_convs")))
+    return masked(analysis.gm if analysis.captured.untied else model, analysis, p)

@@ -120,7 +120,16 @@ def _activation_blocks(gm) -> list:
     return found
 
 
-def analyze_captured(captured: Captured) -> Analysis:
+def analyze_captured(captured: Captured, untie_shared_convs: bool = False) -> Analysis:
+    """Analyse a captured graph; with ``untie_shared_convs``, depthwise convs shared by heads are untied first."""
+    if untie_shared_convs:
+        from ..capture import record_values
+        from .untie import untie_shared_convs as untie
+
+        propagate(captured)
+        if untie(captured):
+            record_values(captured.gm, captured.example_inputs, type(captured.gm).__name__)
+            captured.untied = True
     ids, unknown = propagate(captured)
     atoms = ids.resolve()
     param_ndim = {s.param: _get_tensor(captured.gm, s.param).ndim for s in ids.param_spaces}
@@ -128,9 +137,9 @@ def analyze_captured(captured: Captured) -> Analysis:
     return Analysis(captured, ids, atoms, groups, unknown)
 
 
-def analyze(model: torch.nn.Module, example_inputs: Sequence | None = None) -> Analysis:
+def analyze(model: torch.nn.Module, example_inputs: Sequence | None = None, untie_shared_convs: bool = False) -> Analysis:
     """Trace ``model`` (a copy; the model is not touched) and find its coupled channel groups."""
-    return analyze_captured(capture(model, example_inputs))
+    return analyze_captured(capture(model, example_inputs), untie_shared_convs)
 
 
 __all__ = ["Analysis", "Group", "analyze", "analyze_captured", "KINDS", "LABELS_KEY", "OP_KEY"]

@@ -26,6 +26,7 @@ class Captured:
     gm: fx.GraphModule
     example_inputs: tuple
     was_training: bool
+    untied: bool = False  # head-shared depthwise convs were untied (the graph's parameters differ from the model's)
 
 
 class _ValueRecorder(ShapeProp):
@@ -109,17 +110,17 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None) -> C
                 "(timm.layers.register_notrace_module) so its channels are frozen, or rewrite the branch."
             ) from exc
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    _record_values(gm, inputs, type(model).__name__)
+    record_values(gm, inputs, type(model).__name__)
     from .decompose import make_attention_visible  # these passes need the recorded shapes
     from .normalize import unpack_stacked_heads
 
     for normalise in (make_attention_visible, unpack_stacked_heads):
         if normalise(gm):
-            _record_values(gm, inputs, type(model).__name__)
+            record_values(gm, inputs, type(model).__name__)
     return Captured(gm=gm, example_inputs=inputs, was_training=was_training)
 
 
-def _record_values(gm: fx.GraphModule, inputs: tuple, model_name: str) -> None:
+def record_values(gm: fx.GraphModule, inputs: tuple, model_name: str) -> None:
     try:
         with torch.no_grad():
             _ValueRecorder(gm).propagate(*inputs)

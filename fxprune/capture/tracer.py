@@ -33,7 +33,11 @@ class LeafAwareTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        self.scope_stack.append(self.path_of_module(m))
+        try:
+            path = self.path_of_module(m)
+        except NameError:  # a module built inside forward (e.g. `nn.ReLU()(x)`): it has no name; trace through it
+            return forward(*args, **kwargs)
+        self.scope_stack.append(path)
         result = super().call_module(m, forward, args, kwargs)
         self.scope_stack.pop()
         return result

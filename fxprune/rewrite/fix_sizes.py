@@ -34,9 +34,14 @@ def _rewrite_sizes(node: fx.Node, old: tuple, new: tuple) -> None:
     sizes = list(node.args[1] if packed else node.args[start:])
     if len(sizes) != len(old):
         return
-    for i, (o, n) in enumerate(zip(old, new)):
-        if o != n and not (isinstance(sizes[i], int) and sizes[i] == -1):
-            sizes[i] = n
+    changed = [i for i, (o, n) in enumerate(zip(old, new)) if o != n and not (isinstance(sizes[i], int) and sizes[i] == -1)]
+    inferred = any(isinstance(v, int) and v == -1 for v in sizes)
+    dynamic = [i for i in changed if isinstance(sizes[i], fx.Node)]
+    for i in changed:
+        if i in dynamic and len(dynamic) == 1 and not inferred:
+            sizes[i] = -1  # a size computed at run time (batch * heads): let reshape infer it, keeping batch dynamic
+        else:
+            sizes[i] = new[i]
     node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
 
 

@@ -15,7 +15,7 @@ from .capture import capture
 from .errors import InvalidArgumentError, PlanError
 from .plan import Plan
 from .rewrite import PLAN_KEY, apply_plan
-from .verify import masked
+from .verify import masked, masked_activations
 
 __version__ = "0.1.0"
 
@@ -110,12 +110,18 @@ def plan_of(gm: fx.GraphModule) -> Plan:
     return p
 
 
-def mask(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequence | None = None) -> torch.nn.Module:
+def mask(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequence | None = None,
+         activations: bool = False) -> torch.nn.Module:
     """A copy of ``model`` with the plan's removed channels zeroed instead of removed.
 
+    Zeroes the weights that produce and consume them; with ``activations=True`` it zeroes every activation's
+    removed channels and heads instead (a GraphModule, for the example batch size), which is what removal
+    computes even where an op turns zeros into something else (FLatten's ReLU(x) + ε before norms).
     For a plan made with ``untie_shared_convs`` (or when given an Analysis) the copy is of the captured
     graph, which computes what the model computes but holds the untied parameters.
     """
+    if activations:
+        return masked_activations(_analysis(model, example_inputs, bool(p.options.get("untie_shared_convs"))), p)
     if isinstance(model, Analysis):
         return masked(model.gm, model, p)
     if example_inputs is None:

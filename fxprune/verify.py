@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 import time
 from typing import Sequence
@@ -10,6 +9,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop
+
+from .analysis.propagate import CONST_KEY, LABELS_KEY
+from .capture import VALUE_KEY, TensorValue
 
 FXPRUNE_PREFIX = "_fxprune_"  # buffers that capture adds to the graph module
 
@@ -29,6 +31,41 @@ def masked(model: nn.Module, analysis, plan) -> nn.Module:
                     continue  # a constant capture made (e.g. a window mask), not part of the model
                 getattr(owner, attr).index_fill_(space.dim, gone, 0.0)
     return copy_
+
+
+def masked_activations(analysis, plan) -> torch.fx.GraphModule:
+    """A copy of the captured graph in which every activation's removed channels and heads are zeroed.
+
+    Where an op sees a removed channel as something other than zero (FLatten's φ(x) = ReLU(x) + ε feeds ε into
+    norms over channels), zeroed weights are not what removal computes; zeroed activations are. The masks
+    are shaped for the example batch size.
+    """
+    removed = plan.removed_atoms(analysis)
+    gm = copy.deepcopy(analysis.gm)
+    count = 0
+    for node in list(gm.graph.nodes):
+        value = node.meta.get(VALUE_KEY)
+        labels = node.meta.get(LABELS_KEY)
+        if node.op in ("placeholder", "get_attr", "output") or not isinstance(value, TensorValue) or not labels:
+            continue
+        if node.meta.get(CONST_KEY):  # parameters are sliced, not zeroed: a zeroed divisor would make NaNs
+            continue
+        keep = torch.ones((1,) * len(value.shape), dtype=torch.bool)
+        for block in labels:
+            keep = keep & ~removed[analysis.atoms.atom_of[block.ids]]
+        if bool(keep.all()):
+            continue
+        name = f"{FXPRUNE_PREFIX}activation_mask_{count}"
+        count += 1
+        gm.register_buffer(name, keep)
+        with gm.graph.inserting_after(node):
+            mask = gm.graph.get_attr(name)
+        with gm.graph.inserting_after(mask):  # where, not a product: a removed head's 1/0 must not become NaN
+            zeroed = gm.graph.call_function(torch.where, (mask, node, 0.0))
+        node.replace_all_uses_with(zeroed, delete_user_cb=lambda user: user is not zeroed)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -82,7 +82,8 @@ class FocusedLinearAttention(nn.Module):
 def _flatten_deit(embed_dim: int, num_heads: int, **kwargs) -> VisionTransformer:
     kwargs.setdefault("img_size", 224)
     kwargs.setdefault("patch_size", 16)
-    model = VisionTransformer(embed_dim=embed_dim, depth=12, num_heads=num_heads, **kwargs)
+    kwargs.setdefault("depth", 12)
+    model = VisionTransformer(embed_dim=embed_dim, num_heads=num_heads, **kwargs)
     side = model.patch_embed.grid_size[0]
     tokens = side * side + model.num_prefix_tokens
     for block in model.blocks:
@@ -126,13 +127,17 @@ def _finish(model: nn.Module, classifier: str) -> nn.Module:
 @register_model
 def flatten_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> nn.Module:
     """FLatten-DeiT-T (about 6.1M parameters, 1.1 GMACs at 224)."""
-    return _finish(_flatten_deit(192, 3, **_model_kwargs(pretrained, kwargs)), "head")
+    args = dict(embed_dim=192, num_heads=3)
+    args.update(_model_kwargs(pretrained, kwargs))
+    return _finish(_flatten_deit(**args), "head")
 
 
 @register_model
 def flatten_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> nn.Module:
     """FLatten-DeiT-S."""
-    return _finish(_flatten_deit(384, 6, **_model_kwargs(pretrained, kwargs)), "head")
+    args = dict(embed_dim=384, num_heads=6)
+    args.update(_model_kwargs(pretrained, kwargs))
+    return _finish(_flatten_deit(**args), "head")
 
 
 @register_model

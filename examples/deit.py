@@ -26,12 +26,12 @@ def load_state_dict(path: str) -> dict:
 
 
 def run(model: torch.nn.Module, settings: list[tuple[float, float]], batches: list[int], repeats: int,
-        importance: str = "l2") -> list[dict]:
+        importance: str = "l2", untie: bool = False, activation_reference: bool = False) -> list[dict]:
     """One row for the original, one per (ratio, head_ratio) setting."""
     size = model.pretrained_cfg["input_size"]
     inputs = {b: torch.randn(b, *size) for b in batches}
     started = time.perf_counter()
-    analysis = fxprune.analyze(model, (inputs[min(inputs)][:1],))
+    analysis = fxprune.analyze(model, (inputs[min(inputs)][:1],), untie_shared_convs=untie)
     prunable = [g for g in analysis.groups if g.prunable]
     print(f"{len(analysis.groups)} groups, {len(prunable)} prunable, analysis {time.perf_counter() - started:.2f}s")
     rows = [measure("original", model, inputs, repeats=repeats)]
@@ -41,12 +41,13 @@ def run(model: torch.nn.Module, settings: list[tuple[float, float]], batches: li
         pruned = fxprune.apply(analysis, plan)
         prune_s = time.perf_counter() - started
         name = f"ratio {ratio}" + (f" heads {head_ratio}" if head_ratio else "")
-        rows.append(measure(name, pruned, inputs, fxprune.mask(model, plan, example_inputs=analysis.captured.example_inputs),
-                            repeats=repeats, prune_s=prune_s))
+        reference = fxprune.mask(analysis, plan, activations=activation_reference)
+        rows.append(measure(name, pruned, inputs, reference, repeats=repeats, prune_s=prune_s))
     return rows
 
 
-def main(default_model: str = "deit_small_patch16_224", default_settings: str = "0.3:0 0.5:0") -> None:
+def main(default_model: str = "deit_small_patch16_224", default_settings: str = "0.3:0 0.5:0",
+         untie: bool = False, activation_reference: bool = False) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=default_model, help="timm model name")
     parser.add_argument("--checkpoint", help="a state_dict (.pth / .safetensors) to load into the model")
@@ -64,7 +65,7 @@ def main(default_model: str = "deit_small_patch16_224", default_settings: str = 
         model.load_state_dict(load_state_dict(args.checkpoint))
     settings = [tuple(float(v) for v in s.split(":")) for s in args.settings.split()]
     print(f"{args.model} ({args.threads} threads):", end=" ")
-    rows = run(model, settings, args.batches, args.repeats, args.importance)
+    rows = run(model, settings, args.batches, args.repeats, args.importance, untie, activation_reference)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -17,6 +17,8 @@ all heads share. Variants (registered with timm):
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -97,7 +99,9 @@ def _flatten_swin(**kwargs) -> SwinTransformer:
     for stage in list(model.layers)[:linear_stages]:
         for block in stage.blocks:
             side = block.input_resolution[0]
-            block.set_input_size(feat_size=block.input_resolution, window_size=side)  # one window, no shift
+            with warnings.catch_warnings():  # timm resizes the (soon replaced) bias table and warns about it
+                warnings.simplefilter("ignore")
+                block.set_input_size(feat_size=block.input_resolution, window_size=side)  # one window, no shift
             block.attn = FocusedLinearAttention(block.attn.qkv.in_features, block.attn.num_heads, side * side, side,
                                                 qkv_bias=block.attn.qkv.bias is not None)
     return model

@@ -58,3 +58,77 @@ def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] =
         removed[group.name] = [[] if dead else _lowest(scores, row, count)
                                for row, dead in zip(group.rows, dead_rows(group, gone))]
     return Plan(removed, dict(options or {}, ratio=ratio, head_ratio=head_ratio, kinds=list(kinds)))
+
+
+def _quantiles_within_kind(analysis, scores: torch.Tensor, per_group: bool) -> dict[int, float]:
+    """Each prunable channel's score as its quantile among the channels of its kind (qk, v, mlp).
+
+    With ``per_group`` the scores are first divided by their group's mean (magnitudes differ per layer);
+    criteria already comparable across layers (DIMAP) skip that, so one threshold per kind remains.
+    """
+    by_kind: dict[str, list[tuple[int, float]]] = {}
+    for group in analysis.groups:
+        if group.kind == "heads" or not group.prunable:
+            continue
+        atoms = group.atoms
+        values = scores[torch.tensor(atoms, dtype=torch.long)].to(torch.float64)
+        if per_group:
+            values = values / values.mean().clamp_min(1e-300)
+        by_kind.setdefault(group.kind, []).extend(zip(atoms, values.tolist()))
+    quantile: dict[int, float] = {}
+    for entries in by_kind.values():
+        ordered = sorted(entries, key=lambda e: e[1])
+        for rank, (atom, _) in enumerate(ordered):
+            quantile[atom] = (rank + 0.5) / len(ordered)
+    return quantile
+
+
+def _threshold_plan(analysis, scores: torch.Tensor, quantile: dict[int, float], threshold: float, kinds: tuple,
+                    min_head_width: int, base: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+    removed = dict(base)
+    gone = removed_head_channels(analysis, removed)
+    for group in analysis.groups:
+        if group.kind not in kinds or not group.prunable or group.same_count_as:
+            continue
+        dead = dead_rows(group, gone)
+        alive = [row for row, d in zip(group.rows, dead) if not d]
+        if not alive:
+            continue
+        below = sum(sum(1 for a in row if quantile.get(a, 1.0) < threshold) for row in alive) / len(alive)
+        width = min(len(r) for r in alive)
+        count = min(int(round(below)), width - max(1, min_head_width))
+        if count > 0:
+            removed[group.name] = [[] if d else _lowest(scores, row, count) for row, d in zip(group.rows, dead)]
+    return removed
+
+
+def global_budget(analysis, scores: torch.Tensor, measure, target: float, kinds: Iterable[str] = DEFAULT_KINDS,
+                  per_group_normalisation: bool = True, min_head_width: int = 1, head_ratio: float = 0.0,
+                  options: dict | None = None, steps: int = 40) -> Plan:
+    """Remove the least important channels model-wide until ``measure(removed) / measure(nothing)`` reaches
+    ``target`` (MACs or parameters): one threshold on within-kind quantiles, head-aligned per group."""
+    kinds = tuple(kinds)
+    base = uniform(analysis, scores, 0.0, kinds, head_ratio=head_ratio).removed if head_ratio > 0 else {}
+    full = measure(torch.zeros(analysis.atoms.count, dtype=torch.bool))
+    quantile = _quantiles_within_kind(analysis, scores, per_group_normalisation)
+
+    def fraction(threshold: float) -> tuple[float, dict]:
+        removed = _threshold_plan(analysis, scores, quantile, threshold, kinds, min_head_width, base)
+        return measure(Plan(removed).removed_atoms(analysis)) / full, removed
+
+    low, high = 0.0, 1.0
+    best = fraction(0.0)
+    if best[0] <= target:
+        return Plan(best[1], dict(options or {}, target=target, reached=best[0], kinds=list(kinds)))
+    for _ in range(steps):
+        middle = (low + high) / 2
+        reached, removed = fraction(middle)
+        if abs(reached - target) < abs(best[0] - target):
+            best = (reached, removed)
+        if reached > target:
+            low = middle
+        else:
+            high = middle
+        if abs(best[0] - target) < 0.002:
+            break
+    return Plan(best[1], dict(options or {}, target=target, reached=best[0], head_ratio=head_ratio, kinds=list(kinds)))

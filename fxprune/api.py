@@ -9,7 +9,8 @@ import torch
 import torch.fx as fx
 
 from . import importance as importance_
-from .allocate import DEFAULT_KINDS, uniform
+from . import budget
+from .allocate import DEFAULT_KINDS, global_budget, uniform
 from .analysis import Analysis, analyze_captured
 from .capture import capture
 from .errors import InvalidArgumentError, PlanError
@@ -35,23 +36,48 @@ def _analysis(model_or_analysis, example_inputs, untie_shared_convs: bool = Fals
     return analyze_captured(capture(model_or_analysis, example_inputs), untie_shared_convs)
 
 
-def plan(model: torch.nn.Module | Analysis, ratio: float = 0.0, *, example_inputs: Sequence | None = None,
+def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, example_inputs: Sequence | None = None,
          importance: str = "l2", kinds: Iterable[str] = DEFAULT_KINDS, head_ratio: float = 0.0, seed: int = 0,
-         untie_shared_convs: bool = False) -> Plan:
-    """Decide what to remove: ``head_ratio`` of every attention's heads, then ``ratio`` of every remaining
-    head's channels (and of every MLP hidden layer) in every prunable group.
+         untie_shared_convs: bool = False, target_macs: float | None = None, target_params: float | None = None,
+         data: Iterable | None = None, min_head_width: int = 1) -> Plan:
+    """Decide what to remove.
 
+    With ``ratio``: ``head_ratio`` of every attention's heads, then ``ratio`` of every remaining head's channels
+    (and of every MLP hidden layer) in every prunable group. With ``target_macs`` or ``target_params`` (a
+    fraction of the original, instead of ``ratio``): the least important channels model-wide, compared
+    within each kind (qk, v, mlp), until the budget is met; every head keeps ``min_head_width`` channels.
+
+    ``importance``: "l2", "l1", "random", "dimap" (data-free), "taylor" (needs ``data``: input batches).
     ``untie_shared_convs`` first gives every head its own copy of a depthwise conv the heads share (FLatten's
     DWC on V; numerically identical), so heads may choose their own channels and be removed whole.
     """
-    ratio = _check_ratio(ratio)
+    targets = [t for t in (ratio, target_macs, target_params) if t is not None]
+    if len(targets) > 1:
+        raise InvalidArgumentError("fxprune: give one of ratio, target_macs or target_params")
+    ratio = 0.0 if not targets else ratio
     head_ratio = _check_ratio(head_ratio, "head_ratio")
     analysis = _analysis(model, example_inputs, untie_shared_convs)
-    scores = importance_.score(analysis, importance, seed=seed)
+    scores = importance_.score(analysis, importance, seed=seed, data=data)
     input_shapes = [list(t.shape) for t in analysis.captured.example_inputs if isinstance(t, torch.Tensor)]
-    return uniform(analysis, scores, ratio, kinds, head_ratio=head_ratio,
-                   options={"importance": importance, "seed": seed, "input_shapes": input_shapes,
-                            "untie_shared_convs": analysis.captured.untied})
+    options = {"importance": importance, "seed": seed, "input_shapes": input_shapes,
+               "untie_shared_convs": analysis.captured.untied}
+    if target_macs is not None or target_params is not None:
+        target = _check_budget(target_macs if target_macs is not None else target_params,
+                               "target_macs" if target_macs is not None else "target_params")
+        measure = (lambda removed: budget.macs(analysis, removed)) if target_macs is not None \
+            else (lambda removed: budget.params(analysis, removed))
+        options["budget"] = "macs" if target_macs is not None else "params"
+        return global_budget(analysis, scores, measure, target, kinds, per_group_normalisation=importance != "dimap",
+                             min_head_width=min_head_width, head_ratio=head_ratio, options=options)
+    ratio = _check_ratio(ratio)
+    return uniform(analysis, scores, ratio, kinds, head_ratio=head_ratio, options=options)
+
+
+def _check_budget(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(float(value)) \
+            or not 0.0 < float(value) <= 1.0:
+        raise InvalidArgumentError(f"fxprune: {name} must be a fraction of the original in (0, 1], got {value!r}")
+    return float(value)
 
 
 def _inputs_from_plan(p: Plan) -> tuple | None:
@@ -81,22 +107,28 @@ def _analysis_inputs_default(model):
     return resolve_example_inputs(model, None)
 
 
-_KNOWN_OPTIONS = {"kinds", "seed", "head_ratio", "untie_shared_convs"}
+_KNOWN_OPTIONS = {"kinds", "seed", "head_ratio", "untie_shared_convs", "target_macs", "target_params", "data",
+                  "min_head_width"}
 
 
-def prune(model: torch.nn.Module, ratio: float, *, example_inputs: Sequence | None = None, importance: str = "l2",
-          **options) -> fx.GraphModule:
+def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs: Sequence | None = None,
+          importance: str = "l2", **options) -> fx.GraphModule:
     """Remove ``ratio`` of each head's q/k and v channels and of every MLP hidden layer.
 
     Returns a new, physically smaller ``torch.fx.GraphModule``; ``model`` is not modified.
-    Options: ``head_ratio`` (fraction of every attention's heads to remove first, at least one stays),
+    Options: ``target_macs`` / ``target_params`` (instead of ``ratio``; see ``plan``), ``data`` (calibration
+    batches for data-driven importance), ``min_head_width``,
+    ``head_ratio`` (fraction of every attention's heads to remove first, at least one stays),
     ``kinds`` (group kinds to prune, default qk, v, mlp), ``seed`` (for ``importance="random"``),
     ``untie_shared_convs`` (see ``plan``).
     """
     unknown = set(options) - _KNOWN_OPTIONS
     if unknown:
         raise InvalidArgumentError(f"fxprune: unknown option(s) {sorted(unknown)}; known: {sorted(_KNOWN_OPTIONS)}")
-    ratio = _check_ratio(ratio)
+    if ratio is None and options.get("target_macs") is None and options.get("target_params") is None:
+        raise InvalidArgumentError("fxprune: give ratio (e.g. prune(model, 0.5)) or target_macs= / target_params=")
+    if ratio is not None:
+        ratio = _check_ratio(ratio)
     analysis = _analysis(model, example_inputs, bool(options.pop("untie_shared_convs", False)))
     p = plan(analysis, ratio, importance=importance, **options)
     return apply_plan(analysis, p, train=analysis.captured.was_training)

@@ -27,6 +27,15 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def heads_from_channels(analysis, scores: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+    """Give every head atom the sum (or mean) of the scores of the channels it owns, plus its own."""
+    scores = scores.clone()
+    for head, channels in analysis.atoms.head_links.items():
+        owned = scores[torch.tensor(sorted(channels), dtype=torch.long)]
+        scores[head] += owned.sum() if reduce == "sum" else owned.mean()
+    return scores
+
+
 def score(analysis, name: str, **options) -> torch.Tensor:
     if name not in _REGISTRY:
         raise InvalidArgumentError(f"fxprune: unknown importance '{name}'; choose one of {available()}")
@@ -37,4 +46,4 @@ def score(analysis, name: str, **options) -> torch.Tensor:
     return scores
 
 
-from . import magnitude, random  # noqa: E402,F401  (registers the built-in criteria)
+from . import dimap, magnitude, random, taylor  # noqa: E402,F401  (registers the built-in criteria)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register
+from . import heads_from_channels, register
 
 
 def _atom_sums(analysis, power: float) -> torch.Tensor:
@@ -13,9 +13,7 @@ def _atom_sums(analysis, power: float) -> torch.Tensor:
         per_index = tensor.movedim(space.dim, 0).reshape(space.size, -1).abs().pow(power).sum(1)
         ids = torch.arange(space.start, space.start + space.size)
         scores.index_add_(0, analysis.atoms.atom_of[ids], per_index)
-    for head, channels in analysis.atoms.head_links.items():  # a head weighs what its channels weigh
-        scores[head] += scores[torch.tensor(sorted(channels), dtype=torch.long)].sum()
-    return scores
+    return heads_from_channels(analysis, scores)  # a head weighs what its channels weigh
 
 
 @register("l2")

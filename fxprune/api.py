@@ -88,8 +88,13 @@ def _inputs_from_plan(p: Plan) -> tuple | None:
     return tuple(torch.randn(*s, generator=generator) for s in shapes)
 
 
-def apply(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequence | None = None) -> fx.GraphModule:
-    """Carry out a plan: a physically smaller GraphModule that carries the plan (``fxprune.plan_of``)."""
+def apply(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequence | None = None,
+          reweight_data: Iterable | None = None) -> fx.GraphModule:
+    """Carry out a plan: a physically smaller GraphModule that carries the plan (``fxprune.plan_of``).
+
+    With ``reweight_data`` (calibration input batches), every Linear whose inputs shrank gets a per-channel
+    scale and bias fitted to reproduce the unpruned layer (trainable; ``fold_reweights`` merges them).
+    """
     if not isinstance(p, Plan):
         raise InvalidArgumentError(f"fxprune: expected a Plan, got {type(p).__name__}")
     if example_inputs is None and not isinstance(model, Analysis):
@@ -98,7 +103,7 @@ def apply(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequenc
         except InvalidArgumentError:
             example_inputs = _inputs_from_plan(p)
     analysis = _analysis(model, example_inputs, bool(p.options.get("untie_shared_convs")))
-    return apply_plan(analysis, p, train=analysis.captured.was_training)
+    return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data)
 
 
 def _analysis_inputs_default(model):
@@ -108,7 +113,7 @@ def _analysis_inputs_default(model):
 
 
 _KNOWN_OPTIONS = {"kinds", "seed", "head_ratio", "untie_shared_convs", "target_macs", "target_params", "data",
-                  "min_head_width"}
+                  "min_head_width", "reweight_data"}
 
 
 def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs: Sequence | None = None,
@@ -117,7 +122,7 @@ def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs:
 
     Returns a new, physically smaller ``torch.fx.GraphModule``; ``model`` is not modified.
     Options: ``target_macs`` / ``target_params`` (instead of ``ratio``; see ``plan``), ``data`` (calibration
-    batches for data-driven importance), ``min_head_width``,
+    batches for data-driven importance), ``min_head_width``, ``reweight_data`` (see ``apply``),
     ``head_ratio`` (fraction of every attention's heads to remove first, at least one stays),
     ``kinds`` (group kinds to prune, default qk, v, mlp), ``seed`` (for ``importance="random"``),
     ``untie_shared_convs`` (see ``plan``).
@@ -130,8 +135,9 @@ def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs:
     if ratio is not None:
         ratio = _check_ratio(ratio)
     analysis = _analysis(model, example_inputs, bool(options.pop("untie_shared_convs", False)))
+    reweight_data = options.pop("reweight_data", None)
     p = plan(analysis, ratio, importance=importance, **options)
-    return apply_plan(analysis, p, train=analysis.captured.was_training)
+    return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data)
 
 
 def plan_of(gm: fx.GraphModule) -> Plan:

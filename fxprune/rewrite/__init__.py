@@ -3,6 +3,7 @@
 1. ``slice_parameters``   parameters and buffers lose their removed channels; module attributes follow
 2. ``fix_sizes``          reshape/view/expand/split sizes shrink; other shape-derived values stay as they were
 3. ``keep_attention_scale`` SDPA keeps its original softmax scale
+4. ``insert_reweights``   (with calibration data) per-channel scale and bias compensating removed channels
 then the graph is linted and recompiled, and the plan is attached to the result.
 """
 from __future__ import annotations
@@ -15,15 +16,17 @@ from ..plan import Plan
 from .attention_scale import keep_attention_scale
 from .fix_sizes import fix_sizes
 from .shapes import new_shapes
+from .reweight import consumers, fit_reweight, fold_reweights, insert_reweights, record_inputs
 from .slice_parameters import kept_indices, slice_parameters
 
 PLAN_KEY = "fxprune_plan"
 
 
-def apply_plan(analysis, plan: Plan, train: bool = False) -> fx.GraphModule:
+def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None) -> fx.GraphModule:
     removed = plan.removed_atoms(analysis)
     gm = copy.deepcopy(analysis.gm)
     keep = kept_indices(analysis, removed)
+    fits = _fit_reweights(analysis, keep, reweight_data) if reweight_data is not None else {}
     slice_parameters(gm, keep)
     shapes = new_shapes(gm, analysis.atoms.atom_of, removed)
     fix_sizes(gm, shapes)
@@ -31,6 +34,21 @@ def apply_plan(analysis, plan: Plan, train: bool = False) -> fx.GraphModule:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    if fits:
+        insert_reweights(gm, fits)
     gm.meta[PLAN_KEY] = plan
     gm.train(train)
     return gm
+
+
+def _fit_reweights(analysis, keep, data) -> dict:
+    """Least-squares reweights for every Linear whose inputs shrink, from the unpruned graph's activations."""
+    from ..importance.taylor import batches
+
+    targets = consumers(analysis, keep)
+    inputs = record_inputs(analysis.gm, [name for name, _, _ in targets], list(batches(data)))
+    fits = {}
+    for name, weight, kept in targets:
+        if name in inputs:
+            fits[name] = fit_reweight(analysis.tensor(weight), inputs[name], kept)
+    return fits

@@ -1,0 +1,185 @@
+"""Passes: reweight nodes that compensate removed channels, and folding them away for deployment.
+
+After pruning, every Linear whose input lost channels (an attention's output projection, an MLP's fc2) gets
+a per-channel scale and bias on its remaining inputs, ``x * scale + bias``, as plain graph nodes (so a
+reweighted model can be analysed and pruned again). They are fitted by least squares so the layer
+reproduces the unpruned layer's output on calibration data (the removed channels' mean contribution goes into
+the bias, their correlation with kept channels into the scales), with a small ridge towards the identity;
+then they train like any parameter. ``fold_reweights`` merges them into the following Linear:
+``W (x s + b) + c = (W diag(s)) x + (W b + c)``.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.interpreter import Interpreter
+
+from ..analysis.ops import ParamRef
+from ..analysis.propagate import OP_KEY
+
+PREFIX = "fxprune_reweight"
+
+
+def _linear_weight_name(call) -> tuple[str | None, str | None]:
+    weight, bias = call.args.get("weight"), call.args.get("bias")
+
+    def name(x):
+        if isinstance(x, ParamRef):
+            return x.name
+        if isinstance(x, fx.Node) and x.op == "get_attr":
+            return str(x.target)
+        return None
+
+    return name(weight), (name(bias) if bias is not None else None)
+
+
+def consumers(analysis, keep: dict[str, dict[int, torch.Tensor]]) -> list[tuple[str, str, torch.Tensor]]:
+    """(node name, weight name, kept input indices) of every Linear whose input features shrink."""
+    found = []
+    for node in analysis.gm.graph.nodes:
+        call = node.meta.get(OP_KEY)
+        if call is None or call.op != "linear":
+            continue
+        weight, _ = _linear_weight_name(call)
+        if weight is not None and 1 in keep.get(weight, {}):
+            found.append((node.name, weight, keep[weight][1]))
+    return found
+
+
+class _Recorder(Interpreter):
+    def __init__(self, gm: fx.GraphModule, names: set[str], max_rows: int) -> None:
+        super().__init__(gm)
+        self.names, self.max_rows = names, max_rows
+        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def run_node(self, n: fx.Node):
+        if n.name in self.names:
+            x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else None
+            if isinstance(x, torch.Tensor) and sum(t.shape[0] for t in self.inputs[n.name]) < self.max_rows:
+                self.inputs[n.name].append(x.detach().reshape(-1, x.shape[-1]).to(torch.float64))
+        return super().run_node(n)
+
+
+def record_inputs(gm: fx.GraphModule, names: Iterable[str], data: Iterable[torch.Tensor], max_rows: int = 8192):
+    names = set(names)
+    recorder = _Recorder(gm, names, max_rows)
+    with torch.no_grad():
+        for batch in data:
+            recorder.run(batch)
+    return {n: torch.cat(rows)[:max_rows] for n, rows in recorder.inputs.items() if rows}
+
+
+def fit_reweight(weight: torch.Tensor, inputs: torch.Tensor, kept: torch.Tensor, ridge: float = 1e-3):
+    """Scale s and bias b on the kept inputs so that W_k (x_k s + b) best matches W x (least squares)."""
+    w = weight.detach().to(torch.float64)
+    target = inputs @ w.T                                  # (N, out): the unpruned layer (without its bias)
+    w_k, x_k = w[:, kept], inputs[:, kept]
+    gram = w_k.T @ w_k                                     # (K, K)
+    n = x_k.shape[0]
+    tw = target @ w_k                                      # (N, K)
+    top = torch.cat([gram * (x_k.T @ x_k), gram * x_k.sum(0)[:, None]], 1)
+    bottom = torch.cat([gram * x_k.sum(0)[None, :], gram * n], 1)
+    system = torch.cat([top, bottom], 0)
+    rhs = torch.cat([(x_k * tw).sum(0), tw.sum(0)])
+    k = len(kept)
+    strength = ridge * system.diagonal().mean().clamp_min(1e-12)
+    prior = torch.cat([torch.ones(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)])
+    solution = torch.linalg.solve(system + strength * torch.eye(2 * k, dtype=torch.float64), rhs + strength * prior)
+    return solution[:k], solution[k:]
+
+
+def insert_reweights(gm: fx.GraphModule, fits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Insert ``x * scale + bias`` in front of each named Linear node of ``gm``."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.name not in fits:
+            continue
+        scale, bias = fits[node.name]
+        x = node.args[0]
+        dtype = next(gm.parameters()).dtype
+        base = f"{PREFIX}_{count}"
+        gm.register_parameter(f"{base}_scale", nn.Parameter(scale.to(dtype)))
+        gm.register_parameter(f"{base}_bias", nn.Parameter(bias.to(dtype)))
+        with gm.graph.inserting_before(node):
+            s = gm.graph.get_attr(f"{base}_scale")
+            b = gm.graph.get_attr(f"{base}_bias")
+            scaled = gm.graph.call_function(operator.mul, (x, s))
+            shifted = gm.graph.call_function(operator.add, (scaled, b))
+        node.args = (shifted, *node.args[1:])
+        count += 1
+    gm.graph.lint()
+    gm.recompile()
+    return count
+
+
+def _linear_parts(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module | None, str | None, str | None]:
+    """(module, weight attr path, bias attr path) of a Linear call (module or F.linear with get_attr weights)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, nn.Linear):
+            return module, f"{node.target}.weight", f"{node.target}.bias" if module.bias is not None else None
+    if node.op == "call_function" and node.target is F.linear:
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if isinstance(weight, fx.Node) and weight.op == "get_attr" and (bias is None or (isinstance(bias, fx.Node) and bias.op == "get_attr")):
+            return None, str(weight.target), (str(bias.target) if bias is not None else None)
+    return None, None, None
+
+
+def _set(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:
+    owner_path, _, attr = path.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    old = getattr(owner, attr)
+    setattr(owner, attr, nn.Parameter(value, requires_grad=getattr(old, "requires_grad", True)))
+
+
+def fold_reweights(gm: fx.GraphModule) -> int:
+    """Fold every reweight (``x * scale + bias`` before a Linear) into that Linear; returns how many."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target is operator.add and len(node.args) == 2):
+            continue
+        scaled, bias_node = node.args
+        if not (isinstance(bias_node, fx.Node) and bias_node.op == "get_attr" and str(bias_node.target).startswith(PREFIX)):
+            continue
+        if not (isinstance(scaled, fx.Node) and scaled.target is operator.mul and len(scaled.users) == 1):
+            continue
+        x, scale_node = scaled.args
+        users = list(node.users)
+        if len(users) != 1:
+            continue
+        linear = users[0]
+        module, weight_path, bias_path = _linear_parts(gm, linear)
+        if weight_path is None:
+            continue
+        scale = gm.get_parameter(str(scale_node.target)).detach()
+        shift = gm.get_parameter(str(bias_node.target)).detach()
+        weight = gm.get_parameter(weight_path).detach()
+        with torch.no_grad():
+            new_bias = weight @ shift + (gm.get_parameter(bias_path).detach() if bias_path else 0)
+            _set(gm, weight_path, weight * scale)
+            if bias_path:
+                _set(gm, bias_path, new_bias)
+            elif module is not None:
+                module.bias = nn.Parameter(new_bias)
+            else:
+                name = f"{weight_path.replace('.', '_')}_folded_bias"
+                gm.register_parameter(name, nn.Parameter(new_bias))
+                with gm.graph.inserting_before(linear):
+                    b = gm.graph.get_attr(name)
+                linear.args = (*linear.args[:2], b)
+        linear.replace_input_with(node, x)
+        for dead in (node, scaled, bias_node, scale_node):
+            if not dead.users:
+                gm.graph.erase_node(dead)
+        for path in (str(scale_node.target), str(bias_node.target)):
+            delattr(gm, path)
+        folded += 1
+    gm.graph.lint()
+    gm.recompile()
+    return folded

@@ -10,7 +10,7 @@ from helpers import masked_error, small_vit
 
 X = torch.randn(1, 3, 16, 16)
 DATA = [torch.randn(4, 3, 16, 16) for _ in range(2)]
-CRITERIA = ["l1", "l2", "dimap", "taylor", "random"]
+CRITERIA = ["l1", "l2", "dimap", "taylor", "attention", "random"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_one_finite_score_per_atom(analysis, name):
     assert torch.isfinite(scores).all() and (scores >= 0).all()
 
 
-@pytest.mark.parametrize("name", ["l1", "l2", "dimap", "taylor"])
+@pytest.mark.parametrize("name", ["l1", "l2", "dimap", "taylor", "attention"])
 def test_zeroed_channel_scores_lowest_in_its_group(name):
     model = small_vit(num_heads=2, embed_per_head=8, depth=1)
     analysis = fxprune.analyze(model, (X,))

@@ -21,6 +21,7 @@ from .labels import CHANNEL, FREE, HEAD, Block, Labels, block_on, make_block, me
 from .ops import OpCall
 
 Rule = Callable[["RuleContext", OpCall], Any]
+ATTENTION_OUTPUT_KEY = "fxprune_attention_output"  # node.meta: this node's output is an attention's output (·V)
 
 
 def _dims(dim: Any, ndim: int) -> list[int]:
@@ -536,6 +537,7 @@ def rule_matmul(ctx, call: OpCall) -> Labels:
             if both_activations and block.dim == carried_dim and block.level == CHANNEL:
                 ctx.ch.tag(moved.ids, "v")
                 ctx.ch.record_rows(moved.rows())
+                ctx.node.meta[ATTENTION_OUTPUT_KEY] = True
     out.extend(carried)
     for head in (b for b in out if b.level == HEAD):
         for channel in (b for b in carried if b.level == CHANNEL):
@@ -555,6 +557,7 @@ def rule_sdpa(ctx, call: OpCall) -> Labels:
     out: list[Block] = [] if heads is None else [heads]
     for block in lv:
         if block.dim == ndim - 1 and block.level == CHANNEL and block.ids.shape[ndim - 2] == 1:
+            ctx.node.meta[ATTENTION_OUTPUT_KEY] = True
             ctx.ch.tag(block.ids, "v")
             ctx.ch.record_rows(block.rows())
             out.append(block)

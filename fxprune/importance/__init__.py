@@ -46,4 +46,4 @@ def score(analysis, name: str, **options) -> torch.Tensor:
     return scores
 
 
-from . import dimap, magnitude, random, taylor  # noqa: E402,F401  (registers the built-in criteria)
+from . import attention, dimap, magnitude, random, taylor  # noqa: E402,F401  (registers the built-in criteria)

@@ -1,0 +1,154 @@
+"""The automatic method, after "Automatic Channel Pruning for Multi-Head Attention" (Lee & Hwang, 2024).
+
+Only the paper's abstract is public; this is fxprune's formulation of its five parts, each switchable:
+
+1. **learnable pruning indicator**: one logit θ_a per prunable channel (atom), indicator m_a = sigmoid(θ_a),
+   multiplied onto the channel where it is produced (``fxprune.gating``). Trained on calibration data with
+   Adam to minimise distillation from the unpruned model (MSE between outputs) plus a penalty that pushes a
+   differentiable MACs estimate, MACs(m) = MACs_full − Σ_a c_a (1 − m_a) with c_a the exact MACs of
+   channel a (from the analysed shapes), below the target.
+2. **channel-similarity weights** (``similarity=True``): a channel that resembles the others of its head
+   (mean |cosine| between its weights and theirs) is redundant; its MACs saving counts for more,
+   (1 + redundancy) · c_a, so redundant channels are the cheaper ones to give up and informative,
+   non-redundant ones stay.
+3. **equal removal across heads**: the indicators are read out per group with the same number of channels
+   removed in every head (what physical removal needs: no misaligned heads), each head choosing its own.
+4. **attention-difference initialisation** (``attention_init=True``): θ starts from the "attention"
+   criterion (first-order change of the attention outputs without each channel), as quantiles within each
+   group mapped to logits in [−1, 3]; otherwise θ = 3 everywhere.
+5. **reweight module** (``reweight=True``): after removal, per-channel scale and bias nodes in front of each
+   projection whose inputs shrank, fitted by least squares (``fxprune.apply(..., reweight_data=...)``),
+   trainable, folded away by ``fxprune.fold_reweights``.
+
+The final selection meets the MACs target within the global-budget search (``fxprune.plan(target_macs=)``)
+using the trained indicators as importance. Deterministic under ``seed``.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import budget
+from . import importance as importance_
+from .allocate import DEFAULT_KINDS, global_budget
+from .analysis import analyze_captured
+from .capture import capture
+from .errors import InvalidArgumentError
+from .gating import gated_graph
+from .importance.taylor import batches
+from .plan import Plan
+from .rewrite import apply_plan
+
+
+def _prunable(analysis, kinds: tuple) -> list:
+    return [g for g in analysis.groups if g.kind in kinds and g.prunable and not g.same_count_as]
+
+
+def channel_costs(analysis, groups: list) -> torch.Tensor:
+    """Exact MACs of each prunable channel: the MACs saved by removing one channel from every head / rows."""
+    costs = torch.zeros(analysis.atoms.count, dtype=torch.float64)
+    nothing = torch.zeros(analysis.atoms.count, dtype=torch.bool)
+    full = budget.macs(analysis, nothing)
+    for group in groups:
+        removed = nothing.clone()
+        removed[torch.tensor([row[0] for row in group.rows])] = True
+        saved = (full - budget.macs(analysis, removed)) / len(group.rows)
+        costs[torch.tensor(group.atoms)] = saved
+    return costs
+
+
+def redundancy(analysis, groups: list) -> torch.Tensor:
+    """Mean |cosine similarity| of each channel's weights to the other channels of its head (0 for singletons)."""
+    vectors: dict[int, list[torch.Tensor]] = {}
+    for space in analysis.ids.param_spaces:
+        tensor = analysis.tensor(space.param).detach().to(torch.float64)
+        if tensor.ndim < 2:
+            continue
+        rows = tensor.movedim(space.dim, 0).reshape(space.size, -1)
+        for i, atom in enumerate(analysis.atoms.atom_of[torch.arange(space.start, space.start + space.size)].tolist()):
+            vectors.setdefault(atom, []).append(rows[i])
+    result = torch.zeros(analysis.atoms.count, dtype=torch.float64)
+    for group in groups:
+        for row in group.rows:
+            if len(row) < 2 or any(a not in vectors for a in row):
+                continue
+            stacked = torch.stack([torch.cat(vectors[a]) for a in row])
+            normed = F.normalize(stacked, dim=1)
+            cosine = (normed @ normed.T).abs()
+            result[torch.tensor(row)] = (cosine.sum(1) - 1) / (len(row) - 1)
+    return result
+
+
+def _initial_logits(analysis, groups: list, scores: torch.Tensor | None) -> torch.Tensor:
+    theta = torch.full((analysis.atoms.count,), 3.0, dtype=torch.float64)
+    if scores is None:
+        return theta
+    for group in groups:
+        atoms = torch.tensor(group.atoms)
+        ranks = torch.argsort(torch.argsort(scores[atoms])).to(torch.float64)
+        theta[atoms] = -1.0 + 4.0 * (ranks + 0.5) / len(atoms)
+    return theta
+
+
+def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, steps: int = 100,
+               example_inputs: Sequence | None = None, lr: float = 0.05, penalty: float = 50.0,
+               similarity: bool = True, attention_init: bool = True, reweight: bool = True,
+               kinds: Iterable[str] = DEFAULT_KINDS, seed: int = 0, progress: bool = True):
+    """Prune ``model`` to ``target_macs`` (a fraction of its MACs) with the automatic method; returns the pruned,
+    reweighted GraphModule (its plan from ``fxprune.plan_of``, the trained indicators in the plan options)."""
+    from tqdm.auto import tqdm
+
+    if not 0.0 < float(target_macs) <= 1.0:
+        raise InvalidArgumentError(f"fxprune: target_macs must be in (0, 1], got {target_macs!r}")
+    kinds = tuple(kinds)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        calibration = list(batches(data))
+        if not calibration:
+            raise InvalidArgumentError("fxprune: auto_prune needs at least one calibration batch")
+        captured = capture(model, example_inputs if example_inputs is not None else (calibration[0][:1],))
+        analysis = analyze_captured(captured)
+        groups = _prunable(analysis, kinds)
+        prunable = torch.zeros(analysis.atoms.count, dtype=torch.bool)
+        for group in groups:
+            prunable[torch.tensor(group.atoms)] = True
+        costs = channel_costs(analysis, groups)
+        if similarity:
+            costs = costs * (1 + redundancy(analysis, groups))
+        full = float(budget.macs(analysis, torch.zeros(analysis.atoms.count, dtype=torch.bool)))
+        init = importance_.score(analysis, "attention", data=calibration, seed=seed) if attention_init else None
+        theta = _initial_logits(analysis, groups, init).to(torch.float32).requires_grad_(True)
+
+        gm = gated_graph(analysis).eval()
+        for p in gm.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            teachers = [analysis.gm(x) for x in calibration]
+        optimiser = torch.optim.Adam([theta], lr=lr)
+        weights = costs.to(torch.float32)
+        mask = prunable.to(torch.float32)
+        for step in tqdm(range(steps), desc="fxprune auto_prune", disable=not progress):
+            x = calibration[step % len(calibration)]
+            indicators = torch.sigmoid(theta) * mask + (1 - mask)
+            output = gm(indicators, x)
+            distill = F.mse_loss(output, teachers[step % len(calibration)]) / teachers[step % len(calibration)].var().clamp_min(1e-12)
+            macs_fraction = 1 - (weights * (1 - indicators)).sum() / full
+            loss = distill + penalty * F.relu(macs_fraction - target_macs) ** 2
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        scores = torch.sigmoid(theta.detach()).to(torch.float64)
+        plan = global_budget(analysis, scores, lambda removed: budget.macs(analysis, removed), float(target_macs),
+                             kinds, per_group_normalisation=False,
+                             options={"importance": "auto", "steps": steps, "similarity": similarity,
+                                      "attention_init": attention_init, "reweight": reweight, "seed": seed,
+                                      "input_shapes": [list(t.shape) for t in captured.example_inputs]})
+        pruned = apply_plan(analysis, plan, train=captured.was_training,
+                            reweight_data=calibration if reweight else None)
+        plan.options["indicators"] = {g.name: [[round(float(scores[a]), 4) for a in row] for row in g.rows] for g in groups}
+        return pruned
+    finally:
+        torch.random.set_rng_state(generator_state)

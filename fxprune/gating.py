@@ -1,0 +1,61 @@
+"""Soft gates on channels: a copy of the captured graph whose channel activations are multiplied by one gate
+per atom where they are produced (Linear and convolution outputs). Data-driven criteria and the automatic
+method differentiate through the gates."""
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.fx as fx
+from torch.fx.interpreter import Interpreter
+
+from .analysis.labels import CHANNEL
+from .analysis.propagate import CONST_KEY, LABELS_KEY, OP_KEY
+from .analysis.rules import ATTENTION_OUTPUT_KEY
+
+GATES = "fxprune_gates"
+
+
+def gated_graph(analysis) -> fx.GraphModule:
+    """A copy of the captured graph taking gates (one per atom) as its first input: ``gm(gates, *inputs)``."""
+    gm = copy.deepcopy(analysis.gm)
+    first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_before(first):
+        gates = gm.graph.placeholder(GATES)
+    count = 0
+    for node in list(gm.graph.nodes):
+        call = node.meta.get(OP_KEY)
+        if call is None or call.op not in ("linear", "conv") or node.meta.get(CONST_KEY):
+            continue
+        blocks = [b for b in node.meta.get(LABELS_KEY) or () if b.level == CHANNEL]
+        if not blocks:
+            continue
+        index = analysis.atoms.atom_of[blocks[0].ids]
+        name = f"_fxprune_gate_index_{count}"
+        count += 1
+        gm.register_buffer(name, index, persistent=False)
+        with gm.graph.inserting_after(node):
+            idx = gm.graph.get_attr(name)
+        with gm.graph.inserting_after(idx):
+            gate = gm.graph.call_function(operator.getitem, (gates, idx))
+        with gm.graph.inserting_after(gate):
+            gated = gm.graph.call_function(operator.mul, (node, gate))
+        node.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+class AttentionRecorder(Interpreter):
+    """Runs a gated graph and keeps every attention output (the ·V products) for the loss."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.outputs: list[torch.Tensor] = []
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n.meta.get(ATTENTION_OUTPUT_KEY) and isinstance(result, torch.Tensor):
+            self.outputs.append(result)
+        return result

@@ -29,8 +29,8 @@ def gated_graph(analysis) -> fx.GraphModule:
         if call is None or call.op not in ("linear", "conv") or node.meta.get(CONST_KEY):
             continue
         blocks = [b for b in node.meta.get(LABELS_KEY) or () if b.level == CHANNEL]
-        if not blocks:
-            continue
+        if not blocks or blocks[0].ids.shape[0] > 1:  # ids varying along the batch dim (heads merged into it)
+            continue  # would not broadcast to other batch sizes; these channels are gated where produced
         index = analysis.atoms.atom_of[blocks[0].ids]
         name = f"_fxprune_gate_index_{count}"
         count += 1

@@ -55,3 +55,16 @@ def test_auto_prune_rejects_bad_input(model):
         fxprune.auto_prune(model, DATA, target_macs=1.5, progress=False)
     with pytest.raises(fxprune.InvalidArgumentError, match="calibration"):
         fxprune.auto_prune(model, [], target_macs=0.5, progress=False)
+
+
+def test_auto_prune_on_swin_and_flatten():
+    from test_flatten import small_flatten_swin
+    from test_swin_property import build_swin
+
+    data = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    x = data[0][:1]
+    for model in (small_flatten_swin(8, 2),
+                  build_swin(dict(version="swin", img_size=32, patch_size=2, window_size=4, embed_dim=16,
+                                  depths=(2, 2), num_heads=(2, 4), fused_attn=True))):
+        pruned = fxprune.auto_prune(model, data, target_macs=0.6, steps=10, progress=False)
+        assert abs(fxprune.count_macs(pruned, (x,)) / fxprune.count_macs(model, (x,)) - 0.6) <= 0.02

@@ -84,7 +84,7 @@ def _quantiles_within_kind(analysis, scores: torch.Tensor, per_group: bool) -> d
 
 
 def _threshold_plan(analysis, scores: torch.Tensor, quantile: dict[int, float], threshold: float, kinds: tuple,
-                    min_head_width: int, base: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+                    min_head_width: int, base: dict[str, list[list[int]]], per_row: str = "mean") -> dict[str, list[list[int]]]:
     removed = dict(base)
     gone = removed_head_channels(analysis, removed)
     for group in analysis.groups:
@@ -94,7 +94,8 @@ def _threshold_plan(analysis, scores: torch.Tensor, quantile: dict[int, float], 
         alive = [row for row, d in zip(group.rows, dead) if not d]
         if not alive:
             continue
-        below = sum(sum(1 for a in row if quantile.get(a, 1.0) < threshold) for row in alive) / len(alive)
+        counts = [sum(1 for a in row if quantile.get(a, 1.0) < threshold) for row in alive]
+        below = sum(counts) / len(alive) if per_row == "mean" else min(counts)
         width = min(len(r) for r in alive)
         count = min(int(round(below)), width - max(1, min_head_width))
         if count > 0:
@@ -104,16 +105,21 @@ def _threshold_plan(analysis, scores: torch.Tensor, quantile: dict[int, float], 
 
 def global_budget(analysis, scores: torch.Tensor, measure, target: float, kinds: Iterable[str] = DEFAULT_KINDS,
                   per_group_normalisation: bool = True, min_head_width: int = 1, head_ratio: float = 0.0,
-                  options: dict | None = None, steps: int = 40) -> Plan:
+                  options: dict | None = None, steps: int = 40, per_row: str = "mean") -> Plan:
     """Remove the least important channels model-wide until ``measure(removed) / measure(nothing)`` reaches
-    ``target`` (MACs or parameters): one threshold on within-kind quantiles, head-aligned per group."""
+    ``target`` (MACs or parameters): one threshold on within-kind quantiles, head-aligned per group.
+
+    ``per_row``: how many channels every head of a group removes: the mean over heads of the channels below
+    the threshold ("mean": each head gives up the same share), or the fewest any head has below it ("min":
+    the channels are chosen without regard to heads, and a head shrinks only as far as every head can).
+    """
     kinds = tuple(kinds)
     base = uniform(analysis, scores, 0.0, kinds, head_ratio=head_ratio).removed if head_ratio > 0 else {}
     full = measure(torch.zeros(analysis.atoms.count, dtype=torch.bool))
     quantile = _quantiles_within_kind(analysis, scores, per_group_normalisation)
 
     def fraction(threshold: float) -> tuple[float, dict]:
-        removed = _threshold_plan(analysis, scores, quantile, threshold, kinds, min_head_width, base)
+        removed = _threshold_plan(analysis, scores, quantile, threshold, kinds, min_head_width, base, per_row)
         return measure(Plan(removed).removed_atoms(analysis)) / full, removed
 
     low, high = 0.0, 1.0

@@ -11,8 +11,10 @@ Only the paper's abstract is public; this is fxprune's formulation of its five p
    (mean |cosine| between its weights and theirs) is redundant; its MACs saving counts for more,
    (1 + redundancy) · c_a, so redundant channels are the cheaper ones to give up and informative,
    non-redundant ones stay.
-3. **equal removal across heads**: the indicators are read out per group with the same number of channels
-   removed in every head (what physical removal needs: no misaligned heads), each head choosing its own.
+3. **equal removal across heads** (``equal_heads=True``): the indicators are read out per group with the same
+   share of channels removed in every head, each head choosing its own. Physical removal needs equal counts
+   in any case; with ``equal_heads=False`` channels are chosen without regard to heads and every head then
+   shrinks only as far as the least-pruned head allows (the misalignment the paper avoids, made physical).
 4. **attention-difference initialisation** (``attention_init=True``): θ starts from the "attention"
    criterion (first-order change of the attention outputs without each channel), as quantiles within each
    group mapped to logits in [−1, 3]; otherwise θ = 3 everywhere.
@@ -94,7 +96,7 @@ def _initial_logits(analysis, groups: list, scores: torch.Tensor | None) -> torc
 
 def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, steps: int = 100,
                example_inputs: Sequence | None = None, lr: float = 0.05, penalty: float = 50.0,
-               similarity: bool = True, attention_init: bool = True, reweight: bool = True,
+               similarity: bool = True, attention_init: bool = True, reweight: bool = True, equal_heads: bool = True,
                kinds: Iterable[str] = DEFAULT_KINDS, seed: int = 0, progress: bool = True):
     """Prune ``model`` to ``target_macs`` (a fraction of its MACs) with the automatic method; returns the pruned,
     reweighted GraphModule (its plan from ``fxprune.plan_of``, the trained indicators in the plan options)."""
@@ -142,9 +144,10 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
             optimiser.step()
         scores = torch.sigmoid(theta.detach()).to(torch.float64)
         plan = global_budget(analysis, scores, lambda removed: budget.macs(analysis, removed), float(target_macs),
-                             kinds, per_group_normalisation=False,
+                             kinds, per_group_normalisation=False, per_row="mean" if equal_heads else "min",
                              options={"importance": "auto", "steps": steps, "similarity": similarity,
                                       "attention_init": attention_init, "reweight": reweight, "seed": seed,
+                                      "equal_heads": equal_heads,
                                       "input_shapes": [list(t.shape) for t in captured.example_inputs]})
         pruned = apply_plan(analysis, plan, train=captured.was_training,
                             reweight_data=calibration if reweight else None)

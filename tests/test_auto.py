@@ -48,6 +48,9 @@ def test_auto_prune_parts_switch_and_beat_magnitude_here(model):
     assert not any(n.startswith(PREFIX) for n, _ in no_reweight.named_parameters())
     magnitude = _error(model, fxprune.prune(model, target_macs=0.6, example_inputs=(X,)))
     assert full < magnitude  # on this fixed model and data; benchmarks measure it properly
+    unaligned = fxprune.auto_prune(model, DATA, target_macs=0.6, steps=60, progress=False, equal_heads=False)
+    assert fxprune.plan_of(unaligned).options["equal_heads"] is False
+    assert abs(fxprune.count_macs(unaligned, (X,)) / fxprune.count_macs(model, (X,)) - 0.6) <= 0.02
 
 
 def test_auto_prune_rejects_bad_input(model):

@@ -102,31 +102,28 @@ def rule_elementwise(ctx, call: OpCall) -> Labels:
     return result
 
 
-def rule_pad(ctx, call: OpCall) -> Labels:
-    """F.pad on the trailing dims: ids on a padded dim would gain positions, so they are frozen."""
-    labels = ctx.labels(call.args["input"])
-    padded = {ctx.out.ndim - 1 - i // 2 for i, amount in enumerate(call.args.get("pad") or ()) if amount != 0}
+def _keep_off(ctx, labels: Labels, dims: set[int], why: str) -> Labels:
+    """Blocks with ids along ``dims`` are frozen (those positions move or multiply); the rest pass unchanged."""
     out = []
     for block in labels:
-        if block.dim in padded or any(block.ids.shape[d] > 1 for d in padded):
-            ctx.freeze(block.ids, "padded along its channel dim")
+        if block.dim in dims or any(block.ids.shape[d] > 1 for d in dims):
+            ctx.freeze(block.ids, why)
         else:
             out.append(block)
     return tuple(out)
+
+
+def rule_pad(ctx, call: OpCall) -> Labels:
+    """F.pad on the trailing dims: ids on a padded dim would gain positions."""
+    padded = {ctx.out.ndim - 1 - i // 2 for i, amount in enumerate(call.args.get("pad") or ()) if amount != 0}
+    return _keep_off(ctx, ctx.labels(call.args["input"]), padded, "padded along its channel dim")
 
 
 def rule_roll(ctx, call: OpCall) -> Labels:
-    """torch.roll shifts positions (windows, tokens); ids along a rolled dim would move, so they are frozen."""
-    labels = ctx.labels(call.args["input"])
+    """torch.roll shifts positions (windows, tokens); ids along a rolled dim would move."""
     dims = call.args.get("dims")
     rolled = set(range(ctx.out.ndim)) if dims is None else set(_dims(dims, ctx.out.ndim))
-    out = []
-    for block in labels:
-        if block.dim in rolled or any(block.ids.shape[d] > 1 for d in rolled):
-            ctx.freeze(block.ids, "rolled along a dim that holds ids")
-        else:
-            out.append(block)
-    return tuple(out)
+    return _keep_off(ctx, ctx.labels(call.args["input"]), rolled, "rolled along a dim that holds ids")
 
 
 def rule_like(ctx, call: OpCall) -> Labels:

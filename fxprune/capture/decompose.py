@@ -36,6 +36,15 @@ def _inline(gm: fx.GraphModule, before: fx.Node, fn: Callable, args: dict[str, A
     return out.node
 
 
+def _calls(gm: fx.GraphModule, targets: tuple):
+    """(node, all arguments by name, defaults filled in) of every call of one of ``targets``."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in targets:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+            bound.apply_defaults()
+            yield node, dict(bound.arguments)
+
+
 def _buffer(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Tensor) -> fx.Node:
     gm.register_buffer(name, value)
     with gm.graph.inserting_before(before):
@@ -191,14 +200,8 @@ def _swin_targets() -> tuple[Callable, ...]:
 
 def decompose_shifted_window_attention(gm: fx.GraphModule) -> int:
     """Replace torchvision shifted_window_attention calls by explicit ops. Returns the count."""
-    targets = _swin_targets()
     count = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in targets:
-            continue
-        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
+    for node, a in _calls(gm, _swin_targets()):
         value = a["input"].meta.get(VALUE_KEY) if isinstance(a["input"], fx.Node) else None
         if not isinstance(value, TensorValue) or len(value.shape) != 4:
             continue
@@ -245,12 +248,7 @@ def inline_helpers(gm: fx.GraphModule) -> int:
     """Inline calls of known wrapped helpers (e.g. torchvision's relative position bias gather)."""
     table = _inlinable()
     count = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in table:
-            continue
-        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-        bound.apply_defaults()
-        args = dict(bound.arguments)
+    for node, args in _calls(gm, tuple(table)):
         if any(isinstance(v, fx.Node) for k, v in args.items() if k not in table[node.target]):
             continue
         out = _inline(gm, node, node.target, args)

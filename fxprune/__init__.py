@@ -2,13 +2,14 @@
 
 Pipeline (one sub-package each): capture -> analysis -> importance -> allocate -> rewrite -> verify.
 """
-from . import models  # registers the FLatten models with timm
+from . import models, report  # models: registers the FLatten models with timm
 from .analysis import Analysis, Group
 from .api import __version__, apply, mask, plan, plan_of, prune
 from .api import _analysis as _analysis_of
 from .errors import CaptureError, FxpruneError, InvalidArgumentError, PlanError, RewriteError
 from .auto import auto_prune
 from .finetune import finetune
+from .io import LoadError, load, save
 from .plan import Plan
 from .rewrite.reweight import fold_reweights
 from .verify import count_macs, count_params, latency, relative_error
@@ -29,6 +30,6 @@ def analyze(model, example_inputs=None, untie_shared_convs: bool = False) -> Ana
     return _analysis_of(model, example_inputs, untie_shared_convs)
 
 
-__all__ = ["analyze", "make_attention_visible", "fold_reweights", "auto_prune", "finetune", "plan", "apply", "prune", "mask", "plan_of", "Analysis", "Group", "Plan",
+__all__ = ["analyze", "make_attention_visible", "fold_reweights", "auto_prune", "finetune", "save", "load", "LoadError", "plan", "apply", "prune", "mask", "plan_of", "Analysis", "Group", "Plan",
            "FxpruneError", "InvalidArgumentError", "CaptureError", "PlanError", "RewriteError",
            "count_macs", "count_params", "latency", "relative_error", "__version__"]

@@ -27,6 +27,7 @@ class Captured:
     example_inputs: tuple
     was_training: bool
     untied: bool = False  # head-shared depthwise convs were untied (the graph's parameters differ from the model's)
+    architecture: str | None = None  # timm's name for the model's architecture, when it has one
 
 
 class _ValueRecorder(ShapeProp):
@@ -117,7 +118,11 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None) -> C
     for normalise in (make_attention_visible, unpack_stacked_heads):
         if normalise(gm):
             record_values(gm, inputs, type(model).__name__)
-    return Captured(gm=gm, example_inputs=inputs, was_training=was_training)
+    cfg = getattr(model, "pretrained_cfg", None)
+    architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if architecture is None and isinstance(model, fx.GraphModule):
+        architecture = model.meta.get("fxprune_architecture")
+    return Captured(gm=gm, example_inputs=inputs, was_training=was_training, architecture=architecture)
 
 
 def record_values(gm: fx.GraphModule, inputs: tuple, model_name: str) -> None:

@@ -36,7 +36,9 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None) ->
     gm.recompile()
     if fits:
         insert_reweights(gm, fits)
+        gm.meta["fxprune_reweighted_nodes"] = sorted(fits)
     gm.meta[PLAN_KEY] = plan
+    gm.meta["fxprune_architecture"] = analysis.captured.architecture
     gm.train(train)
     return gm
 

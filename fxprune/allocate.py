@@ -17,13 +17,30 @@ def _lowest(scores: torch.Tensor, atoms: list[int], count: int) -> list[int]:
     return sorted(order[:count].tolist())
 
 
-def _fraction(ratio: float, width: int) -> int:
-    """How many of ``width`` to remove for ``ratio``: rounded down, keeping at least one."""
-    return min(math.floor(ratio * width + 1e-9), width - 1)
+def _fraction(ratio: float, width: int, round_to: int = 1) -> int:
+    """How many of ``width`` to remove for ``ratio``: rounded down, keeping at least one, and (with
+    ``round_to``) leaving a multiple of ``round_to`` where the width allows it."""
+    count = min(math.floor(ratio * width + 1e-9), width - 1)
+    return _rounded(count, width, round_to)
+
+
+def _rounded(count: int, width: int, round_to: int) -> int:
+    """Remove fewer so that the kept width is a multiple of ``round_to`` (never more than asked)."""
+    if round_to <= 1 or count <= 0:
+        return count
+    kept = width - count
+    kept_rounded = -(-kept // round_to) * round_to
+    return max(0, width - kept_rounded) if kept_rounded < width else 0
+
+
+def protected(group, ignored: tuple[str, ...]) -> bool:
+    """Whether any parameter of ``group`` lives in one of the ``ignored`` modules (name prefixes)."""
+    return any(s.param == p or s.param.startswith(p + ".") for s in group.members for p in ignored)
 
 
 def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] = DEFAULT_KINDS,
-            head_ratio: float = 0.0, options: dict | None = None) -> Plan:
+            head_ratio: float = 0.0, options: dict | None = None, ignored: tuple[str, ...] = (),
+            round_to: int = 1) -> Plan:
     """Remove ``head_ratio`` of the heads of every attention, then ``ratio`` of every remaining head's channels
     (and of every MLP hidden layer) in every prunable group of the given kinds.
 
@@ -33,8 +50,10 @@ def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] =
     kinds = tuple(kinds)
     removed: dict[str, list[list[int]]] = {}
     if head_ratio > 0:
+        kept_whole = {a for g in analysis.groups if g.kind != "heads" and protected(g, ignored) for a in g.atoms}
         for group in analysis.groups:
-            if group.kind == "heads" and group.prunable:
+            owned = {c for h in group.atoms for c in analysis.atoms.head_links.get(h, ())} if group.kind == "heads" else set()
+            if group.kind == "heads" and group.prunable and not protected(group, ignored) and not owned & kept_whole:
                 count = _fraction(head_ratio, group.width)
                 if count > 0:
                     removed[group.name] = [_lowest(scores, group.rows[0], count)]
@@ -46,8 +65,8 @@ def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] =
             continue
         alive = [row for row, dead in zip(group.rows, dead_rows(group, gone)) if not dead]
         width = min((len(r) for r in alive), default=0)
-        eligible = group.kind in kinds and group.prunable and width > 0
-        counts[group.name] = _fraction(ratio, width) if eligible else 0
+        eligible = group.kind in kinds and group.prunable and width > 0 and not protected(group, ignored)
+        counts[group.name] = _fraction(ratio, width, round_to) if eligible else 0
     for group in analysis.groups:  # groups stacked in one tensor must keep equal counts per row
         for peer in group.same_count_as:
             counts[group.name] = min(counts[group.name], counts[peer])
@@ -84,11 +103,12 @@ def _quantiles_within_kind(analysis, scores: torch.Tensor, per_group: bool) -> d
 
 
 def _threshold_plan(analysis, scores: torch.Tensor, quantile: dict[int, float], threshold: float, kinds: tuple,
-                    min_head_width: int, base: dict[str, list[list[int]]], per_row: str = "mean") -> dict[str, list[list[int]]]:
+                    min_head_width: int, base: dict[str, list[list[int]]], per_row: str = "mean",
+                    ignored: tuple[str, ...] = (), round_to: int = 1) -> dict[str, list[list[int]]]:
     removed = dict(base)
     gone = removed_head_channels(analysis, removed)
     for group in analysis.groups:
-        if group.kind not in kinds or not group.prunable or group.same_count_as:
+        if group.kind not in kinds or not group.prunable or group.same_count_as or protected(group, ignored):
             continue
         dead = dead_rows(group, gone)
         alive = [row for row, d in zip(group.rows, dead) if not d]
@@ -97,7 +117,7 @@ def _threshold_plan(analysis, scores: torch.Tensor, quantile: dict[int, float], 
         counts = [sum(1 for a in row if quantile.get(a, 1.0) < threshold) for row in alive]
         below = sum(counts) / len(alive) if per_row == "mean" else min(counts)
         width = min(len(r) for r in alive)
-        count = min(int(round(below)), width - max(1, min_head_width))
+        count = _rounded(min(int(round(below)), width - max(1, min_head_width)), width, round_to)
         if count > 0:
             removed[group.name] = [[] if d else _lowest(scores, row, count) for row, d in zip(group.rows, dead)]
     return removed
@@ -105,7 +125,8 @@ def _threshold_plan(analysis, scores: torch.Tensor, quantile: dict[int, float], 
 
 def global_budget(analysis, scores: torch.Tensor, measure, target: float, kinds: Iterable[str] = DEFAULT_KINDS,
                   per_group_normalisation: bool = True, min_head_width: int = 1, head_ratio: float = 0.0,
-                  options: dict | None = None, steps: int = 40, per_row: str = "mean") -> Plan:
+                  options: dict | None = None, steps: int = 40, per_row: str = "mean",
+                  ignored: tuple[str, ...] = (), round_to: int = 1) -> Plan:
     """Remove the least important channels model-wide until ``measure(removed) / measure(nothing)`` reaches
     ``target`` (MACs or parameters): one threshold on within-kind quantiles, head-aligned per group.
 
@@ -114,12 +135,13 @@ def global_budget(analysis, scores: torch.Tensor, measure, target: float, kinds:
     the channels are chosen without regard to heads, and a head shrinks only as far as every head can).
     """
     kinds = tuple(kinds)
-    base = uniform(analysis, scores, 0.0, kinds, head_ratio=head_ratio).removed if head_ratio > 0 else {}
+    base = uniform(analysis, scores, 0.0, kinds, head_ratio=head_ratio, ignored=ignored).removed if head_ratio > 0 else {}
     full = measure(torch.zeros(analysis.atoms.count, dtype=torch.bool))
     quantile = _quantiles_within_kind(analysis, scores, per_group_normalisation)
 
     def fraction(threshold: float) -> tuple[float, dict]:
-        removed = _threshold_plan(analysis, scores, quantile, threshold, kinds, min_head_width, base, per_row)
+        removed = _threshold_plan(analysis, scores, quantile, threshold, kinds, min_head_width, base, per_row,
+                                  ignored, round_to)
         return measure(Plan(removed).removed_atoms(analysis)) / full, removed
 
     low, high = 0.0, 1.0

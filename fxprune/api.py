@@ -39,7 +39,8 @@ def _analysis(model_or_analysis, example_inputs, untie_shared_convs: bool = Fals
 def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, example_inputs: Sequence | None = None,
          importance: str = "l2", kinds: Iterable[str] = DEFAULT_KINDS, head_ratio: float = 0.0, seed: int = 0,
          untie_shared_convs: bool = False, target_macs: float | None = None, target_params: float | None = None,
-         data: Iterable | None = None, min_head_width: int = 1) -> Plan:
+         data: Iterable | None = None, min_head_width: int = 1, ignored_layers: Iterable[str] = (),
+         round_to: int = 1) -> Plan:
     """Decide what to remove.
 
     With ``ratio``: ``head_ratio`` of every attention's heads, then ``ratio`` of every remaining head's channels
@@ -47,7 +48,10 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     fraction of the original, instead of ``ratio``): the least important channels model-wide, compared
     within each kind (qk, v, mlp), until the budget is met; every head keeps ``min_head_width`` channels.
 
-    ``importance``: "l2", "l1", "random", "dimap" (data-free), "taylor" (needs ``data``: input batches).
+    ``importance``: "l2", "l1", "random", "dimap" (data-free), "taylor" and "attention" (need ``data``: input
+    batches). ``ignored_layers``: module names (or prefixes) whose parameters must not shrink: every group
+    touching them is left whole. ``round_to``: keep widths that are multiples of it where possible (removing
+    fewer channels, never more).
     ``untie_shared_convs`` first gives every head its own copy of a depthwise conv the heads share (FLatten's
     DWC on V; numerically identical), so heads may choose their own channels and be removed whole.
     """
@@ -56,7 +60,14 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
         raise InvalidArgumentError("fxprune: give one of ratio, target_macs or target_params")
     ratio = 0.0 if not targets else ratio
     head_ratio = _check_ratio(head_ratio, "head_ratio")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise InvalidArgumentError(f"fxprune: round_to must be a positive integer, got {round_to!r}")
+    ignored = tuple(ignored_layers) if not isinstance(ignored_layers, str) else (ignored_layers,)
     analysis = _analysis(model, example_inputs, untie_shared_convs)
+    names = {n for n, _ in analysis.gm.named_modules()}
+    for name in ignored:
+        if name not in names:
+            raise InvalidArgumentError(f"fxprune: ignored_layers names '{name}', which is not a module of the model")
     scores = importance_.score(analysis, importance, seed=seed, data=data)
     input_shapes = [list(t.shape) for t in analysis.captured.example_inputs if isinstance(t, torch.Tensor)]
     options = {"importance": importance, "seed": seed, "input_shapes": input_shapes,
@@ -68,9 +79,11 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
             else (lambda removed: budget.params(analysis, removed))
         options["budget"] = "macs" if target_macs is not None else "params"
         return global_budget(analysis, scores, measure, target, kinds, per_group_normalisation=importance != "dimap",
-                             min_head_width=min_head_width, head_ratio=head_ratio, options=options)
+                             min_head_width=min_head_width, head_ratio=head_ratio, options=options,
+                             ignored=ignored, round_to=round_to)
     ratio = _check_ratio(ratio)
-    return uniform(analysis, scores, ratio, kinds, head_ratio=head_ratio, options=options)
+    return uniform(analysis, scores, ratio, kinds, head_ratio=head_ratio, options=options, ignored=ignored,
+                   round_to=round_to)
 
 
 def _check_budget(value: object, name: str) -> float:
@@ -113,7 +126,7 @@ def _analysis_inputs_default(model):
 
 
 _KNOWN_OPTIONS = {"kinds", "seed", "head_ratio", "untie_shared_convs", "target_macs", "target_params", "data",
-                  "min_head_width", "reweight_data"}
+                  "min_head_width", "reweight_data", "ignored_layers", "round_to"}
 
 
 def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs: Sequence | None = None,

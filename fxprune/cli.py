@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except FxpruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except FxpruneError as exc:  # one line: the reason; the details stay in the exception for library users
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
 
 

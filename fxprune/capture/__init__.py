@@ -93,6 +93,10 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None) -> C
     """Trace a deep copy of ``model`` and record every node's example output shape."""
     if not isinstance(model, torch.nn.Module):
         raise InvalidArgumentError(f"fxprune: expected a torch.nn.Module, got {type(model).__name__}")
+    meta = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta:
+        raise InvalidArgumentError(f"fxprune: '{meta[0]}' is on the meta device (no values); importance and "
+                                   "verification need real weights: materialise the model first (e.g. to_empty + load)")
     inputs = resolve_example_inputs(model, example_inputs)
     was_training = model.training
     model_copy = copy.deepcopy(model).eval()  # python-level `if self.training` branches are traced as in eval

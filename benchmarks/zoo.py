@@ -36,7 +36,7 @@ FAMILIES = {  # family -> (timm name, constructor arguments keeping it small)
     "Swin": ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)}),
     "Swin-v2": ("swinv2_tiny_window8_256", {"depths": (1, 1, 1, 1)}),
     "LeViT": ("levit_128s", {}),
-    "MViT-v2": ("mvitv2_tiny", {"depths": (1, 1, 1, 1)}),
+    "MViT-v2": ("mvitv2_tiny", {}),
     "CrossViT": ("crossvit_tiny_240", {}),
     "TinyViT": ("tiny_vit_5m_224", {}),
     "MaxViT": ("maxvit_tiny_tf_224", {"depths": (1, 1, 1, 1)}),

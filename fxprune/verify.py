@@ -102,8 +102,17 @@ def count_macs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     """Multiply-accumulates of one forward pass (FLOPs / 2), attention included."""
     _register_cpu_sdpa()
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(*inputs)
+    # FlopCounterMode's module tracker fails under no_grad on trainable parameters for some models
+    # ("Expected gradient function to be set"); counting with frozen parameters avoids it.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad(), counter:
+            model(*inputs)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return counter.get_total_flops() // 2
 
 

@@ -142,7 +142,7 @@ def propagate(captured: Captured) -> tuple[ChannelIds, list[UnknownOp]]:
             continue
         call = normalize(node, gm)
         node.meta[OP_KEY] = call
-        if value is not None and not isinstance(value, TensorValue) and not isinstance(value, (list, tuple)):
+        if value is not None and not isinstance(value, TensorValue) and not _holds_tensor(value):
             node.meta[LABELS_KEY] = None  # python scalars, sizes, dtypes: no channels
             continue
         rule = RULES.get(call.op) if call is not None else None

@@ -55,3 +55,24 @@ def test_pruned_model_exports_and_changes_dtype():
         assert exported.module()(torch.randn(5, 3, 16, 16)).shape == (5, 5)  # batch stays dynamic
         double = pruned.to(torch.float64)
         assert double(x.double()).dtype == torch.float64
+
+
+def test_pruned_model_compiles():
+    pruned = fxprune.prune(small_vit(num_heads=2, embed_per_head=8), 0.5, example_inputs=(X,), head_ratio=0.5)
+    compiled = torch.compile(pruned)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert fxprune.relative_error(compiled(x), pruned(x)) < 1e-5
+
+
+def test_pruned_model_exports_to_onnx(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pruned = fxprune.prune(small_vit(num_heads=2, embed_per_head=8), 0.5, example_inputs=(X,), head_ratio=0.5)
+    x = torch.randn(2, 3, 16, 16)
+    program = torch.onnx.export(pruned, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    program.save(str(tmp_path / "pruned.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "pruned.onnx"))
+    name = session.get_inputs()[0].name
+    with torch.no_grad():
+        assert fxprune.relative_error(torch.from_numpy(session.run(None, {name: x.numpy()})[0]), pruned(x)) < 1e-5
+    assert session.run(None, {name: torch.randn(5, 3, 16, 16).numpy()})[0].shape == (5, 5)

@@ -139,3 +139,46 @@ def test_macs_count_attention_fused_or_not():
     assert macs_fused > linear_only  # attention's q·kᵀ and attn·v are counted
     pruned = fxprune.prune(fused, 0.5, example_inputs=(X,))
     assert fxprune.count_macs(pruned, (X,)) < macs_fused
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on a shape: symbolic tracing fails, torch.export specialises on it."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        if N > 4:
+            x = x * 1.0
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+def test_capture_falls_back_to_torch_export():
+    model = Residual(ShapeBranch(), 16).eval()
+    x = torch.randn(1, 9, 16)
+    analysis = fxprune.analyze(model, (x,))
+    assert analysis.gm.meta.get("fxprune_capture") == "torch.export"
+    plan = fxprune.plan(analysis, 0.5, head_ratio=0.5)
+    assert {analysis.group(g).kind for g in plan.removed} == {"qk", "v", "heads"}
+    pruned = fxprune.apply(analysis, plan)
+    with torch.no_grad():
+        assert fxprune.relative_error(pruned(x), fxprune.mask(model, plan, example_inputs=(x,))(x)) < 1e-5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_export_graph_of_a_vit_prunes_like_the_symbolic_one(fused):
+    from fxprune.analysis import analyze_captured
+    from fxprune.capture import capture
+
+    model = small_vit(num_heads=2, embed_per_head=8, depth=2, fused_attn=fused)
+    analysis = analyze_captured(capture(model, (X,), method="export"))
+    symbolic = fxprune.analyze(model, (X,))
+    assert sorted(g.kind for g in analysis.groups if g.prunable) == sorted(g.kind for g in symbolic.groups if g.prunable)
+    plan = fxprune.plan(analysis, 0.5, head_ratio=0.5)
+    pruned = fxprune.apply(analysis, plan)
+    with torch.no_grad():
+        assert fxprune.relative_error(pruned(X), fxprune.mask(model, plan, example_inputs=(X,))(X)) < 1e-5

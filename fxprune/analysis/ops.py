@@ -62,6 +62,8 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "like": ("input",),
     "pad": ("input", "pad", "mode", "value"),
     "roll": ("input", "shifts", "dims"),
+    "select": ("input", "dim", "index"),
+    "slice": ("input", "dim", "start", "end", "step"),
 }
 
 _ELEMENTWISE = ["add", "sub", "mul", "div", "truediv", "floordiv", "pow", "maximum", "minimum", "where",
@@ -125,6 +127,57 @@ FUNCTIONS: dict[Callable, str] = {
     torch.squeeze: "reshape",
     torch.unsqueeze: "reshape",
 }
+# ATen spellings, for graphs captured with torch.export (the capture fallback): the same rules serve both
+_aten = torch.ops.aten
+ATEN: dict[Any, str] = {
+    _aten.linear.default: "linear",
+    _aten.conv1d.default: "conv",
+    _aten.conv2d.default: "conv",
+    _aten.layer_norm.default: "layer_norm",
+    _aten.scaled_dot_product_attention.default: "sdpa",
+    _aten.matmul.default: "matmul",
+    _aten.bmm.default: "matmul",
+    _aten.softmax.int: "softmax",
+    _aten._softmax.default: "softmax",
+    _aten.reshape.default: "reshape",
+    _aten.view.default: "reshape",
+    _aten.flatten.using_ints: "reshape",
+    _aten.unflatten.int: "reshape",
+    _aten.unsqueeze.default: "reshape",
+    _aten.squeeze.dim: "reshape",
+    _aten.permute.default: "permute",
+    _aten.transpose.int: "transpose",
+    _aten.t.default: "transpose",
+    _aten.expand.default: "expand",
+    _aten.cat.default: "cat",
+    _aten.stack.default: "stack",
+    _aten.unbind.int: "unbind",
+    _aten.split.Tensor: "split",
+    _aten.split_with_sizes.default: "split",
+    _aten.chunk.default: "chunk",
+    _aten.select.int: "select",
+    _aten.slice.Tensor: "slice",
+    _aten.sum.dim_IntList: "sum",
+    _aten.mean.dim: "mean",
+    _aten.amax.default: "amax",
+    _aten.linalg_vector_norm.default: "norm",
+    _aten.pad.default: "pad",
+    _aten.constant_pad_nd.default: "pad",
+    _aten.roll.default: "roll",
+    _aten.zeros_like.default: "like",
+    _aten.ones_like.default: "like",
+    _aten.sym_size.int: "shape_query",
+}
+for _name in ("add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "add.Scalar", "mul.Scalar", "div.Scalar",
+              "sub.Scalar", "pow.Tensor_Scalar", "maximum.default", "minimum.default", "where.self", "rsub.Scalar"):
+    _packet, _overload = _name.split(".")
+    ATEN[getattr(getattr(_aten, _packet), _overload)] = "elementwise"
+for _name in ("gelu", "relu", "silu", "sigmoid", "tanh", "neg", "exp", "abs", "sqrt", "rsqrt", "dropout", "clone",
+              "contiguous", "softplus", "hardswish", "erf", "reciprocal", "alias", "detach", "_to_copy", "clamp"):
+    if hasattr(_aten, _name) and hasattr(getattr(_aten, _name), "default"):
+        ATEN[getattr(_aten, _name).default] = "unary"
+FUNCTIONS.update(ATEN)
+
 try:  # timm's wrapped attention helpers (leaf functions for fx): scores + mask when a mask is given
     from timm.layers.attention import maybe_add_mask as _timm_maybe_add_mask
 

@@ -315,6 +315,26 @@ def rule_getitem(ctx, call: OpCall) -> Any:
     return tuple(out)
 
 
+def rule_select(ctx, call: OpCall) -> Labels:
+    """aten.select(x, dim, index): x[..., index, ...] on one dim."""
+    x = call.args["input"]
+    ndim = len(ctx.shape(x))
+    dim = call.args.get("dim", 0) % ndim
+    index = (slice(None),) * dim + (call.args.get("index", 0),)
+    return rule_getitem(ctx, OpCall("getitem", call.node, {"input": x, "index": index}))
+
+
+def rule_slice(ctx, call: OpCall) -> Labels:
+    """aten.slice(x, dim, start, end, step): x[..., start:end:step, ...] on one dim."""
+    x = call.args["input"]
+    shape = ctx.shape(x)
+    dim = call.args.get("dim", 0) % len(shape)
+    end = call.args.get("end")
+    end = None if end is None or (isinstance(end, int) and end >= shape[dim]) else end
+    item = slice(call.args.get("start") or None, end, call.args.get("step", 1))
+    return rule_getitem(ctx, OpCall("getitem", call.node, {"input": x, "index": (slice(None),) * dim + (item,)}))
+
+
 def _gather(ctx, labels: Labels, index: tuple, shape: Sequence[int]) -> Labels:
     """``table[idx]`` with one index tensor on dim 0 (relative position tables): other dims keep their ids."""
     if len(index) != 1 or not isinstance(index[0], fx.Node):
@@ -663,6 +683,8 @@ RULES: dict[str, Rule] = {
     "split": rule_split,
     "chunk": rule_split,
     "getitem": rule_getitem,
+    "select": rule_select,
+    "slice": rule_slice,
     "matmul": rule_matmul,
     "sdpa": rule_sdpa,
     "softmax": rule_softmax,

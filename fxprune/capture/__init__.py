@@ -89,8 +89,12 @@ def resolve_example_inputs(model: torch.nn.Module, example_inputs: Sequence | No
     return (torch.randn(1, *input_size, generator=generator),)
 
 
-def capture(model: torch.nn.Module, example_inputs: Sequence | None = None) -> Captured:
-    """Trace a deep copy of ``model`` and record every node's example output shape."""
+def capture(model: torch.nn.Module, example_inputs: Sequence | None = None, method: str = "auto") -> Captured:
+    """Trace a deep copy of ``model`` and record every node's example output shape.
+
+    ``method``: "auto" (symbolic tracing, torch.export where that fails), "symbolic" or "export"."""
+    if method not in ("auto", "symbolic", "export"):
+        raise InvalidArgumentError(f"fxprune: capture method must be auto, symbolic or export, got {method!r}")
     if not isinstance(model, torch.nn.Module):
         raise InvalidArgumentError(f"fxprune: expected a torch.nn.Module, got {type(model).__name__}")
     meta = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -103,18 +107,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None) -> C
     if isinstance(model_copy, fx.GraphModule):
         gm = model_copy
     else:
-        tracer = LeafAwareTracer()
-        try:
-            graph = tracer.trace(model_copy)
-        except Exception as exc:  # fx raises many exception types; all mean "not traceable"
-            where = tracer.scope_stack[-1] if tracer.scope_stack else "<root>"
-            where_type = type(model_copy.get_submodule(where)).__name__ if tracer.scope_stack else type(model).__name__
-            raise CaptureError(
-                f"fxprune: torch.fx cannot trace module '{where}' ({where_type}): {type(exc).__name__}: {exc}. "
-                "Shape-dependent Python control flow is the usual cause: make the module a leaf "
-                "(timm.layers.register_notrace_module) so its channels are frozen, or rewrite the branch."
-            ) from exc
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm = _symbolic_or_export(model, model_copy, inputs, method)
     record_values(gm, inputs, type(model).__name__)
     from .decompose import make_attention_visible  # these passes need the recorded shapes
     from .normalize import unpack_stacked_heads
@@ -127,6 +120,36 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None) -> C
     if architecture is None and isinstance(model, fx.GraphModule):
         architecture = model.meta.get("fxprune_architecture")
     return Captured(gm=gm, example_inputs=inputs, was_training=was_training, architecture=architecture)
+
+
+def _symbolic_or_export(model: torch.nn.Module, model_copy: torch.nn.Module, inputs: tuple,
+                        method: str = "auto") -> fx.GraphModule:
+    """Symbolic tracing with timm's leaves; where Python control flow defeats it, torch.export (specialised
+    on the example inputs' shapes), whose ATen graph the same op rules read."""
+    trace_error = "symbolic tracing was not asked for"
+    if method != "export":
+        tracer = LeafAwareTracer()
+        try:
+            graph = tracer.trace(model_copy)
+            return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        except Exception as exc:  # fx raises many exception types; all mean "not traceable"
+            where = tracer.scope_stack[-1] if tracer.scope_stack else "<root>"
+            where_type = type(model_copy.get_submodule(where)).__name__ if tracer.scope_stack else type(model).__name__
+            trace_error = f"torch.fx cannot trace module '{where}' ({where_type}): {type(exc).__name__}: {exc}"
+            if method == "symbolic":
+                raise CaptureError(f"fxprune: {trace_error}") from exc
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(model_copy, inputs, strict=False)
+        gm = exported.module()
+        gm.meta["fxprune_capture"] = "torch.export"
+        return gm
+    except Exception as exc:  # noqa: BLE001 - both captures failed: report both
+        raise CaptureError(
+            f"fxprune: {trace_error}. torch.export failed too: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
+            "Data-dependent Python control flow is the usual cause: make the module a leaf "
+            "(timm.layers.register_notrace_module) so its channels are frozen, or rewrite the branch."
+        ) from exc
 
 
 def record_values(gm: fx.GraphModule, inputs: tuple, model_name: str) -> None:

@@ -16,8 +16,12 @@ from . import VALUE_KEY, TensorValue
 _RESHAPES = {"reshape", "view"}
 
 
+_ATEN_RESHAPES = (torch.ops.aten.reshape.default, torch.ops.aten.view.default)
+
+
 def _is_reshape(node: fx.Node) -> bool:
-    return (node.op == "call_method" and node.target in _RESHAPES) or (node.op == "call_function" and node.target is torch.reshape)
+    return (node.op == "call_method" and node.target in _RESHAPES) or \
+        (node.op == "call_function" and (node.target is torch.reshape or node.target in _ATEN_RESHAPES))
 
 
 def _sizes(node: fx.Node) -> list:
@@ -28,7 +32,7 @@ def _sizes(node: fx.Node) -> list:
 def _permute_dims(node: fx.Node) -> list[int] | None:
     if node.op == "call_method" and node.target == "permute":
         dims = node.args[1:]
-    elif node.op == "call_function" and node.target is torch.permute:
+    elif node.op == "call_function" and node.target in (torch.permute, torch.ops.aten.permute.default):
         dims = node.args[1:]
     else:
         return None
@@ -37,7 +41,8 @@ def _permute_dims(node: fx.Node) -> list[int] | None:
 
 
 def _unbind_dim(node: fx.Node) -> int | None:
-    if (node.op == "call_method" and node.target == "unbind") or (node.op == "call_function" and node.target is torch.unbind):
+    if (node.op == "call_method" and node.target == "unbind") or \
+            (node.op == "call_function" and node.target in (torch.unbind, torch.ops.aten.unbind.int)):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         return dim if isinstance(dim, int) else None
     return None
@@ -96,8 +101,7 @@ def unpack_stacked_heads(gm: fx.GraphModule) -> int:
                 continue
             with graph.inserting_before(g):
                 piece = graph.call_function(operator.getitem, (pieces, i))
-                shaped = graph.call_method(node.target if node.op == "call_method" else "reshape",
-                                           (piece, *(sizes[:lead] + sizes[lead + 1:])))
+                shaped = graph.call_method("reshape", (piece, *(sizes[:lead] + sizes[lead + 1:])))
                 result = graph.call_method("permute", (shaped, *part_order)) if permute is not None else shaped
             replacements[i] = result
             g.replace_all_uses_with(result)

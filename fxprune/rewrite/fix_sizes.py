@@ -21,6 +21,8 @@ from ..analysis.propagate import OP_KEY
 from ..capture import VALUE_KEY, TensorValue
 
 _SIZED_RESHAPES = {"reshape", "view", "expand"}
+_SIZED_FUNCTIONS = {torch.reshape, torch.ops.aten.reshape.default, torch.ops.aten.view.default,
+                    torch.ops.aten.expand.default}
 
 
 def _size_args(node: fx.Node) -> tuple[int, bool]:
@@ -126,7 +128,7 @@ def fix_sizes(gm: fx.GraphModule, shapes: dict[str, Any]) -> None:
                 continue
             if call.op in ("reshape", "expand") and node.op == "call_method" and node.target in _SIZED_RESHAPES:
                 _rewrite_sizes(node, old, new)
-            elif call.op == "reshape" and node.target is torch.reshape:
+            elif call.op in ("reshape", "expand") and node.target in _SIZED_FUNCTIONS:
                 _rewrite_sizes(node, old, new)
             elif call.op == "reshape" and node.target in ("unflatten", torch.unflatten):
                 _rewrite_unflatten(node, old, new)

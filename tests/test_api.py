@@ -59,9 +59,32 @@ class Branchy(nn.Module):
         return -x
 
 
-def test_untraceable_model_names_the_module():
-    with pytest.raises(fxprune.CaptureError, match=r"inner\.1.*Branchy"):
+def test_untraceable_model_names_the_module_and_line():
+    with pytest.raises(fxprune.CaptureError, match=r"inner\.1.*Branchy.*test_api\.py:\d+"):
         fxprune.prune(DataDependent(), 0.5, example_inputs=(torch.randn(2, 4),))
+
+
+class TiedMlp(nn.Module):
+    """One hidden layer used twice (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 12), nn.Linear(12, 8)
+
+    def forward(self, x):
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_tied_parameters_are_pruned_consistently():
+    model = TiedMlp().eval()
+    x = torch.randn(2, 5, 8)
+    analysis = fxprune.analyze(model, (x[:1],))
+    plan = fxprune.plan(analysis, 0.5)
+    pruned = fxprune.apply(analysis, plan)
+    assert pruned.get_submodule("fc1").out_features == 6 and pruned.get_submodule("fc2").in_features == 6
+    with torch.no_grad():
+        assert fxprune.relative_error(pruned(x), fxprune.mask(model, plan, example_inputs=(x[:1],))(x)) < 1e-5
 
 
 def test_wrong_input_shape_is_a_capture_error():

@@ -135,7 +135,7 @@ def _symbolic_or_export(model: torch.nn.Module, model_copy: torch.nn.Module, inp
         except Exception as exc:  # fx raises many exception types; all mean "not traceable"
             where = tracer.scope_stack[-1] if tracer.scope_stack else "<root>"
             where_type = type(model_copy.get_submodule(where)).__name__ if tracer.scope_stack else type(model).__name__
-            trace_error = f"torch.fx cannot trace module '{where}' ({where_type}): {type(exc).__name__}: {exc}"
+            trace_error = f"torch.fx cannot trace module '{where}' ({where_type}){_source_line(exc)}: {type(exc).__name__}: {exc}"
             if method == "symbolic":
                 raise CaptureError(f"fxprune: {trace_error}") from exc
     try:
@@ -150,6 +150,15 @@ def _symbolic_or_export(model: torch.nn.Module, model_copy: torch.nn.Module, inp
             "Data-dependent Python control flow is the usual cause: make the module a leaf "
             "(timm.layers.register_notrace_module) so its channels are frozen, or rewrite the branch."
         ) from exc
+
+
+def _source_line(exc: BaseException) -> str:
+    """' at file:line' of the innermost frame of the model's own code (not torch's) in the traceback."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/fxprune/" not in f.filename]
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
 def record_values(gm: fx.GraphModule, inputs: tuple, model_name: str) -> None:

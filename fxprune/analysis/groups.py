@@ -107,21 +107,21 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
                 frozen.append(extra)
         name = _name(kind, member_spaces, param_ndim, used_names)
         groups.append(Group(name, kind, rows, heads, head_dim, shared, member_spaces, frozen))
+    owners: dict[int, set[int]] = defaultdict(set)  # channel atom -> head atoms that own it
+    for head, channels in atoms.head_links.items():
+        for c in channels:
+            owners[c].add(head)
     for g, members in head_groups:
-        _describe_heads(groups[g], members, atoms, group_of, groups, used_names)
+        _describe_heads(groups[g], members, atoms, owners, group_of, groups, used_names)
     for peers in _stacked_groups(atoms, group_of, (b for b in blocks if b.level == CHANNEL)):
         for g in peers:
             groups[g].same_count_as = sorted(groups[p].name for p in peers if p != g)
     return groups
 
 
-def _describe_heads(group: Group, members: list[int], atoms: Atoms, group_of: torch.Tensor,
-                    groups: list[Group], used: set[str]) -> None:
+def _describe_heads(group: Group, members: list[int], atoms: Atoms, owners: dict[int, set[int]],
+                    group_of: torch.Tensor, groups: list[Group], used: set[str]) -> None:
     """Name a head group after the channels its heads own, and freeze it where whole-head removal is unsafe."""
-    owners: dict[int, set[int]] = defaultdict(set)
-    for head, channels in atoms.head_links.items():
-        for c in channels:
-            owners[c].add(head)
     linked: set[int] = set()
     for head in members:
         channels = atoms.head_links.get(head)

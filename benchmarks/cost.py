@@ -1,0 +1,104 @@
+"""Pruning cost: wall time and peak memory of capture + analysis + rewrite, against Torch-Pruning's time for
+the same job (head-dim and MLP channel pruning at ratio 0.5, magnitude importance).
+
+    python benchmarks/cost.py                       # table + benchmarks/results/cost.json
+    python benchmarks/cost.py --markdown --no-peer  # without Torch-Pruning (pip install torch-pruning)
+
+Timings are wall clock on this machine (one run each, after a warm-up): compare within one run only. Peak
+memory is the growth of the process's resident set during the call (tracemalloc cannot see torch's
+allocations), so it is rough.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import fxprune
+
+MODELS = {
+    "ViT-Ti": ("vit_tiny_patch16_224", {}),
+    "ViT-S": ("vit_small_patch16_224", {}),
+    "ViT-B": ("vit_base_patch16_224", {}),
+    "Swin-T": ("swin_tiny_patch4_window7_224", {}),
+    "Swin-S": ("swin_small_patch4_window7_224", {}),
+    "Swin-B": ("swin_base_patch4_window7_224", {}),
+    "ViT-S depth 24": ("vit_small_patch16_224", {"depth": 24}),
+    "ViT-S depth 48": ("vit_small_patch16_224", {"depth": 48}),
+    "ViT-S depth 96": ("vit_small_patch16_224", {"depth": 96}),
+}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fxprune_cost(model: torch.nn.Module) -> tuple[float, float]:
+    gc.collect()
+    before = _rss_mb()
+    started = time.perf_counter()
+    fxprune.prune(model, 0.5)
+    return time.perf_counter() - started, max(0.0, _rss_mb() - before)
+
+
+def torch_pruning_cost(model: torch.nn.Module) -> float | None:
+    """Torch-Pruning's ViT recipe (MetaPruner, head_dim pruning, MLP channels), timed end to end."""
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        return None
+    example = torch.randn(1, 3, 224, 224)
+    num_heads = {m.qkv: m.num_heads for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")}
+    ignored = [m for n, m in model.named_modules() if n.endswith("head") or "relative_position" in n]
+    started = time.perf_counter()
+    try:
+        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                      pruning_ratio=0.5, num_heads=num_heads, prune_head_dims=True,
+                                      prune_num_heads=False, ignored_layers=ignored, global_pruning=False)
+        pruner.step()
+    except Exception as exc:  # noqa: BLE001 - report, do not hide
+        print(f"  torch-pruning failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+        return None
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    fxprune_cost(timm.create_model("vit_tiny_patch16_224", depth=1).eval())  # warm-up (imports, kernels)
+    rows = []
+    for label, (name, kwargs) in MODELS.items():
+        if args.only and label not in args.only:
+            continue
+        model = timm.create_model(name, **kwargs).eval()
+        seconds, memory = fxprune_cost(model)
+        peer = None if args.no_peer else torch_pruning_cost(timm.create_model(name, **kwargs).eval())
+        row = {"model": label, "timm": name, "args": kwargs, "params_m": fxprune.count_params(model) / 1e6,
+               "fxprune_s": seconds, "fxprune_rss_growth_mb": memory, "torch_pruning_s": peer}
+        rows.append(row)
+        print(f"{label:16s} fxprune {seconds:6.2f}s (+{memory:6.0f} MB)   torch-pruning "
+              f"{'-' if peer is None else f'{peer:6.2f}s'}", flush=True)
+        del model
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "cost.json").write_text(json.dumps(rows, indent=1))
+    if args.markdown:
+        print("\n| model | params (M) | fxprune (s) | fxprune RSS growth (MB) | Torch-Pruning (s) |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            peer = "-" if r["torch_pruning_s"] is None else f"{r['torch_pruning_s']:.2f}"
+            print(f"| {r['model']} | {r['params_m']:.1f} | {r['fxprune_s']:.2f} | {r['fxprune_rss_growth_mb']:.0f} | {peer} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,9 +4,9 @@ the same job (head-dim and MLP channel pruning at ratio 0.5, magnitude importanc
     python benchmarks/cost.py                       # table + benchmarks/results/cost.json
     python benchmarks/cost.py --markdown --no-peer  # without Torch-Pruning (pip install torch-pruning)
 
-Timings are wall clock on this machine (one run each, after a warm-up): compare within one run only. Peak
-memory is the growth of the process's resident set during the call (tracemalloc cannot see torch's
-allocations), so it is rough.
+Timings are wall clock on this machine (one run each, after a warm-up): compare within one run only. Memory
+is how far the call raised the process's peak resident set (ru_maxrss; 0 when it stayed below an earlier
+peak), so it is rough.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     (out / "cost.json").write_text(json.dumps(rows, indent=1))
     if args.markdown:
-        print("\n| model | params (M) | fxprune (s) | fxprune RSS growth (MB) | Torch-Pruning (s) |")
+        print("\n| model | params (M) | fxprune (s) | new peak RSS (MB) | Torch-Pruning (s) |")
         print("|---|---|---|---|---|")
         for r in rows:
             peer = "-" if r["torch_pruning_s"] is None else f"{r['torch_pruning_s']:.2f}"

@@ -2,7 +2,7 @@
 
 Pipeline (one sub-package each): capture -> analysis -> importance -> allocate -> rewrite -> verify.
 """
-from . import models, report  # models: registers the FLatten models with timm
+from . import models, report  # noqa: F401  (models registers the FLatten models with timm)
 from .analysis import Analysis, Group
 from .api import __version__, apply, mask, plan, plan_of, prune
 from .api import _analysis as _analysis_of

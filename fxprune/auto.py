@@ -40,7 +40,6 @@ from .capture import capture
 from .errors import InvalidArgumentError
 from .gating import gated_graph
 from .importance.taylor import batches
-from .plan import Plan
 from .rewrite import apply_plan
 
 

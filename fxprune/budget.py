@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .analysis.propagate import OP_KEY
-from .capture import VALUE_KEY, TensorValue
+from .capture import VALUE_KEY
 from .rewrite.shapes import new_shapes
 from .rewrite.slice_parameters import kept_indices
 

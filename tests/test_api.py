@@ -1,5 +1,4 @@
 """Public API contract: arguments, errors, plans, the carried plan, training mode, MACs."""
-import math
 
 import pytest
 import torch

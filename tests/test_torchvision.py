@@ -1,5 +1,4 @@
 """torchvision's opaque attention made visible (equivalence first), then pruned like any other model."""
-import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st

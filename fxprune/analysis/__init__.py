@@ -12,7 +12,7 @@ import networkx as nx
 import torch
 
 from ..capture import Captured, capture
-from .channels import Atoms, ChannelIds, Space
+from .channels import Atoms, ChannelIds
 from .groups import KINDS, Group, build_groups
 from .propagate import LABELS_KEY, OP_KEY, UnknownOp, propagate
 

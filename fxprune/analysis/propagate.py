@@ -10,7 +10,7 @@ import torch.fx as fx
 from ..capture import VALUE_KEY, Captured, TensorValue
 from .channels import ChannelIds
 from .labels import Block, Labels, param_labels
-from .ops import OpCall, ParamRef, normalize
+from .ops import ParamRef, normalize
 from .rules import RULES
 
 LABELS_KEY = "fxprune_labels"  # node.meta: the node output's channel labels

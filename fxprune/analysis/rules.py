@@ -20,7 +20,7 @@ import torch.fx as fx
 from .labels import CHANNEL, FREE, HEAD, Block, Labels, block_on, make_block, merge, param_labels, reshape_block
 from .ops import OpCall
 
-Rule = Callable[["RuleContext", OpCall], Any]
+Rule = Callable[[Any, OpCall], Any]  # (RuleContext from propagate.py, call) -> the output's labels
 ATTENTION_OUTPUT_KEY = "fxprune_attention_output"  # node.meta: this node's output is an attention's output (·V)
 
 

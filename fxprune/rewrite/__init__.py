@@ -16,7 +16,7 @@ from ..plan import Plan
 from .attention_scale import keep_attention_scale
 from .fix_sizes import fix_sizes
 from .shapes import new_shapes
-from .reweight import consumers, fit_reweight, fold_reweights, insert_reweights, record_inputs
+from .reweight import consumers, fit_reweight, insert_reweights, record_inputs
 from .slice_parameters import kept_indices, slice_parameters
 
 PLAN_KEY = "fxprune_plan"

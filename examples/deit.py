@@ -13,16 +13,8 @@ import timm
 import torch
 
 import fxprune
+from fxprune.io import read_checkpoint
 from fxprune.report import measure, table
-
-
-def load_state_dict(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state) if isinstance(state, dict) else state
 
 
 def run(model: torch.nn.Module, settings: list[tuple[float, float]], batches: list[int], repeats: int,
@@ -62,7 +54,7 @@ def main(default_model: str = "deit_small_patch16_224", default_settings: str = 
     torch.manual_seed(0)
     model = timm.create_model(args.model).eval()
     if args.checkpoint:
-        model.load_state_dict(load_state_dict(args.checkpoint))
+        model.load_state_dict(read_checkpoint(args.checkpoint))
     settings = [tuple(float(v) for v in s.split(":")) for s in args.settings.split()]
     print(f"{args.model} ({args.threads} threads):", end=" ")
     rows = run(model, settings, args.batches, args.repeats, args.importance, untie, activation_reference)

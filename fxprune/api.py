@@ -110,19 +110,20 @@ def apply(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequenc
     """
     if not isinstance(p, Plan):
         raise InvalidArgumentError(f"fxprune: expected a Plan, got {type(p).__name__}")
-    if example_inputs is None and not isinstance(model, Analysis):
-        try:
-            example_inputs = _analysis_inputs_default(model)
-        except InvalidArgumentError:
-            example_inputs = _inputs_from_plan(p)
-    analysis = _analysis(model, example_inputs, bool(p.options.get("untie_shared_convs")))
+    analysis = _replay_analysis(model, p, example_inputs)
     return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data)
 
 
-def _analysis_inputs_default(model):
-    from .capture import resolve_example_inputs
+def _replay_analysis(model: torch.nn.Module | Analysis, p: Plan, example_inputs: Sequence | None) -> Analysis:
+    """The analysis a plan replays on: the given inputs, else the model's default input, else the plan's."""
+    if example_inputs is None and not isinstance(model, Analysis):
+        from .capture import resolve_example_inputs
 
-    return resolve_example_inputs(model, None)
+        try:
+            example_inputs = resolve_example_inputs(model, None)
+        except InvalidArgumentError:
+            example_inputs = _inputs_from_plan(p)
+    return _analysis(model, example_inputs, bool(p.options.get("untie_shared_convs")))
 
 
 _KNOWN_OPTIONS = {"kinds", "seed", "head_ratio", "untie_shared_convs", "target_macs", "target_params", "data",
@@ -171,14 +172,9 @@ def mask(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequence
     For a plan made with ``untie_shared_convs`` (or when given an Analysis) the copy is of the captured
     graph, which computes what the model computes but holds the untied parameters.
     """
+    analysis = _replay_analysis(model, p, example_inputs)
     if activations:
-        return masked_activations(_analysis(model, example_inputs, bool(p.options.get("untie_shared_convs"))), p)
+        return masked_activations(analysis, p)
     if isinstance(model, Analysis):
         return masked(model.gm, model, p)
-    if example_inputs is None:
-        try:
-            example_inputs = _analysis_inputs_default(model)
-        except InvalidArgumentError:
-            example_inputs = _inputs_from_plan(p)
-    analysis = _analysis(model, example_inputs, bool(p.options.get("untie_shared_convs")))
     return masked(analysis.gm if analysis.captured.untied else model, analysis, p)

@@ -39,7 +39,7 @@ from .analysis import analyze_captured
 from .capture import capture
 from .errors import InvalidArgumentError
 from .gating import gated_graph
-from .importance.taylor import batches
+from .data import batches
 from .rewrite import apply_plan
 
 

@@ -16,6 +16,7 @@ import torch
 
 import fxprune
 from fxprune.errors import FxpruneError
+from fxprune.io import read_checkpoint
 
 
 def _model_args(pairs: list[str]) -> dict:
@@ -31,17 +32,6 @@ def _model_args(pairs: list[str]) -> dict:
     return args
 
 
-def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no code
-        state = state.get("model", state) if isinstance(state, dict) else state
-    model.load_state_dict(state)
-
-
 def _model(spec: str, model_args: dict, checkpoint: str | None):
     """A saved fxprune directory or a timm model name."""
     if Path(spec).is_dir():
@@ -54,7 +44,7 @@ def _model(spec: str, model_args: dict, checkpoint: str | None):
         raise FxpruneError(f"fxprune: {spec!r} is neither a saved fxprune directory nor a timm model name")
     model = timm.create_model(spec, **model_args).eval()
     if checkpoint:
-        _load_checkpoint(model, checkpoint)
+        model.load_state_dict(read_checkpoint(checkpoint))
     return model, model.pretrained_cfg.get("input_size")
 
 

@@ -139,6 +139,20 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None) -> 
     return pruned
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a ``.pth`` holding tensors only (``{"model": ...}`` unwrapped).
+
+    ``torch.load`` runs with ``weights_only=True``: no code from the file is executed.
+    """
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state) if isinstance(state, dict) else state
+
+
 def _input_width(gm: fx.GraphModule, linear: fx.Node) -> int:
     if linear.op == "call_module":
         return gm.get_submodule(str(linear.target)).in_features

@@ -100,3 +100,20 @@ def test_cli_prune_inspect_bench(tmp_path, capsys):
     assert cli(["prune", "no_such_model", "--ratio", "0.5"]) == 2
     assert "neither a saved fxprune directory" in capsys.readouterr().err
     assert cli(["prune", "deit_tiny_patch16_224", *args, "--ratio", "1.5"]) == 2
+
+
+def test_checkpoints_load_from_pth_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from fxprune.io import read_checkpoint
+
+    model = _deit()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    torch.save({"model": state}, tmp_path / "w.pth")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    for name in ("w.pth", "w.safetensors"):
+        loaded = read_checkpoint(tmp_path / name)
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+        args = [f"--model-arg={k}={v}" for k, v in ARGS.items()]
+        assert cli(["prune", "deit_tiny_patch16_224", *args, "--ratio", "0.5", "--repeats", "1",
+                    "--checkpoint", str(tmp_path / name)]) == 0

@@ -14,7 +14,7 @@ import torch
 
 from ..gating import AttentionRecorder, gated_graph
 from . import heads_from_channels, register
-from .taylor import batches
+from ..data import batches
 
 
 @register("attention")

@@ -9,30 +9,13 @@ loss against the unpruned model has zero gradient at the unpruned model. Outputs
 from __future__ import annotations
 
 import copy
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
+from ..data import batches
 from . import heads_from_channels, register
-
-
-def batches(data: Iterable | None, limit: int | None = None):
-    """Input batches from ``data`` (tensors, tuples whose first item is the input, or dicts with 'image')."""
-    if data is None:
-        raise InvalidArgumentError("fxprune: this importance criterion needs calibration data: pass data=[batch, ...] "
-                                   "(a DataLoader or a list of input tensors)")
-    for i, item in enumerate(data):
-        if limit is not None and i >= limit:
-            return
-        if isinstance(item, dict):
-            item = item.get("image", next(iter(item.values())))
-        if isinstance(item, (list, tuple)):
-            item = item[0]
-        if not isinstance(item, torch.Tensor):
-            raise InvalidArgumentError(f"fxprune: calibration batch {i} is a {type(item).__name__}, not a tensor")
-        yield item
 
 
 def self_distillation_loss(output: torch.Tensor) -> torch.Tensor:

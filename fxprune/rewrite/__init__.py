@@ -45,7 +45,7 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None) ->
 
 def _fit_reweights(analysis, keep, data) -> dict:
     """Least-squares reweights for every Linear whose inputs shrink, from the unpruned graph's activations."""
-    from ..importance.taylor import batches
+    from ..data import batches
 
     targets = consumers(analysis, keep)
     inputs = record_inputs(analysis.gm, [name for name, _, _ in targets], list(batches(data)))

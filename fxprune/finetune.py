@@ -17,9 +17,18 @@ import torch.nn.functional as F
 from .errors import InvalidArgumentError
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL divergence between softened class distributions (times T²) for logits; MSE for other outputs."""
-    if student.ndim == 2 and student.shape[1] > 1:
+LOSSES = ("auto", "kl", "mse", "cosine")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+                      loss: str = "auto") -> torch.Tensor:
+    """``kl``: KL divergence between softened class distributions (times T²); ``mse``; ``cosine``: one minus the
+    cosine similarity along the last dim (for features). ``auto``: kl for (batch, classes) outputs, else mse."""
+    if loss not in LOSSES:
+        raise InvalidArgumentError(f"fxprune: unknown distillation loss {loss!r}; choose from {LOSSES}")
+    if loss == "cosine":
+        return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    if loss == "kl" or (loss == "auto" and student.ndim == 2 and student.shape[1] > 1):
         t = temperature
         return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
                         log_target=True) * t * t
@@ -37,12 +46,15 @@ def _split(item) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def finetune(pruned: nn.Module, data: Iterable, teacher: nn.Module | None = None, *, epochs: int = 1,
              lr: float = 1e-4, weight_decay: float = 0.05, temperature: float = 1.0, label_weight: float = 0.0,
-             max_steps: int | None = None, shard: bool = True, progress: bool = True) -> nn.Module:
+             max_steps: int | None = None, shard: bool = True, progress: bool = True, loss: str = "auto") -> nn.Module:
     """Train ``pruned`` (in place; returned) to match ``teacher`` (the original model) on ``data``.
 
     Loss: ``(1 - label_weight) * distillation + label_weight * cross_entropy(labels)`` when batches carry labels,
-    else distillation only. AdamW with a cosine learning-rate schedule. Without a teacher, labels are required.
+    else distillation only (``loss``: see ``distillation_loss``; "cosine" or "mse" for feature extractors). AdamW with
+    a cosine learning-rate schedule. Without a teacher, labels are required.
     """
+    if loss not in LOSSES:
+        raise InvalidArgumentError(f"fxprune: unknown distillation loss {loss!r}; choose from {LOSSES}")
     from tqdm.auto import tqdm
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -67,21 +79,22 @@ def finetune(pruned: nn.Module, data: Iterable, teacher: nn.Module | None = None
                 break
             inputs, labels = _split(item)
             output = student(inputs)
-            loss = torch.zeros((), dtype=output.dtype)
+            objective = torch.zeros((), dtype=output.dtype)
             if teacher is not None:
                 with torch.no_grad():
                     target = teacher(inputs)
-                loss = loss + (1 - label_weight if labels is not None else 1.0) * distillation_loss(output, target, temperature)
+                objective = objective + (1 - label_weight if labels is not None else 1.0) * distillation_loss(
+                    output, target, temperature, loss)
             if labels is not None and (label_weight > 0 or teacher is None):
-                loss = loss + (label_weight if teacher is not None else 1.0) * F.cross_entropy(output, labels)
+                objective = objective + (label_weight if teacher is not None else 1.0) * F.cross_entropy(output, labels)
             if teacher is None and labels is None:
                 raise InvalidArgumentError("fxprune: fine-tuning without a teacher needs labelled batches")
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimiser.step()
             schedule.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=float(loss))
+            bar.set_postfix(loss=float(objective.detach()))
     bar.close()
     return pruned.eval()

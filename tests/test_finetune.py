@@ -35,6 +35,27 @@ def test_distillation_brings_the_pruned_model_closer():
     assert not pruned.training
 
 
+def test_cosine_feature_distillation_raises_feature_similarity():
+    torch.manual_seed(0)
+    model = small_vit(num_heads=2, embed_per_head=8, depth=2)
+    model.reset_classifier(0)  # features out
+    pruned = fxprune.prune(model, 0.5, example_inputs=(X,))
+    data = _data(1)
+
+    def gap() -> float:
+        with torch.no_grad():
+            return sum(float(distillation_loss(pruned(x), model(x), loss="cosine")) for x in data)
+
+    before = gap()
+    fxprune.finetune(pruned, data, teacher=model, epochs=4, lr=3e-3, progress=False, loss="cosine")
+    assert gap() < 0.7 * before
+    a, b = torch.randn(4, 6), torch.randn(4, 6)
+    assert float(distillation_loss(a, 3 * a, loss="cosine")) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(a, b, loss="mse")) == pytest.approx(float(((a - b) ** 2).mean()))
+    with pytest.raises(fxprune.InvalidArgumentError, match="distillation loss"):
+        fxprune.finetune(pruned, data, teacher=model, loss="l7")
+
+
 def test_labels_only_and_bad_batches():
     model = small_vit(num_heads=2, embed_per_head=8, depth=1)
     pruned = fxprune.prune(model, 0.5, example_inputs=(X,))

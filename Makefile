@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench-accuracy bench-speed bench-cost bench-zoo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +16,28 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
 demo: $(STAMP)
 	$(PY) examples/deit.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# Benchmarks (not tests): each prints a table, writes benchmarks/results/*.json, and takes minutes.
+bench-accuracy: $(BENCH_STAMP)
+	$(PY) benchmarks/accuracy.py --markdown
+
+bench-speed: $(BENCH_STAMP)
+	$(PY) benchmarks/speed.py --markdown
+
+bench-cost: $(BENCH_STAMP)
+	$(PY) benchmarks/cost.py --markdown
+
+bench-zoo: $(BENCH_STAMP)
+	$(PY) benchmarks/zoo.py --markdown
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

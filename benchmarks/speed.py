@@ -1,0 +1,138 @@
+"""Real speedup on this CPU against the MACs cut, for fxprune and Torch-Pruning at equal MACs.
+
+For each model: the original, fxprune's graph with nothing removed (the cost of the graph itself), fxprune at
+a MACs target (widths as they fall, and rounded to multiples of 8 with ``round_to``), and Torch-Pruning's
+recipe at the same MACs (benchmarks/peer.py). Latency is the median of interleaved runs (every variant runs
+once per round, so drift hits all alike) at 2 threads, batch 1 / 8 / 32, eager and ``torch.compile``.
+Reported: speedup = latency_before / latency_after and efficiency = speedup / (MACs_before / MACs_after);
+1.0 means the wall clock falls as fast as the MACs.
+
+    python benchmarks/speed.py                      # table + benchmarks/results/speed.json
+    python benchmarks/speed.py --no-compile --batches 1 8 --markdown
+
+Weights are random (latency does not depend on them); shapes are those of the pretrained models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import fxprune
+import peer
+
+RESULTS = Path(__file__).parent / "results"
+# torch.compile is slow to build on 2 cores: it runs the original, fxprune rounded and Torch-Pruning only
+COMPILED = lambda variant: variant == "original" or "round_to" in variant or variant.startswith("torch-pruning")  # noqa: E731
+MODELS = {"DeiT-S": ("deit_small_patch16_224", 224), "Swin-T": ("swin_tiny_patch4_window7_224", 224)}
+
+
+def interleaved_latency(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int,
+                        warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds per forward for every model, measured round-robin."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for r in range(warmup + rounds):
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(x)
+                if r >= warmup:
+                    times[name].append((time.perf_counter() - started) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def variants(model: torch.nn.Module, example: torch.Tensor, target: float, log) -> tuple[dict, dict, dict]:
+    analysis = fxprune.analyze(model, (example,))
+    out = {"original": model,
+           "fxprune graph, nothing removed": fxprune.apply(analysis, fxprune.plan(analysis, 0.0))}
+    for round_to in (1, 8):
+        plan = fxprune.plan(analysis, target_macs=target, round_to=round_to)
+        out[f"fxprune {target:.0%} MACs" + (f", round_to {round_to}" if round_to > 1 else "")] = \
+            fxprune.apply(analysis, plan)
+    notes = {}
+    if peer.available():
+        pruned, _, note = peer.prune_to_macs(model, example, target, None, log=log)
+        notes["torch-pruning"] = note
+        if pruned is not None:
+            out[f"torch-pruning {target:.0%} MACs"] = pruned
+    macs = {name: fxprune.count_macs(m, (example,)) for name, m in out.items()}
+    return out, macs, notes
+
+
+def compiled(models: dict[str, torch.nn.Module], x: torch.Tensor, log) -> dict[str, torch.nn.Module]:
+    out = {}
+    for name, model in models.items():
+        started = time.perf_counter()
+        fn = torch.compile(model, dynamic=False)
+        with torch.inference_mode():
+            fn(x)
+        out[name] = fn
+        log(f"    compiled {name} in {time.perf_counter() - started:.0f}s")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--target", type=float, default=0.5, help="MACs kept (fraction)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--json", default=str(RESULTS / "speed.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    modes = ["eager"] + ([] if args.no_compile else ["compile"])
+    rows, started = [], time.perf_counter()
+    for label in args.models:
+        name, size = MODELS[label]
+        torch.manual_seed(0)
+        model = timm.create_model(name).eval()
+        example = torch.randn(1, 3, size, size)
+        models, macs, notes = variants(model, example, args.target, log)
+        for note in notes.items():
+            log(f"  {label}: {note[0]} {note[1]}")
+        for batch in args.batches:
+            x = torch.randn(batch, 3, size, size)
+            rounds = max(3, args.rounds if batch < 32 else args.rounds // 2)
+            for mode in modes:
+                chosen = {k: v for k, v in models.items() if mode == "eager" or COMPILED(k)}
+                runnable = chosen if mode == "eager" else compiled(chosen, x, log)
+                ms = interleaved_latency(runnable, x, rounds)
+                for variant, value in ms.items():
+                    speedup = ms["original"] / value
+                    macs_ratio = macs["original"] / macs[variant]
+                    rows.append({"model": label, "variant": variant, "batch": batch, "mode": mode, "ms": value,
+                                 "macs_g": macs[variant] / 1e9, "params_m": fxprune.count_params(models[variant]) / 1e6,
+                                 "speedup": speedup, "macs_ratio": macs_ratio, "efficiency": speedup / macs_ratio})
+                    log(f"  {label} b{batch} {mode:7s} {variant:34s} {value:8.1f} ms  speedup {speedup:.2f}x  "
+                        f"MACs ratio {macs_ratio:.2f}  efficiency {speedup / macs_ratio:.2f}")
+    Path(args.json).parent.mkdir(exist_ok=True)
+    Path(args.json).write_text(json.dumps({"threads": args.threads, "target": args.target, "rows": rows,
+                                           "seconds": time.perf_counter() - started}, indent=1))
+    if args.markdown:
+        print("\n| model | variant | MACs (G) | " + " | ".join(f"b{b} {m} ms (speedup, eff.)" for m in modes
+                                                          for b in args.batches) + " |")
+        print("|---|---|---|" + "---|" * (len(modes) * len(args.batches)))
+        for label in args.models:
+            for variant in dict.fromkeys(r["variant"] for r in rows if r["model"] == label):
+                cells = []
+                for mode in modes:
+                    for b in args.batches:
+                        r = next((r for r in rows if (r["model"], r["variant"], r["batch"], r["mode"]) ==
+                                  (label, variant, b, mode)), None)
+                        cells.append("-" if r is None else f"{r['ms']:.0f} ({r['speedup']:.2f}x, {r['efficiency']:.2f})")
+                macs_g = next(r["macs_g"] for r in rows if (r["model"], r["variant"]) == (label, variant))
+                print(f"| {label} | {variant} | {macs_g:.2f} | " + " | ".join(cells) + " |")
+    log(f"total {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -97,7 +97,7 @@ def dinov2_task(steps: int, log) -> Task:
     shuffled = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))]
     fine_tune = [images[shuffled[(i * 16) % len(shuffled):][:16]] for i in range(steps)]
     return Task("DINOv2-S/14 (digits probe)", model, images[:1], evaluate, calibration, None, fine_tune, "kl",
-                lr=2e-5, keep_output_width=True, head=head)
+                lr=5e-6, keep_output_width=True, head=head)
 
 
 def tiny_task(name: str, steps: int, log) -> Task:

@@ -21,6 +21,7 @@ import timm
 import torch
 
 import fxprune
+import peer
 
 MODELS = {
     "ViT-Ti": ("vit_tiny_patch16_224", {}),
@@ -48,20 +49,13 @@ def fxprune_cost(model: torch.nn.Module) -> tuple[float, float]:
 
 
 def torch_pruning_cost(model: torch.nn.Module) -> float | None:
-    """Torch-Pruning's ViT recipe (MetaPruner, head_dim pruning, MLP channels), timed end to end."""
-    try:
-        import torch_pruning as tp
-    except ImportError:
+    """Torch-Pruning's ViT recipe (benchmarks/peer.py: head dims and MLP channels, Swin's bias tables and patch
+    merging ignored so that Swin really gets pruned), timed end to end like fxprune (a deep copy included)."""
+    if not peer.available():
         return None
-    example = torch.randn(1, 3, 224, 224)
-    num_heads = {m.qkv: m.num_heads for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")}
-    ignored = [m for n, m in model.named_modules() if n.endswith("head") or "relative_position" in n]
     started = time.perf_counter()
     try:
-        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=0.5, num_heads=num_heads, prune_head_dims=True,
-                                      prune_num_heads=False, ignored_layers=ignored, global_pruning=False)
-        pruner.step()
+        peer.prune_at_ratio(model, torch.randn(1, 3, 224, 224), 0.5, None, keep_output_width=False)
     except Exception as exc:  # noqa: BLE001 - report, do not hide
         print(f"  torch-pruning failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
         return None

@@ -10,6 +10,8 @@ def _atom_sums(analysis, power: float) -> torch.Tensor:
     scores = torch.zeros(analysis.atoms.count, dtype=torch.float64)
     for space in analysis.ids.param_spaces:
         tensor = analysis.tensor(space.param).detach()
+        if not tensor.is_floating_point():  # index buffers coupled to channels (LeViT's attention_bias_idxs)
+            tensor = tensor.to(torch.float64)
         others = [d for d in range(tensor.ndim) if d != space.dim]
         # one reduction in the weights' own dtype, without copies (the float64 copy of ViT-B's weights cost ~1 s)
         norms = torch.linalg.vector_norm(tensor, ord=power, dim=others) if others else tensor.abs()

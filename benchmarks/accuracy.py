@@ -21,6 +21,7 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -111,10 +112,7 @@ def tiny_task(name: str, steps: int, log) -> Task:
                 [x for x, _ in calibration], calibration, fine_tune, "kl", lr=5e-4)
 
 
-TASKS = {"dinov2-s": lambda steps, log: dinov2_task(steps, log),
-         "tiny-swin": lambda steps, log: tiny_task("tiny-swin", steps, log),
-         "tiny-flatten": lambda steps, log: tiny_task("tiny-flatten", steps, log),
-         "tiny-deit": lambda steps, log: tiny_task("tiny-deit", steps, log)}
+TASKS = {"dinov2-s": dinov2_task, **{name: partial(tiny_task, name) for name in offline.TINY_MODELS}}
 
 
 def _finetune(task: Task, pruned: torch.nn.Module) -> dict:
@@ -281,10 +279,12 @@ def main() -> None:
                 torch.manual_seed(0)
                 row = run_method(task, analysis, method, target, log)
                 rows.append(row)
-                log(f"  {target:.0%} {method:13s} " + ("  ".join(
-                    f"{s} {_cell(row, s)}" for s in ("pruned", "reweighted", "finetuned"))
-                    if "macs" in row else row.get("note", "")) +
-                    (f"  MACs {row['macs']:.3f}" if "macs" in row else "") + f"  [{time.perf_counter() - started:.0f}s]")
+                if "macs" in row:
+                    stages = "  ".join(f"{s} {_cell(row, s)}" for s in ("pruned", "reweighted", "finetuned"))
+                    summary = f"{stages}  MACs {row['macs']:.3f}"
+                else:
+                    summary = row.get("note", "")
+                log(f"  {target:.0%} {method:13s} {summary}  [{time.perf_counter() - started:.0f}s]")
     Path(args.json).parent.mkdir(exist_ok=True)
     Path(args.json).write_text(json.dumps({"originals": originals, "rows": rows, "threads": args.threads,
                                            "seconds": time.perf_counter() - started}, indent=1))

@@ -8,7 +8,8 @@ run otherwise); ``scale`` is left alone as in the recipe, so timm's fused attent
 temperature of the new head width. Swin's relative-position tables go into ``ignored_layers`` (otherwise the
 qkv groups are silently left unpruned), and so do its patch-merging layers (Torch-Pruning slices their 2x2
 concatenation wrongly; its own Swin example needs a custom pruner for them). FLatten's separate q and kv
-projections are registered with their head counts the same way. The ratio is found by bisection so the MACs match the target.
+projections are registered with their head counts the same way. The ratio is found by bisection so the
+MACs match the target.
 """
 from __future__ import annotations
 
@@ -51,12 +52,13 @@ def prune_at_ratio(model: nn.Module, example: torch.Tensor, ratio: float, labell
         ignored.append(model.norm)
     for attention in _attentions(model):
         ignored += [p for n, p in attention.named_parameters() if "relative_position" in n]
-    ignored += [m.downsample for m in getattr(model, "layers", []) if isinstance(getattr(m, "downsample", None), nn.Module)
-                and not isinstance(m.downsample, nn.Identity)]  # Swin patch merging: TP mis-slices its 2x2 concat
+    # Swin patch merging: Torch-Pruning mis-slices its 2x2 concatenation
+    ignored += [m.downsample for m in getattr(model, "layers", [])
+                if isinstance(getattr(m, "downsample", None), nn.Module) and not isinstance(m.downsample, nn.Identity)]
     importance = tp.importance.GroupTaylorImportance() if labelled else tp.importance.GroupMagnitudeImportance(p=2)
     pruner = tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio, global_pruning=False,
-                                  num_heads={p: a.num_heads for a in _attentions(model) for p in _head_projections(a)}, prune_head_dims=True,
-                                  prune_num_heads=False, ignored_layers=ignored, round_to=1)
+                                  num_heads={p: a.num_heads for a in _attentions(model) for p in _head_projections(a)},
+                                  prune_head_dims=True, prune_num_heads=False, ignored_layers=ignored, round_to=1)
     if labelled:
         model.zero_grad()
         for images, labels in labelled:
@@ -65,8 +67,8 @@ def prune_at_ratio(model: nn.Module, example: torch.Tensor, ratio: float, labell
     for attention in _attentions(model):
         first = _head_projections(attention)[0]
         attention.num_heads = pruner.num_heads[first]
-        attention.head_dim = first.out_features // ((3 if first is getattr(attention, "qkv", None) else 1)
-                                                    * attention.num_heads)
+        stacked = 3 if hasattr(attention, "qkv") else 1  # q, k and v rows share one projection
+        attention.head_dim = first.out_features // (stacked * attention.num_heads)
         if hasattr(attention, "attn_dim"):
             attention.attn_dim = attention.num_heads * attention.head_dim
     model.zero_grad(set_to_none=True)

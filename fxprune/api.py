@@ -15,7 +15,8 @@ from .analysis import Analysis, analyze_captured
 from .capture import capture
 from .errors import InvalidArgumentError, PlanError
 from .plan import Plan
-from .rewrite import PLAN_KEY, apply_plan
+from . import meta
+from .rewrite import apply_plan
 from .verify import masked, masked_activations
 
 __version__ = "0.1.0"
@@ -156,7 +157,7 @@ def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs:
 
 def plan_of(gm: fx.GraphModule) -> Plan:
     """The plan a pruned GraphModule was made with."""
-    p = getattr(gm, "meta", {}).get(PLAN_KEY)
+    p = getattr(gm, "meta", {}).get(meta.PLAN)
     if p is None:
         raise PlanError("fxprune: this module carries no plan; it was not made by fxprune.prune/apply")
     return p

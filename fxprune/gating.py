@@ -11,10 +11,9 @@ import torch.fx as fx
 from torch.fx.interpreter import Interpreter
 
 from .analysis.labels import CHANNEL
-from .analysis.propagate import CONST_KEY, LABELS_KEY, OP_KEY
-from .analysis.rules import ATTENTION_OUTPUT_KEY
+from . import meta
+from .analysis.rules import spec_of
 
-GATES = "fxprune_gates"
 
 
 def gated_graph(analysis) -> fx.GraphModule:
@@ -22,17 +21,17 @@ def gated_graph(analysis) -> fx.GraphModule:
     gm = copy.deepcopy(analysis.gm)
     first = next(n for n in gm.graph.nodes if n.op == "placeholder")
     with gm.graph.inserting_before(first):
-        gates = gm.graph.placeholder(GATES)
+        gates = gm.graph.placeholder(meta.GATES_PLACEHOLDER)
     count = 0
     for node in list(gm.graph.nodes):
-        call = node.meta.get(OP_KEY)
-        if call is None or call.op not in ("linear", "conv") or node.meta.get(CONST_KEY):
+        spec = spec_of(node.meta.get(meta.OP))
+        if spec is None or not spec.produces_channels or node.meta.get(meta.CONST):
             continue
-        blocks = [b for b in node.meta.get(LABELS_KEY) or () if b.level == CHANNEL]
+        blocks = [b for b in node.meta.get(meta.LABELS) or () if b.level == CHANNEL]
         if not blocks or blocks[0].ids.shape[0] > 1:  # ids varying along the batch dim (heads merged into it)
             continue  # would not broadcast to other batch sizes; these channels are gated where produced
         index = analysis.atoms.atom_of[blocks[0].ids]
-        name = f"_fxprune_gate_index_{count}"
+        name = f"{meta.BUFFER_PREFIX}gate_index_{count}"
         count += 1
         gm.register_buffer(name, index, persistent=False)
         with gm.graph.inserting_after(node):
@@ -56,6 +55,6 @@ class AttentionRecorder(Interpreter):
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
-        if n.meta.get(ATTENTION_OUTPUT_KEY) and isinstance(result, torch.Tensor):
+        if n.meta.get(meta.ATTENTION_OUTPUT) and isinstance(result, torch.Tensor):
             self.outputs.append(result)
         return result

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
+from . import meta
 from .errors import FxpruneError, PlanError
 from .plan import Plan
 
@@ -40,19 +41,18 @@ def save(pruned: fx.GraphModule, directory: str | os.PathLike, *, architecture: 
 
     from . import __version__
     from .api import plan_of
-    from .rewrite.reweight import PREFIX
 
     plan = plan_of(pruned)
     target = Path(directory)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FxpruneError(f"fxprune: {target} exists and is not empty; pass overwrite=True or choose another directory")
-    architecture = architecture or pruned.meta.get("fxprune_architecture")
-    model_args = model_args if model_args is not None else pruned.meta.get("fxprune_model_args", {})
-    reweighted = sorted({name.rsplit("_", 1)[0] for name, _ in pruned.named_parameters() if name.startswith(PREFIX)})
+    architecture = architecture or pruned.meta.get(meta.ARCHITECTURE)
+    model_args = model_args if model_args is not None else pruned.meta.get(meta.MODEL_ARGS, {})
+    reweighted = sorted({name.rsplit("_", 1)[0] for name, _ in pruned.named_parameters() if name.startswith(meta.REWEIGHT_PREFIX)})
     record = {
         "format": FORMAT, "version": VERSION, "fxprune": __version__, "torch": torch.__version__,
         "architecture": architecture, "model_args": model_args, "plan": plan.to_dict(),
-        "reweights": pruned.meta.get("fxprune_reweighted_nodes", []) if reweighted else [],
+        "reweights": pruned.meta.get(meta.REWEIGHTED_NODES, []) if reweighted else [],
     }
     state = {k: v.detach().contiguous() for k, v in pruned.state_dict().items()}
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -134,8 +134,8 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None) -> 
             raise LoadError(f"fxprune: weight '{key}' has shape {tuple(value.shape)}, the rebuilt model "
                             f"{tuple(expected[key].shape)}; the files do not belong together")
     pruned.load_state_dict(state)
-    pruned.meta["fxprune_architecture"] = record.get("architecture")
-    pruned.meta["fxprune_model_args"] = record.get("model_args") or {}
+    pruned.meta[meta.ARCHITECTURE] = record.get("architecture")
+    pruned.meta[meta.MODEL_ARGS] = record.get("model_args") or {}
     return pruned
 
 

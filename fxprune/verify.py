@@ -10,11 +10,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop
 
-from .analysis.propagate import CONST_KEY, LABELS_KEY
-from .capture import VALUE_KEY, TensorValue
-
-FXPRUNE_PREFIX = "_fxprune_"  # buffers that capture adds to the graph module
-
+from . import meta
+from .capture import TensorValue
 
 def masked(model: nn.Module, analysis, plan) -> nn.Module:
     """A copy of ``model`` with every removed channel's weights zeroed (what the pruned model must equal)."""
@@ -27,7 +24,7 @@ def masked(model: nn.Module, analysis, plan) -> nn.Module:
             if len(gone):
                 path, _, attr = space.param.rpartition(".")
                 owner = copy_.get_submodule(path) if path else copy_
-                if attr.startswith(FXPRUNE_PREFIX) and not hasattr(owner, attr):
+                if attr.startswith(meta.BUFFER_PREFIX) and not hasattr(owner, attr):
                     continue  # a constant capture made (e.g. a window mask), not part of the model
                 getattr(owner, attr).index_fill_(space.dim, gone, 0.0)
     return copy_
@@ -44,18 +41,18 @@ def masked_activations(analysis, plan) -> torch.fx.GraphModule:
     gm = copy.deepcopy(analysis.gm)
     count = 0
     for node in list(gm.graph.nodes):
-        value = node.meta.get(VALUE_KEY)
-        labels = node.meta.get(LABELS_KEY)
+        value = node.meta.get(meta.VALUE)
+        labels = node.meta.get(meta.LABELS)
         if node.op in ("placeholder", "get_attr", "output") or not isinstance(value, TensorValue) or not labels:
             continue
-        if node.meta.get(CONST_KEY):  # parameters are sliced, not zeroed: a zeroed divisor would make NaNs
+        if node.meta.get(meta.CONST):  # parameters are sliced, not zeroed: a zeroed divisor would make NaNs
             continue
         keep = torch.ones((1,) * len(value.shape), dtype=torch.bool)
         for block in labels:
             keep = keep & ~removed[analysis.atoms.atom_of[block.ids]]
         if bool(keep.all()):
             continue
-        name = f"{FXPRUNE_PREFIX}activation_mask_{count}"
+        name = f"{meta.BUFFER_PREFIX}activation_mask_{count}"
         count += 1
         gm.register_buffer(name, keep)
         with gm.graph.inserting_after(node):

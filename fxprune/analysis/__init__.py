@@ -14,7 +14,8 @@ import torch
 from ..capture import Captured, capture
 from .channels import Atoms, ChannelIds
 from .groups import KINDS, Group, build_groups
-from .propagate import LABELS_KEY, OP_KEY, UnknownOp, propagate
+from .. import meta
+from .propagate import UnknownOp, propagate
 
 
 @dataclass
@@ -110,7 +111,7 @@ def _activation_blocks(gm) -> list:
 
     found = []
     for node in gm.graph.nodes:
-        stack = [node.meta.get(LABELS_KEY)]
+        stack = [node.meta.get(meta.LABELS)]
         while stack:
             item = stack.pop()
             if isinstance(item, Block):
@@ -124,10 +125,10 @@ def analyze_captured(captured: Captured, untie_shared_convs: bool = False) -> An
     """Analyse a captured graph; with ``untie_shared_convs``, depthwise convs shared by heads are untied first."""
     if untie_shared_convs:
         from ..capture import record_values
-        from .untie import untie_shared_convs as untie
+        from ..capture.untie import untie_shared_convs as untie
 
         propagate(captured)
-        if untie(captured):
+        if untie(captured).modified:
             record_values(captured.gm, captured.example_inputs, type(captured.gm).__name__)
             captured.untied = True
     ids, unknown = propagate(captured)
@@ -142,4 +143,4 @@ def analyze(model: torch.nn.Module, example_inputs: Sequence | None = None, unti
     return analyze_captured(capture(model, example_inputs), untie_shared_convs)
 
 
-__all__ = ["Analysis", "Group", "analyze", "analyze_captured", "KINDS", "LABELS_KEY", "OP_KEY"]
+__all__ = ["Analysis", "Group", "analyze", "analyze_captured", "KINDS"]

@@ -7,15 +7,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..capture import VALUE_KEY, Captured, TensorValue
+from .. import meta
+from ..capture import Captured, TensorValue
 from .channels import ChannelIds
 from .labels import Block, Labels, param_labels
-from .ops import ParamRef, normalize
-from .rules import RULES
-
-LABELS_KEY = "fxprune_labels"  # node.meta: the node output's channel labels
-CONST_KEY = "fxprune_const"  # node.meta: True when the value depends on parameters only
-OP_KEY = "fxprune_op"  # node.meta: the normalised OpCall, or None for an op without a rule
+from .rules import ParamRef, normalize, spec_of
 
 
 @dataclass
@@ -35,7 +31,7 @@ class RuleContext:
     # --- what rules read ---
     def labels(self, x: Any) -> Any:
         if isinstance(x, fx.Node):
-            return x.meta.get(LABELS_KEY, ())
+            return x.meta.get(meta.LABELS, ())
         if isinstance(x, ParamRef):
             if x.name not in self._param_labels:
                 self._param_labels[x.name] = param_labels(self.ch, x.name, x.shape)
@@ -46,7 +42,7 @@ class RuleContext:
         if isinstance(x, ParamRef):
             return x.shape
         if isinstance(x, fx.Node):
-            value = x.meta.get(VALUE_KEY)
+            value = x.meta.get(meta.VALUE)
             if isinstance(value, TensorValue):
                 return value.shape
         return None
@@ -55,12 +51,12 @@ class RuleContext:
         if isinstance(x, ParamRef):
             return True
         if isinstance(x, fx.Node):
-            return bool(x.meta.get(CONST_KEY, False))
+            return bool(x.meta.get(meta.CONST, False))
         return True
 
     @property
     def out(self) -> TensorValue:
-        return self.node.meta[VALUE_KEY]
+        return self.node.meta[meta.VALUE]
 
     def describe(self, x: Any) -> str:
         if isinstance(x, ParamRef):
@@ -98,8 +94,8 @@ def _mark_const(node: fx.Node) -> bool:
     if node.op == "placeholder":
         return False
     # only tensors count: a constant reshaped with sizes read from the input's shape is still a constant
-    tensors = [i for i in _input_nodes(node) if _holds_tensor(i.meta.get(VALUE_KEY))]
-    return all(i.meta.get(CONST_KEY, False) for i in tensors)
+    tensors = [i for i in _input_nodes(node) if _holds_tensor(i.meta.get(meta.VALUE))]
+    return all(i.meta.get(meta.CONST, False) for i in tensors)
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -128,36 +124,37 @@ def propagate(captured: Captured) -> tuple[ChannelIds, list[UnknownOp]]:
     unknown: list[UnknownOp] = []
     for node in gm.graph.nodes:
         ctx.node = node
-        node.meta[CONST_KEY] = _mark_const(node)
-        value = node.meta.get(VALUE_KEY)
+        node.meta[meta.CONST] = _mark_const(node)
+        value = node.meta.get(meta.VALUE)
         if node.op == "placeholder":
-            node.meta[LABELS_KEY] = _empty_like(value)
+            node.meta[meta.LABELS] = _empty_like(value)
             continue
         if node.op == "get_attr":
             shape = value.shape if isinstance(value, TensorValue) else None
-            node.meta[LABELS_KEY] = param_labels(ch, str(node.target), shape) if shape is not None else None
+            node.meta[meta.LABELS] = param_labels(ch, str(node.target), shape) if shape is not None else None
             continue
         if node.op == "output":
             ctx.freeze_labels(_tensor_labels_of_args(ctx, node), "reaches the model output")
             continue
         call = normalize(node, gm)
-        node.meta[OP_KEY] = call
+        node.meta[meta.OP] = call
         if value is not None and not isinstance(value, TensorValue) and not _holds_tensor(value):
-            node.meta[LABELS_KEY] = None  # python scalars, sizes, dtypes: no channels
+            node.meta[meta.LABELS] = None  # python scalars, sizes, dtypes: no channels
             continue
-        rule = RULES.get(call.op) if call is not None else None
+        spec = spec_of(call)
+        rule = spec.rule if spec is not None else None
         if rule is None and value is None:  # produced no tensor (e.g. a helper returning no mask)
-            node.meta[LABELS_KEY] = None
+            node.meta[meta.LABELS] = None
             continue
         if rule is None:
             touched = ctx.freeze_labels(_tensor_labels_of_args(ctx, node),
                                         f"no rule for {_target_name(node)}; channels through it are kept")
             unknown.append(UnknownOp(node.name, _target_name(node), touched))
-            node.meta[LABELS_KEY] = _empty_like(value)
+            node.meta[meta.LABELS] = _empty_like(value)
             continue
         labels = rule(ctx, call)
-        node.meta[LABELS_KEY] = labels
-        if not node.meta[CONST_KEY]:
+        node.meta[meta.LABELS] = labels
+        if not node.meta[meta.CONST]:
             _mark_active(ch, labels)
     return ch, unknown
 

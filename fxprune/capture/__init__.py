@@ -5,63 +5,27 @@ The user's model is deep-copied first, so nothing done later can reach it.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
 
+from .. import meta
 from ..errors import CaptureError, InvalidArgumentError
 from .tracer import LeafAwareTracer
-
-VALUE_KEY = "fxprune_value"  # node.meta key: the example value's shape (tensors) or the value (python scalars)
+from .values import OpaqueValue, TensorValue, record_values
 
 
 @dataclass
 class Captured:
-    """A traced copy of the model; node.meta[VALUE_KEY] describes each node's example output."""
+    """A traced copy of the model; node.meta[meta.VALUE] describes each node's example output."""
 
     gm: fx.GraphModule
     example_inputs: tuple
     was_training: bool
     untied: bool = False  # head-shared depthwise convs were untied (the graph's parameters differ from the model's)
     architecture: str | None = None  # timm's name for the model's architecture, when it has one
-
-
-class _ValueRecorder(ShapeProp):
-    """ShapeProp that also records python values (sizes, ints) that shape queries produce."""
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        n.meta[VALUE_KEY] = _describe(result)
-        return result
-
-
-def _describe(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return TensorValue(tuple(value.shape), value.dtype)
-    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
-        return type(value)(_describe(v) for v in value)
-    if isinstance(value, (int, float, bool, str, torch.Size, type(None), torch.dtype, torch.device)):
-        return value
-    return OpaqueValue(type(value).__name__)
-
-
-@dataclass(frozen=True)
-class TensorValue:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-
-@dataclass(frozen=True)
-class OpaqueValue:
-    type_name: str
 
 
 def resolve_example_inputs(model: torch.nn.Module, example_inputs: Sequence | None) -> tuple:
@@ -97,9 +61,9 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None, meth
         raise InvalidArgumentError(f"fxprune: capture method must be auto, symbolic or export, got {method!r}")
     if not isinstance(model, torch.nn.Module):
         raise InvalidArgumentError(f"fxprune: expected a torch.nn.Module, got {type(model).__name__}")
-    meta = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if meta:
-        raise InvalidArgumentError(f"fxprune: '{meta[0]}' is on the meta device (no values); importance and "
+    on_meta = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise InvalidArgumentError(f"fxprune: '{on_meta[0]}' is on the meta device (no values); importance and "
                                    "verification need real weights: materialise the model first (e.g. to_empty + load)")
     inputs = resolve_example_inputs(model, example_inputs)
     was_training = model.training
@@ -113,12 +77,12 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None, meth
     from .normalize import unpack_stacked_heads
 
     for normalise in (make_attention_visible, unpack_stacked_heads):
-        if normalise(gm):
+        if normalise(gm).modified:
             record_values(gm, inputs, type(model).__name__)
     cfg = getattr(model, "pretrained_cfg", None)
     architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
     if architecture is None and isinstance(model, fx.GraphModule):
-        architecture = model.meta.get("fxprune_architecture")
+        architecture = model.meta.get(meta.ARCHITECTURE)
     return Captured(gm=gm, example_inputs=inputs, was_training=was_training, architecture=architecture)
 
 
@@ -142,7 +106,7 @@ def _symbolic_or_export(model: torch.nn.Module, model_copy: torch.nn.Module, inp
         with torch.no_grad():
             exported = torch.export.export(model_copy, inputs, strict=False)
         gm = exported.module()
-        gm.meta["fxprune_capture"] = "torch.export"
+        gm.meta[meta.CAPTURE_METHOD] = "torch.export"
         return gm
     except Exception as exc:  # noqa: BLE001 - both captures failed: report both
         raise CaptureError(
@@ -161,23 +125,4 @@ def _source_line(exc: BaseException) -> str:
     return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
-def record_values(gm: fx.GraphModule, inputs: tuple, model_name: str) -> None:
-    try:
-        with torch.no_grad():
-            _ValueRecorder(gm).propagate(*inputs)
-    except Exception as exc:
-        raise CaptureError(
-            f"fxprune: running the traced {model_name} on the example inputs failed: "
-            f"{type(exc).__name__}: {exc}. Check that example_inputs have the shape the model expects."
-        ) from exc
-
-
-def tensor_value(node: Any) -> TensorValue | None:
-    if isinstance(node, fx.Node):
-        value = node.meta.get(VALUE_KEY)
-        return value if isinstance(value, TensorValue) else None
-    return None
-
-
-def numel(shape: Sequence[int]) -> int:
-    return math.prod(shape)
+__all__ = ["Captured", "CaptureError", "OpaqueValue", "TensorValue", "capture", "record_values", "resolve_example_inputs"]

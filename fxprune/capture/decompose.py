@@ -21,10 +21,12 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import VALUE_KEY, TensorValue
+from .. import meta
+from .values import TensorValue
 
 
 def _inline(gm: fx.GraphModule, before: fx.Node, fn: Callable, args: dict[str, Any]) -> fx.Node:
@@ -202,7 +204,7 @@ def decompose_shifted_window_attention(gm: fx.GraphModule) -> int:
     """Replace torchvision shifted_window_attention calls by explicit ops. Returns the count."""
     count = 0
     for node, a in _calls(gm, _swin_targets()):
-        value = a["input"].meta.get(VALUE_KEY) if isinstance(a["input"], fx.Node) else None
+        value = a["input"].meta.get(meta.VALUE) if isinstance(a["input"], fx.Node) else None
         if not isinstance(value, TensorValue) or len(value.shape) != 4:
             continue
         if any(isinstance(a[k], fx.Node) for k in ("window_size", "num_heads", "shift_size", "training")):
@@ -211,14 +213,14 @@ def decompose_shifted_window_attention(gm: fx.GraphModule) -> int:
         cosine = a["logit_scale"] is not None
         body, info = _swin_body(height, width, channels, list(a["window_size"]), a["num_heads"], list(a["shift_size"]),
                                 a["attention_dropout"], a["dropout"], bool(a["training"]), cosine)
-        mask = _buffer(gm, node, f"_fxprune_window_mask_{count}",
+        mask = _buffer(gm, node, f"{meta.BUFFER_PREFIX}window_mask_{count}",
                        _window_mask(info["pad_h"], info["pad_w"], list(a["window_size"]), info["shift"])) \
             if info["shifted"] else None
         k_keep = None
         if cosine and a["qkv_bias"] is not None:
             keep = torch.ones(3 * channels)
             keep[channels:2 * channels] = 0
-            k_keep = _buffer(gm, node, f"_fxprune_key_bias_keep_{count}", keep)
+            k_keep = _buffer(gm, node, f"{meta.BUFFER_PREFIX}key_bias_keep_{count}", keep)
         args = {name: a[name] for name in ("qkv_weight", "proj_weight", "relative_position_bias", "qkv_bias",
                                             "proj_bias", "logit_scale")}
         args.update(x=a["input"], mask=mask, k_keep=k_keep)
@@ -258,10 +260,10 @@ def inline_helpers(gm: fx.GraphModule) -> int:
     return count
 
 
-def make_attention_visible(gm: fx.GraphModule) -> int:
-    """Run every decomposition on ``gm`` (in place); returns how many calls were replaced."""
+def make_attention_visible(gm: fx.GraphModule) -> PassResult:
+    """Pass: run every decomposition on ``gm`` (in place)."""
     count = decompose_multihead_attention(gm) + decompose_shifted_window_attention(gm) + inline_helpers(gm)
     if count:
         gm.graph.lint()
         gm.recompile()
-    return count
+    return PassResult(gm, count > 0)

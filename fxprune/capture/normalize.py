@@ -10,8 +10,10 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
 
-from . import VALUE_KEY, TensorValue
+from .. import meta
+from .values import TensorValue
 
 _RESHAPES = {"reshape", "view"}
 
@@ -48,14 +50,14 @@ def _unbind_dim(node: fx.Node) -> int | None:
     return None
 
 
-def unpack_stacked_heads(gm: fx.GraphModule) -> int:
-    """Rewrite every stacked q/k/v split (reshape -> [permute] -> unbind). Returns how many were rewritten."""
+def unpack_stacked_heads(gm: fx.GraphModule) -> PassResult:
+    """Pass: rewrite every stacked q/k/v split (reshape -> [permute] -> unbind)."""
     count = 0
     for node in list(gm.graph.nodes):
         if not _is_reshape(node):
             continue
-        src = node.args[0].meta.get(VALUE_KEY) if isinstance(node.args[0], fx.Node) else None
-        out = node.meta.get(VALUE_KEY)
+        src = node.args[0].meta.get(meta.VALUE) if isinstance(node.args[0], fx.Node) else None
+        out = node.meta.get(meta.VALUE)
         if not (isinstance(src, TensorValue) and isinstance(out, TensorValue)):
             continue
         lead = len(src.shape) - 1
@@ -111,4 +113,4 @@ def unpack_stacked_heads(gm: fx.GraphModule) -> int:
     if count:
         gm.graph.lint()
         gm.recompile()
-    return count
+    return PassResult(gm, count > 0)

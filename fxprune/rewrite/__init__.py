@@ -1,9 +1,13 @@
 """Rewrite: apply a plan to a copy of the analysed graph, one pass per job.
 
-1. ``slice_parameters``   parameters and buffers lose their removed channels; module attributes follow
-2. ``fix_sizes``          reshape/view/expand/split sizes shrink; other shape-derived values stay as they were
+Every pass takes the graph module (and what it needs from the analysis) and returns torch.fx's
+``PassResult(graph_module, modified)``.
+
+1. ``slice_parameters``     parameters and buffers lose their removed channels; module attributes follow
+2. ``fix_sizes``            sizes baked into the graph shrink (each op's ``resize``); other shape-derived
+                            values keep their original value
 3. ``keep_attention_scale`` SDPA keeps its original softmax scale
-4. ``insert_reweights``   (with calibration data) per-channel scale and bias compensating removed channels
+4. ``insert_reweights``     (with calibration data) per-channel scale and bias compensating removed channels
 then the graph is linted and recompiled, and the plan is attached to the result.
 """
 from __future__ import annotations
@@ -12,14 +16,13 @@ import copy
 
 import torch.fx as fx
 
+from .. import meta
+from ..analysis.shapes import kept_indices, new_shapes
 from ..plan import Plan
 from .attention_scale import keep_attention_scale
 from .fix_sizes import fix_sizes
-from .shapes import new_shapes
 from .reweight import consumers, fit_reweight, insert_reweights, record_inputs
-from .slice_parameters import kept_indices, slice_parameters
-
-PLAN_KEY = "fxprune_plan"
+from .slice_parameters import slice_parameters
 
 
 def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None) -> fx.GraphModule:
@@ -36,9 +39,9 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None) ->
     gm.recompile()
     if fits:
         insert_reweights(gm, fits)
-        gm.meta["fxprune_reweighted_nodes"] = sorted(fits)
-    gm.meta[PLAN_KEY] = plan
-    gm.meta["fxprune_architecture"] = analysis.captured.architecture
+        gm.meta[meta.REWEIGHTED_NODES] = sorted(fits)
+    gm.meta[meta.PLAN] = plan
+    gm.meta[meta.ARCHITECTURE] = analysis.captured.architecture
     gm.train(train)
     return gm
 

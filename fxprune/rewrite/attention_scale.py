@@ -9,19 +9,22 @@ import math
 from typing import Any
 
 import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
 
-from ..analysis.propagate import OP_KEY
-from ..capture import VALUE_KEY
+from .. import meta
 
 
-def keep_attention_scale(gm: fx.GraphModule, shapes: dict[str, Any]) -> None:
+def keep_attention_scale(gm: fx.GraphModule, shapes: dict[str, Any]) -> PassResult:
+    modified = False
     for node in gm.graph.nodes:
-        call = node.meta.get(OP_KEY)
+        call = node.meta.get(meta.OP)
         if call is None or call.op != "sdpa":
             continue
         if call.args.get("scale") is not None:
             continue
         query = call.args["query"]
-        old_dim = query.meta[VALUE_KEY].shape[-1]
+        old_dim = query.meta[meta.VALUE].shape[-1]
         if shapes[query.name][-1] != old_dim:
             node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(old_dim)}
+            modified = True
+    return PassResult(gm, modified)

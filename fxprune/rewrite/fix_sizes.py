@@ -12,86 +12,28 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
+from torch.fx.passes.infra.pass_base import PassResult
 
-from ..analysis.ops import LIKE_CREATORS
-from ..analysis.propagate import OP_KEY
+from .. import meta
+from ..analysis.rules import spec_of
+from ..capture import TensorValue
 
-# node.meta[OP_KEY] describes the analysed graph: its node references point there, not into this copy.
+# node.meta[meta.OP] describes the analysed graph: its node references point there, not into this copy.
 # Only names and recorded values are read from it here.
-from ..capture import VALUE_KEY, TensorValue
-
-_SIZED_RESHAPES = {"reshape", "view", "expand"}
-_SIZED_FUNCTIONS = {torch.reshape, torch.ops.aten.reshape.default, torch.ops.aten.view.default,
-                    torch.ops.aten.expand.default}
 
 
-def _size_args(node: fx.Node) -> tuple[int, bool]:
-    """Position where the size list starts, and whether the sizes are packed in one tuple argument."""
-    packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
-    return 1, packed
-
-
-def _rewrite_sizes(node: fx.Node, old: tuple, new: tuple) -> None:
-    start, packed = _size_args(node)
-    sizes = list(node.args[1] if packed else node.args[start:])
-    if len(sizes) != len(old):
-        return
-    changed = [i for i, (o, n) in enumerate(zip(old, new)) if o != n and not (isinstance(sizes[i], int) and sizes[i] == -1)]
-    inferred = any(isinstance(v, int) and v == -1 for v in sizes)
-    dynamic = [i for i in changed if isinstance(sizes[i], fx.Node)]
-    for i in changed:
-        if i in dynamic and len(dynamic) == 1 and not inferred:
-            sizes[i] = -1  # a size computed at run time (batch * heads): let reshape infer it, keeping batch dynamic
-        else:
-            sizes[i] = new[i]
-    node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
-
-
-def _rewrite_unflatten(node: fx.Node, old: tuple, new: tuple) -> None:
-    args = list(node.args)
-    dim = args[1] if len(args) > 1 else node.kwargs["dim"]
-    key_sizes = "sizes"
-    sizes = list(args[2] if len(args) > 2 else node.kwargs[key_sizes])
-    dim %= len(old) - len(sizes) + 1  # dim counts in the input, which has len(sizes) - 1 fewer dims
-    for i in range(len(sizes)):
-        if old[dim + i] != new[dim + i] and sizes[i] != -1:
-            sizes[i] = new[dim + i]
-    if len(args) > 2:
-        args[2] = tuple(sizes)
-        node.args = tuple(args)
-    else:
-        node.kwargs = {**node.kwargs, key_sizes: tuple(sizes)}
-
-
-def _give_explicit_size(node: fx.Node, new: tuple) -> None:
-    """zeros_like(x) whose channels differ from x's after pruning becomes x.new_zeros(size)."""
-    method = LIKE_CREATORS[node.target.__name__]
-    node.target, node.op = method, "call_method"
-    node.args = (node.args[0], tuple(new))
-    node.kwargs = {k: v for k, v in node.kwargs.items() if k in ("dtype", "device", "requires_grad")}
-
-
-def _rewrite_split(node: fx.Node, call, shapes: dict[str, Any]) -> None:
-    old = [v.shape for v in node.meta[VALUE_KEY]]
-    new = shapes[node.name]
-    ndim = len(old[0])
-    dim = call.args.get("dim", 0) % ndim
-    old_sizes = [s[dim] for s in old]
-    new_sizes = [s[dim] for s in new]
-    if old_sizes == new_sizes:
-        return
-    graph = node.graph
-    with graph.inserting_after(node):
-        replacement = graph.call_function(torch.split, (node.args[0], new_sizes), {"dim": dim})
-    replacement.meta = dict(node.meta)
-    node.replace_all_uses_with(replacement)
-    graph.erase_node(node)
+def _old_shape(value: Any) -> Any:
+    if isinstance(value, TensorValue):
+        return value.shape
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, TensorValue) for v in value):
+        return [v.shape for v in value]
+    return None
 
 
 def _shape_scalar_value(node: fx.Node, shapes: dict[str, Any], new_values: dict[str, Any]) -> Any:
     """The value a shape query (or arithmetic on one) takes after pruning; the old value if unknown."""
-    old = node.meta.get(VALUE_KEY)
-    call = node.meta.get(OP_KEY)
+    old = node.meta.get(meta.VALUE)
+    call = node.meta.get(meta.OP)
     if call is not None and call.op == "shape_query":
         source = call.args["input"]
         shape = shapes.get(source.name) if isinstance(source, fx.Node) else None
@@ -104,7 +46,7 @@ def _shape_scalar_value(node: fx.Node, shapes: dict[str, Any], new_values: dict[
             return shape[rest[0]]
         return torch.Size(shape)
     if node.op == "call_function" and node.target in _SCALAR_OPS:
-        args = [new_values.get(a.name, a.meta.get(VALUE_KEY)) if isinstance(a, fx.Node) else a for a in node.args]
+        args = [new_values.get(a.name, a.meta.get(meta.VALUE)) if isinstance(a, fx.Node) else a for a in node.args]
         try:
             return node.target(*args)
         except Exception:
@@ -116,34 +58,27 @@ _SCALAR_OPS = {operator.getitem, operator.add, operator.sub, operator.mul, opera
                operator.pow, operator.neg, operator.mod}
 
 
-def fix_sizes(gm: fx.GraphModule, shapes: dict[str, Any]) -> None:
+def fix_sizes(gm: fx.GraphModule, shapes: dict[str, Any]) -> PassResult:
+    """Every op that bakes sizes into the graph (its registration's ``resize``) gets the new sizes."""
+    modified = False
     for node in list(gm.graph.nodes):
-        call = node.meta.get(OP_KEY)
-        value = node.meta.get(VALUE_KEY)
-        if call is None:
+        call = node.meta.get(meta.OP)
+        spec = spec_of(call)
+        if spec is None or spec.resize is None or node.name not in shapes:
             continue
-        if isinstance(value, TensorValue):
-            old, new = value.shape, shapes[node.name]
-            if old == new:
-                continue
-            if call.op in ("reshape", "expand") and node.op == "call_method" and node.target in _SIZED_RESHAPES:
-                _rewrite_sizes(node, old, new)
-            elif call.op in ("reshape", "expand") and node.target in _SIZED_FUNCTIONS:
-                _rewrite_sizes(node, old, new)
-            elif call.op == "reshape" and node.target in ("unflatten", torch.unflatten):
-                _rewrite_unflatten(node, old, new)
-            elif call.op == "like":
-                _give_explicit_size(node, new)
-        elif call.op in ("split", "chunk") and node.name in shapes:
-            _rewrite_split(node, call, shapes)
-    _pin_shape_scalars(gm, shapes)
+        old, new = _old_shape(node.meta.get(meta.VALUE)), shapes[node.name]
+        if old is not None and old != new:
+            spec.resize(node, call, old, new)
+            modified = True
+    return PassResult(gm, _pin_shape_scalars(gm, shapes) or modified)
 
 
-def _pin_shape_scalars(gm: fx.GraphModule, shapes: dict[str, Any]) -> None:
+def _pin_shape_scalars(gm: fx.GraphModule, shapes: dict[str, Any]) -> bool:
     """Values derived from shapes that would change keep their original value as a constant."""
     new_values: dict[str, Any] = {}
+    pinned = False
     for node in list(gm.graph.nodes):
-        old = node.meta.get(VALUE_KEY)
+        old = node.meta.get(meta.VALUE)
         if not isinstance(old, (int, float, torch.Size)) or isinstance(old, bool):
             continue
         new = _shape_scalar_value(node, shapes, new_values)
@@ -155,3 +90,5 @@ def _pin_shape_scalars(gm: fx.GraphModule, shapes: dict[str, Any]) -> None:
                 continue  # x.shape[i] is pinned (or not) on its own: batch and token sizes stay dynamic
             user.args = map_arg(user.args, lambda n: old if n is node else n)
             user.kwargs = map_arg(user.kwargs, lambda n: old if n is node else n)
+            pinned = True
+    return pinned

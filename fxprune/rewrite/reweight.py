@@ -18,11 +18,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.interpreter import Interpreter
+from torch.fx.passes.infra.pass_base import PassResult
 
-from ..analysis.ops import ParamRef
-from ..analysis.propagate import OP_KEY
+from .. import meta
+from ..analysis.rules import ParamRef
 
-PREFIX = "fxprune_reweight"
+PREFIX = meta.REWEIGHT_PREFIX
 
 
 def _linear_weight_name(call) -> tuple[str | None, str | None]:
@@ -42,7 +43,7 @@ def consumers(analysis, keep: dict[str, dict[int, torch.Tensor]]) -> list[tuple[
     """(node name, weight name, kept input indices) of every Linear whose input features shrink."""
     found = []
     for node in analysis.gm.graph.nodes:
-        call = node.meta.get(OP_KEY)
+        call = node.meta.get(meta.OP)
         if call is None or call.op != "linear":
             continue
         weight, _ = _linear_weight_name(call)
@@ -93,8 +94,8 @@ def fit_reweight(weight: torch.Tensor, inputs: torch.Tensor, kept: torch.Tensor,
     return solution[:k], solution[k:]
 
 
-def insert_reweights(gm: fx.GraphModule, fits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Insert ``x * scale + bias`` in front of each named Linear node of ``gm``."""
+def insert_reweights(gm: fx.GraphModule, fits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> PassResult:
+    """Pass: insert ``x * scale + bias`` in front of each named Linear node of ``gm``."""
     count = 0
     for node in list(gm.graph.nodes):
         if node.name not in fits:
@@ -114,7 +115,7 @@ def insert_reweights(gm: fx.GraphModule, fits: dict[str, tuple[torch.Tensor, tor
         count += 1
     gm.graph.lint()
     gm.recompile()
-    return count
+    return PassResult(gm, count > 0)
 
 
 def _linear_parts(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module | None, str | None, str | None]:

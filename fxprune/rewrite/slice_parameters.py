@@ -1,22 +1,10 @@
 """Pass: make every parameter and buffer that holds removed channels physically smaller."""
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
-
-
-def kept_indices(analysis, removed: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
-    """parameter name -> dim -> indices kept, for every parameter dim that loses channels."""
-    keep: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
-    for space in analysis.ids.param_spaces:
-        ids = torch.arange(space.start, space.start + space.size)
-        gone = removed[analysis.atoms.atom_of[ids]]
-        if gone.any():
-            keep[space.param][space.dim] = torch.nonzero(~gone).flatten()
-    return dict(keep)
+from torch.fx.passes.infra.pass_base import PassResult
 
 
 def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -41,7 +29,8 @@ def _fix_module_attributes(module: nn.Module, was_depthwise: bool) -> None:
         module.num_features = reference.shape[0]
 
 
-def slice_parameters(gm: fx.GraphModule, keep: dict[str, dict[int, torch.Tensor]]) -> None:
+def slice_parameters(gm: fx.GraphModule, keep: dict[str, dict[int, torch.Tensor]]) -> PassResult:
+    """Pass: index every kept channel out of each parameter and buffer named in ``keep``; modules follow."""
     touched: dict[int, tuple[nn.Module, bool]] = {}
     for name, dims in keep.items():
         owner, attr = _owner(gm, name)
@@ -60,3 +49,4 @@ def slice_parameters(gm: fx.GraphModule, keep: dict[str, dict[int, torch.Tensor]
             owner.register_buffer(attr, new, persistent=attr not in getattr(owner, "_non_persistent_buffers_set", set()))
     for owner, depthwise in touched.values():
         _fix_module_attributes(owner, depthwise)
+    return PassResult(gm, bool(keep))

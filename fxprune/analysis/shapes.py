@@ -1,14 +1,16 @@
-"""New shapes after removal, computed from each node's channel labels (no re-execution needed)."""
+"""What a removal does to sizes, from the analysis alone: each node's new shape and each parameter's kept
+indices. Budgets estimate with these; the rewrite carries them out."""
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from ..analysis.labels import CHANNEL, Block
-from ..analysis.propagate import LABELS_KEY
-from ..capture import VALUE_KEY, TensorValue
+from .. import meta
+from ..capture import TensorValue
+from .labels import CHANNEL, Block
 from ..errors import RewriteError
 
 
@@ -54,8 +56,8 @@ def new_shapes(gm: fx.GraphModule, atom_of: torch.Tensor, removed: torch.Tensor)
     """node name -> new shape (tuple) or list of shapes for tuple outputs."""
     out: dict[str, Any] = {}
     for node in gm.graph.nodes:
-        value = node.meta.get(VALUE_KEY)
-        labels = node.meta.get(LABELS_KEY)
+        value = node.meta.get(meta.VALUE)
+        labels = node.meta.get(meta.LABELS)
         if isinstance(value, TensorValue):
             out[node.name] = _tensor_shape(node.name, value, labels, atom_of, removed)
         elif isinstance(value, (list, tuple)) and value and all(isinstance(v, TensorValue) for v in value) \
@@ -63,3 +65,14 @@ def new_shapes(gm: fx.GraphModule, atom_of: torch.Tensor, removed: torch.Tensor)
             labels = labels if isinstance(labels, list) else [()] * len(value)
             out[node.name] = [_tensor_shape(node.name, v, l, atom_of, removed) for v, l in zip(value, labels)]
     return out
+
+
+def kept_indices(analysis, removed: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+    """parameter name -> dim -> indices kept, for every parameter dim that loses channels."""
+    keep: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    for space in analysis.ids.param_spaces:
+        ids = torch.arange(space.start, space.start + space.size)
+        gone = removed[analysis.atoms.atom_of[ids]]
+        if gone.any():
+            keep[space.param][space.dim] = torch.nonzero(~gone).flatten()
+    return dict(keep)

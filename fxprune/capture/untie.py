@@ -13,10 +13,12 @@ import copy
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassResult
 
-from ..capture import VALUE_KEY, Captured, TensorValue
-from .labels import CHANNEL
-from .propagate import LABELS_KEY
+from .. import meta
+from ..analysis.labels import CHANNEL
+from . import Captured
+from .values import TensorValue
 
 
 def _shared_heads(node: fx.Node) -> int:
@@ -24,8 +26,8 @@ def _shared_heads(node: fx.Node) -> int:
     x = node.args[0] if node.args else None
     if not isinstance(x, fx.Node):
         return 0
-    block = next((b for b in x.meta.get(LABELS_KEY) or () if b.level == CHANNEL and b.dim == 1), None)
-    value = x.meta.get(VALUE_KEY)
+    block = next((b for b in x.meta.get(meta.LABELS) or () if b.level == CHANNEL and b.dim == 1), None)
+    value = x.meta.get(meta.VALUE)
     if block is None or not isinstance(value, TensorValue) or block.ids.shape[0] <= 1:
         return 0
     heads = torch.unique(block.ids.reshape(block.ids.shape[0], -1), dim=0).shape[0]
@@ -46,8 +48,8 @@ def _untied(conv: nn.Conv2d, heads: int) -> nn.Conv2d:
 def _rewrite(gm: fx.GraphModule, node: fx.Node, heads: int) -> None:
     conv = gm.get_submodule(str(node.target))
     x = node.args[0]
-    _, channels, height, width = x.meta[VALUE_KEY].shape
-    _, _, out_h, out_w = node.meta[VALUE_KEY].shape
+    _, channels, height, width = x.meta[meta.VALUE].shape
+    _, _, out_h, out_w = node.meta[meta.VALUE].shape
     path, _, attr = str(node.target).rpartition(".")
     setattr(gm.get_submodule(path) if path else gm, attr, _untied(conv, heads))
     with gm.graph.inserting_before(node):
@@ -64,15 +66,15 @@ def _doubled(inputs: tuple) -> tuple:
                  else t for t in inputs)
 
 
-def untie_shared_convs(captured: Captured) -> list[str]:
-    """Untie every head-shared depthwise conv of ``captured.gm`` in place; returns the modules untied."""
+def untie_shared_convs(captured: Captured) -> PassResult:
+    """Pass: untie every head-shared depthwise conv of ``captured.gm`` in place."""
     gm = captured.gm
     done = []
     inputs = _doubled(captured.example_inputs)
     with torch.no_grad():
         expected = gm(*inputs)
     if not isinstance(expected, torch.Tensor):
-        return done
+        return PassResult(gm, False)
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
@@ -93,4 +95,4 @@ def untie_shared_convs(captured: Captured) -> list[str]:
             gm.recompile()
             done.append(str(node.target))
     gm.graph.lint()
-    return done
+    return PassResult(gm, bool(done))

@@ -1,0 +1,152 @@
+"""Attention: q·kᵀ pairs q and k channels per head and creates head ids; attn·v carries v's channels.
+
+Written for the matrix products themselves (``matmul``) and for fused ``scaled_dot_product_attention``,
+so any attention built from them is understood.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ... import meta
+from ..labels import CHANNEL, HEAD, Block, Labels, block_on, merge
+from .common import link_heads
+from .registry import OpCall, register_op
+
+_aten = torch.ops.aten
+
+
+def _new_heads(ctx, joint: torch.Tensor, out_ndim: int) -> Block | None:
+    """Fresh head ids for an attention whose contracted channel ids ``joint`` (batch..., k) have rows.
+
+    Each head owns the channels of its row. Returns the head block placed on the output's head dim.
+    """
+    batch = joint.shape[:-1]
+    row_dims = [d for d, n in enumerate(batch) if n > 1]
+    if len(row_dims) != 1:
+        return None
+    r = row_dims[0]
+    heads = batch[r]
+    head_ids = ctx.ch.space(f"<heads:{ctx.node.name}>", 0, heads, True)
+    rows = joint.movedim(r, 0).reshape(heads, -1, joint.shape[-1]).reshape(heads, -1)
+    ctx.ch.record_heads(head_ids, rows)
+    view = [1] * out_ndim
+    out_dim = r + (out_ndim - 2 - len(batch))
+    view[out_dim] = heads
+    return Block(head_ids.reshape(view), out_dim, HEAD)
+
+
+def _contract(ctx, a: Any, a_block: Block | None, b: Any, b_block: Block | None, a_dim: int, b_dim: int,
+              out_ndim: int) -> Block | None:
+    """Couple the contracted channels of two operands (q·kᵀ, x·W) or freeze an unpaired side.
+
+    Returns a new head block when both operands are activations and their channels come in heads.
+    """
+    if a_block is not None and b_block is not None:
+        a_ids = a_block.ids.movedim(a_dim, -1)
+        b_ids = b_block.ids.movedim(b_dim, -1)
+        # positions other than batch dims (the non-contracted matrix dim) must agree
+        a_ids = ctx.ch.union_within(a_ids, (a_ids.ndim - 2,)) if a_ids.ndim >= 2 and a_ids.shape[-2] > 1 else a_ids
+        b_ids = ctx.ch.union_within(b_ids, (b_ids.ndim - 2,)) if b_ids.ndim >= 2 and b_ids.shape[-2] > 1 else b_ids
+        ctx.ch.union(a_ids, b_ids)
+        if not ctx.is_const(a) and not ctx.is_const(b):
+            joint = torch.broadcast_tensors(a_ids, b_ids)[0]
+            ctx.ch.tag(joint, "qk")
+            ctx.ch.record_rows(joint)
+            return _new_heads(ctx, joint.squeeze(-2) if joint.ndim >= 2 else joint, out_ndim)
+    elif a_block is not None:
+        ctx.freeze(a_block.ids, f"contracted with {ctx.describe(b)}, which has no prunable channels")
+    elif b_block is not None:
+        ctx.freeze(b_block.ids, f"contracted with {ctx.describe(a)}, which has no prunable channels")
+    return None
+
+
+def _matmul_macs(call: OpCall, out: tuple, shape_of: Callable[[Any], tuple | None]) -> int:
+    a = shape_of(call.args["input"])
+    return math.prod(out) * a[-1] if a and len(a) >= 2 else 0
+
+
+def _sdpa_macs(call: OpCall, out: tuple, shape_of: Callable[[Any], tuple | None]) -> int:
+    q, k, v = (shape_of(call.args[n]) for n in ("query", "key", "value"))
+    if not (q and k and v):
+        return 0
+    return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+@register_op("matmul", ("input", "other"), functions=[torch.matmul, torch.bmm, operator.matmul],
+             methods=["matmul", "bmm"], aten=[_aten.matmul.default, _aten.bmm.default], macs=_matmul_macs)
+def rule_matmul(ctx, call: OpCall) -> Labels:
+    a, b = call.args["input"], call.args["other"]
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    if len(sa) < 2 or len(sb) < 2:
+        for x in (a, b):
+            ctx.freeze_labels(ctx.labels(x), "matmul with a 1-D operand is not supported")
+        return ()
+    nd = ctx.out.ndim
+    la, lb = ctx.labels(a), ctx.labels(b)
+    ka, kb = len(sa) - 1, len(sb) - 2
+    for labels, k in ((la, ka), (lb, kb)):
+        for block in labels:
+            if block.level != CHANNEL and (block.dim == k or block.ids.shape[k] > 1):
+                ctx.freeze(block.ids, f"{block.level} ids along a contracted dim")
+    out: list[Block] = []
+    heads = _contract(ctx, a, block_on(la, ka), b, block_on(lb, kb), ka, kb, nd)
+    if heads is not None:
+        out.append(heads)
+    both_activations = not ctx.is_const(a) and not ctx.is_const(b)
+    carried: list[Block] = []
+    for labels, k, pad, carried_dim in ((la, ka, nd - len(sa), len(sa) - 2), (lb, kb, nd - len(sb), len(sb) - 1)):
+        for block in labels:
+            if block.dim == k or (block.level != CHANNEL and block.ids.shape[k] > 1):
+                continue
+            ids = ctx.ch.union_within(block.ids, (k,)) if block.ids.shape[k] > 1 else block.ids
+            moved = Block(ids, block.dim, block.level).unsqueezed(pad)
+            carried.append(moved)
+            if both_activations and block.dim == carried_dim and block.level == CHANNEL:
+                ctx.ch.tag(moved.ids, "v")
+                ctx.ch.record_rows(moved.rows())
+                ctx.node.meta[meta.ATTENTION_OUTPUT] = True
+    out.extend(carried)
+    for head in (b for b in out if b.level == HEAD):
+        for channel in (b for b in carried if b.level == CHANNEL):
+            link_heads(ctx, head, channel)
+    return merge(ctx.ch, out)
+
+
+@register_op("sdpa", ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"),
+             functions=[F.scaled_dot_product_attention], aten=[_aten.scaled_dot_product_attention.default],
+             macs=_sdpa_macs)
+def rule_sdpa(ctx, call: OpCall) -> Labels:
+    q, k, v = call.args["query"], call.args["key"], call.args["value"]
+    ndim = len(ctx.shape(q))
+    lq, lk, lv = ctx.labels(q), ctx.labels(k), ctx.labels(v)
+    heads = _contract(ctx, q, block_on(lq, ndim - 1), k, block_on(lk, ndim - 1), ndim - 1, ndim - 1, ndim)
+    for labels, name in ((lq, "query"), (lk, "key")):
+        for block in labels:
+            if block.dim != ndim - 1 or block.level != CHANNEL:
+                ctx.freeze(block.ids, f"{name} of attention has {block.level} ids along dim {block.dim}")
+    out: list[Block] = [] if heads is None else [heads]
+    for block in lv:
+        if block.dim == ndim - 1 and block.level == CHANNEL and block.ids.shape[ndim - 2] == 1:
+            ctx.node.meta[meta.ATTENTION_OUTPUT] = True
+            ctx.ch.tag(block.ids, "v")
+            ctx.ch.record_rows(block.rows())
+            out.append(block)
+            if heads is not None:
+                link_heads(ctx, heads, block)
+        else:
+            ctx.freeze(block.ids, f"value of attention has {block.level} ids along dim {block.dim}")
+    mask = call.args.get("attn_mask")
+    mask_labels = ctx.labels(mask)
+    if mask_labels:
+        pad = ndim - len(ctx.shape(mask))
+        for block in (b.unsqueezed(pad) for b in mask_labels):
+            if heads is not None and block.dim == heads.dim:  # a per-head bias (or a mask repeated per head)
+                ctx.ch.union(block.ids, heads.ids)
+            else:
+                ctx.freeze(block.ids, "attention mask carries ids outside the head dim")
+    return merge(ctx.ch, out)

@@ -1,0 +1,126 @@
+"""Elementwise ops: unary maps keep their input's labels; binary ops couple what they combine."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..labels import CHANNEL, FREE, HEAD, Block, Labels, merge, param_labels
+from .common import link_heads
+from .registry import OpCall, register_op
+
+_aten = torch.ops.aten
+_UNARY = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "exp", "abs", "sqrt", "rsqrt", "log", "erf",
+          "dropout", "contiguous", "clone", "float", "half", "bfloat16", "to", "type_as", "type", "detach",
+          "softplus", "elu", "leaky_relu", "hardswish", "hardsigmoid", "mish", "relu6", "square", "sin", "cos",
+          "clamp", "clamp_min", "clamp_max", "reciprocal", "sign", "gelu_tanh"]
+_UNARY_ATEN = ["gelu", "relu", "silu", "sigmoid", "tanh", "neg", "exp", "abs", "sqrt", "rsqrt", "dropout", "clone",
+               "contiguous", "softplus", "hardswish", "erf", "reciprocal", "alias", "detach", "_to_copy", "clamp"]
+_UNARY_MODULES = (nn.Dropout, nn.Identity, nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish,
+                  nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Hardsigmoid)
+_ELEMENTWISE = ["add", "sub", "mul", "div", "truediv", "floordiv", "pow", "maximum", "minimum", "where",
+                "rsub", "true_divide", "addcmul"]
+_ELEMENTWISE_ATEN = ["add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "add.Scalar", "mul.Scalar", "div.Scalar",
+                     "sub.Scalar", "pow.Tensor_Scalar", "maximum.default", "minimum.default", "where.self",
+                     "rsub.Scalar"]
+# constants shaped like their input: their channels are free; the rewrite gives them explicit sizes
+LIKE_CREATORS = {"zeros_like": "new_zeros", "ones_like": "new_ones", "empty_like": "new_empty"}
+
+
+def _functions(names: list[str], *namespaces) -> list:
+    return [getattr(ns, n) for n in names for ns in namespaces if callable(getattr(ns, n, None))]
+
+
+def _aten_overloads(names: list[str]) -> list:
+    found = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        overload_packet = getattr(_aten, packet, None)
+        if overload_packet is not None and hasattr(overload_packet, overload or "default"):
+            found.append(getattr(overload_packet, overload or "default"))
+    return found
+
+
+def _optional(module: str, name: str) -> list:
+    """A function of timm or torchvision that fx keeps whole (a leaf), when that library provides it."""
+    try:
+        return [getattr(__import__(module, fromlist=[name]), name)]
+    except (ImportError, AttributeError):  # pragma: no cover - both are dependencies
+        return []
+
+
+@register_op("unary", ("input",),
+             functions=[operator.neg, *_functions(_UNARY, torch, F),
+                        *_optional("torchvision.ops.stochastic_depth", "stochastic_depth")],
+             methods=_UNARY, aten=_aten_overloads(_UNARY_ATEN), modules={m: lambda module, ref: {} for m in _UNARY_MODULES})
+def rule_unary(ctx, call: OpCall) -> Labels:
+    return ctx.labels(call.args["input"])
+
+
+def _bind_operands(node, args: tuple, kwargs: dict) -> dict:
+    return {"operands": list(args) + list(kwargs.values())}
+
+
+@register_op("elementwise", ("*operands",), bind=_bind_operands,
+             functions=[operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
+                        *_functions(_ELEMENTWISE, torch), *_optional("timm.layers.attention", "maybe_add_mask")],
+             methods=_ELEMENTWISE, aten=_aten_overloads(_ELEMENTWISE_ATEN))
+def rule_elementwise(ctx, call: OpCall) -> Labels:
+    out_ndim = ctx.out.ndim
+    operands = [x for x in call.args.get("operands", []) if ctx.shape(x) is not None]
+    has_activation = any(not ctx.is_const(x) for x in operands)
+    aligned = []
+    for x in operands:
+        shape = ctx.shape(x)
+        pad = out_ndim - len(shape)
+        aligned.append((x, (1,) * pad + tuple(shape), [b.unsqueezed(pad) for b in ctx.labels(x)]))
+    activation_levels: dict[int, set[str]] = {}
+    for x, _, blocks in aligned:
+        if not ctx.is_const(x):
+            for b in blocks:
+                if b.level != FREE:
+                    activation_levels.setdefault(b.dim, set()).add(b.level)
+    adjusted = []
+    for x, shape, blocks in aligned:
+        own = []
+        for block in blocks:
+            if ctx.is_const(x) and has_activation and block.level == CHANNEL:
+                levels = activation_levels.get(block.dim, set())
+                if not levels:
+                    continue  # a parameter broadcast along a dim that holds no channels (e.g. positions)
+                if CHANNEL not in levels:  # a per-head parameter (bias table, logit scale) meets heads
+                    block = Block(block.ids, block.dim, HEAD)
+            own.append(block)
+        adjusted.append((x, shape, own))
+    result = merge(ctx.ch, [b for _, _, own in adjusted for b in own])
+    for head in (b for b in result if b.level == HEAD):
+        for channel in (b for b in result if b.level == CHANNEL and b.ids.shape[head.dim] > 1):
+            link_heads(ctx, head, channel)
+    for x, shape, own in adjusted:
+        covered = {(b.dim, b.level) for b in own} | {(b.dim, lvl) for b in own if b.level == FREE for lvl in (CHANNEL, HEAD)}
+        # rows of channels along a head dim shrink with the heads that own them
+        covered |= {(d, HEAD) for b in own if b.level == CHANNEL for d in b.row_dims()}
+        for block in result:
+            if block.level != FREE and shape[block.dim] > 1 and (block.dim, block.level) not in covered:
+                what = "heads" if block.level == HEAD else "channels"
+                ctx.freeze(block.ids, f"combined with {ctx.describe(x)}, which has no prunable {what} on dim {block.dim}")
+    return result
+
+
+def _give_explicit_size(node, call: OpCall, old: tuple, new: tuple) -> None:
+    """zeros_like(x) whose channels differ from x's after pruning becomes x.new_zeros(size)."""
+    method = LIKE_CREATORS.get(getattr(node.target, "__name__", "").split(".")[0])
+    if method is None:
+        return
+    node.target, node.op = method, "call_method"
+    node.args = (node.args[0], tuple(new))
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k in ("dtype", "device", "requires_grad")}
+
+
+@register_op("like", ("input",), functions=_functions(list(LIKE_CREATORS), torch),
+             aten=_aten_overloads(["zeros_like", "ones_like"]), resize=_give_explicit_size)
+def rule_like(ctx, call: OpCall) -> Labels:
+    """zeros_like(x) and friends: a constant with channels of its own, coupled only where it is used."""
+    return param_labels(ctx.ch, f"<{ctx.node.name}>", ctx.out.shape, virtual=True)

@@ -1,0 +1,268 @@
+"""Layout ops: views, permutations, broadcasting, concatenation and splitting, padding and rolling.
+
+They move ids with the positions they describe. Those that bake sizes into the graph (reshape, expand,
+split) declare how the rewrite shrinks those sizes (``resize``).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ... import meta
+from ..labels import FREE, Block, Labels, make_block, merge, reshape_block
+from .common import dims_of, drop_dims
+from .registry import OpCall, register_op
+
+_aten = torch.ops.aten
+_SIZED = {"reshape", "view", "expand", torch.reshape, _aten.reshape.default, _aten.view.default, _aten.expand.default}
+
+
+def _rewrite_sizes(node: fx.Node, old: tuple, new: tuple) -> None:
+    """reshape(x, *sizes) / view / expand: the sizes of dims that shrank take their new value."""
+    packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+    sizes = list(node.args[1] if packed else node.args[1:])
+    if len(sizes) != len(old):
+        return
+    changed = [i for i, (o, n) in enumerate(zip(old, new)) if o != n and not (isinstance(sizes[i], int) and sizes[i] == -1)]
+    inferred = any(isinstance(v, int) and v == -1 for v in sizes)
+    dynamic = [i for i in changed if isinstance(sizes[i], fx.Node)]
+    for i in changed:
+        if i in dynamic and len(dynamic) == 1 and not inferred:
+            sizes[i] = -1  # a size computed at run time (batch * heads): let reshape infer it, keeping batch dynamic
+        else:
+            sizes[i] = new[i]
+    node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+
+
+def _rewrite_unflatten(node: fx.Node, old: tuple, new: tuple) -> None:
+    args = list(node.args)
+    dim = args[1] if len(args) > 1 else node.kwargs["dim"]
+    sizes = list(args[2] if len(args) > 2 else node.kwargs["sizes"])
+    dim %= len(old) - len(sizes) + 1  # dim counts in the input, which has len(sizes) - 1 fewer dims
+    for i in range(len(sizes)):
+        if old[dim + i] != new[dim + i] and sizes[i] != -1:
+            sizes[i] = new[dim + i]
+    if len(args) > 2:
+        args[2] = tuple(sizes)
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, "sizes": tuple(sizes)}
+
+
+def _resize_view(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
+    if node.target in _SIZED and node.op in ("call_method", "call_function"):
+        _rewrite_sizes(node, old, new)
+    elif node.target in ("unflatten", torch.unflatten):
+        _rewrite_unflatten(node, old, new)
+
+
+def _resize_split(node: fx.Node, call: OpCall, old: list, new: list) -> None:
+    """split / chunk: explicit section sizes along the split dim."""
+    dim = call.args.get("dim", 0) % len(old[0])
+    new_sizes = [s[dim] for s in new]
+    if [s[dim] for s in old] == new_sizes:
+        return
+    graph = node.graph
+    with graph.inserting_after(node):
+        replacement = graph.call_function(torch.split, (node.args[0], new_sizes), {"dim": dim})
+    replacement.meta = dict(node.meta)
+    node.replace_all_uses_with(replacement)
+    graph.erase_node(node)
+
+
+# --- views and permutations ------------------------------------------------------------------------------
+
+
+@register_op("reshape", ("input", "*shape"),
+             functions=[torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten],
+             methods=["reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"],
+             aten=[_aten.reshape.default, _aten.view.default, _aten.flatten.using_ints, _aten.unflatten.int,
+                   _aten.unsqueeze.default, _aten.squeeze.dim],
+             modules={nn.Flatten: lambda module, ref: {"shape": []}}, resize=_resize_view)
+def rule_reshape(ctx, call: OpCall) -> Labels:
+    src = ctx.shape(call.args["input"])
+    dst = ctx.out.shape
+    out = []
+    for block in ctx.labels(call.args["input"]):
+        moved = reshape_block(block, src, dst)
+        if moved is None:
+            ctx.freeze(block.ids, f"reshape {tuple(src)} -> {tuple(dst)} mixes channel dim {block.dim} irregularly")
+        else:
+            out.append(moved)
+    return merge(ctx.ch, out)
+
+
+def _permute(labels: Labels, order: Sequence[int]) -> Labels:
+    return tuple(b.moved(b.ids.permute(*order), list(order).index(b.dim)) for b in labels)
+
+
+@register_op("permute", ("input", "*dims"), functions=[torch.permute], methods=["permute"],
+             aten=[_aten.permute.default])
+def rule_permute(ctx, call: OpCall) -> Labels:
+    ndim = ctx.out.ndim
+    return _permute(ctx.labels(call.args["input"]), [d % ndim for d in call.args["dims"]])
+
+
+@register_op("transpose", ("input", "dim0", "dim1"), functions=[torch.transpose], methods=["transpose"],
+             aten=[_aten.transpose.int, _aten.t.default])
+def rule_transpose(ctx, call: OpCall) -> Labels:
+    ndim = ctx.out.ndim
+    order = list(range(ndim))
+    if ndim >= 2:
+        d0 = call.args.get("dim0", 0) % ndim
+        d1 = call.args.get("dim1", 1) % ndim
+        order[d0], order[d1] = order[d1], order[d0]
+    return _permute(ctx.labels(call.args["input"]), order)
+
+
+@register_op("expand", ("input", "*sizes"), methods=["expand", "expand_as"], aten=[_aten.expand.default],
+             resize=_resize_view)
+def rule_expand(ctx, call: OpCall) -> Labels:
+    """Broadcast copies. A constant expanded to a literal size (a mask repeated per head) gets free ids
+    there, so the copies can shrink with whatever they meet."""
+    x = call.args["input"]
+    src = ctx.shape(x)
+    dst = ctx.out.shape
+    pad = len(dst) - len(src)
+    blocks = [b.unsqueezed(pad) for b in ctx.labels(x)]
+    sizes = call.args.get("sizes") or []
+    if ctx.is_const(x) and len(sizes) == len(dst):
+        for d, size in enumerate(sizes):
+            source = src[d - pad] if d >= pad else 1
+            if isinstance(size, int) and size > 1 and source == 1:
+                view = [1] * len(dst)
+                view[d] = size
+                blocks.append(Block(ctx.ch.space(f"<{ctx.node.name}>", d, size, True).reshape(view), d, FREE))
+    return merge(ctx.ch, blocks)
+
+
+def _bind_shape_query(node: fx.Node, args: tuple, kwargs: dict) -> dict | None:
+    if node.target is getattr:  # x.shape; other attributes (dtype, device) are no shape query
+        return {"input": args[0]} if len(args) == 2 and args[1] == "shape" else None
+    return {"input": args[0], "rest": list(args[1:]) + list(kwargs.values())}
+
+
+@register_op("shape_query", ("input", "*rest"), functions=[getattr], methods=["size", "dim"],
+             aten=[_aten.sym_size.int], bind=_bind_shape_query)
+def rule_shape_query(ctx, call: OpCall) -> None:
+    return None
+
+
+# --- joining and splitting --------------------------------------------------------------------------------
+
+
+@register_op("cat", ("tensors", "dim"), functions=[torch.cat, torch.concat], aten=[_aten.cat.default])
+def rule_cat(ctx, call: OpCall) -> Labels:
+    tensors = list(call.args["tensors"])
+    ndim = ctx.out.ndim
+    dim = call.args.get("dim", 0) % ndim
+    per_input = [(x, ctx.shape(x), {(b.dim, b.level): b for b in ctx.labels(x)}) for x in tensors]
+    out: list[Block] = []
+    keys = sorted({k for _, _, blocks in per_input for k in blocks})
+    for key in keys:
+        cd = key[0]
+        if cd != dim and any(key not in blocks and shape[cd] > 1 for _, shape, blocks in per_input):
+            for _, _, blocks in per_input:
+                if key in blocks:
+                    ctx.freeze(blocks[key].ids, "concatenated with a tensor that has no prunable channels on this dim")
+            continue
+        if cd != dim and all(key not in blocks or blocks[key].ids.shape[dim] == 1 for _, _, blocks in per_input):
+            out.extend(blocks[key] for _, _, blocks in per_input if key in blocks)  # coupled by merge below
+            continue
+        pieces = []
+        for x, shape, blocks in per_input:
+            if key not in blocks:  # positions without ids along the cat dim can never be removed
+                ctx.freeze_labels(tuple(bl[key] for _, _, bl in per_input if key in bl),
+                                  f"concatenated along dim {dim} with {ctx.describe(x)}, which has no ids there")
+                pieces = []
+                break
+            target = list(blocks[key].ids.shape)
+            target[dim] = shape[dim]
+            pieces.append(blocks[key].ids.expand(target))
+        if pieces:
+            full = [max(p.shape[d] for p in pieces) for d in range(ndim)]
+            pieces = [p.expand([full[d] if d != dim else p.shape[d] for d in range(ndim)]) for p in pieces]
+            out.append(make_block(torch.cat(pieces, dim), cd, key[1]))
+    return merge(ctx.ch, out)
+
+
+@register_op("stack", ("tensors", "dim"), functions=[torch.stack], aten=[_aten.stack.default])
+def rule_stack(ctx, call: OpCall) -> Labels:
+    dim = call.args.get("dim", 0) % ctx.out.ndim
+    blocks = []
+    for x in call.args["tensors"]:
+        for b in ctx.labels(x):
+            blocks.append(Block(b.ids.unsqueeze(dim), b.dim + (1 if b.dim >= dim else 0), b.level))
+    return merge(ctx.ch, blocks)
+
+
+def _pieces(ctx, x: Any, dim: int, sizes: list[int], keep_dim: bool) -> list[Labels]:
+    outputs: list[list[Block]] = [[] for _ in sizes]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    for block in ctx.labels(x):
+        if not keep_dim and block.dim == dim:
+            ctx.freeze(block.ids, f"unbound along its channel dim {dim}")
+            continue
+        for i, (start, size) in enumerate(zip(starts, sizes)):
+            ids = block.ids.narrow(dim, start, size) if block.ids.shape[dim] > 1 else block.ids
+            piece = Block(ids, block.dim, block.level)
+            if not keep_dim:
+                piece = drop_dims(piece, [dim])
+            outputs[i].append(piece.moved(piece.ids, piece.dim))
+    return [tuple(o) for o in outputs]
+
+
+@register_op("unbind", ("input", "dim"), functions=[torch.unbind], methods=["unbind"], aten=[_aten.unbind.int])
+def rule_unbind(ctx, call: OpCall) -> list[Labels]:
+    x = call.args["input"]
+    shape = ctx.shape(x)
+    dim = call.args.get("dim", 0) % len(shape)
+    return _pieces(ctx, x, dim, [1] * shape[dim], keep_dim=False)
+
+
+@register_op("split", ("input", "split_size_or_sections", "dim"), functions=[torch.split], methods=["split"],
+             aten=[_aten.split.Tensor, _aten.split_with_sizes.default], resize=_resize_split)
+def rule_split(ctx, call: OpCall) -> list[Labels]:
+    x = call.args["input"]
+    shape = ctx.shape(x)
+    dim = call.args.get("dim", 0) % len(shape)
+    sizes = [v.shape[dim] for v in ctx.node.meta[meta.VALUE]]
+    return _pieces(ctx, x, dim, sizes, keep_dim=True)
+
+
+register_op("chunk", ("input", "chunks", "dim"), functions=[torch.chunk], methods=["chunk"],
+            aten=[_aten.chunk.default], resize=_resize_split)(rule_split)
+
+
+# --- ops that move positions ------------------------------------------------------------------------------
+
+
+def _keep_off(ctx, labels: Labels, dims: set[int], why: str) -> Labels:
+    """Blocks with ids along ``dims`` are frozen (those positions move or multiply); the rest pass unchanged."""
+    out = []
+    for block in labels:
+        if block.dim in dims or any(block.ids.shape[d] > 1 for d in dims):
+            ctx.freeze(block.ids, why)
+        else:
+            out.append(block)
+    return tuple(out)
+
+
+@register_op("pad", ("input", "pad", "mode", "value"), functions=[F.pad],
+             aten=[_aten.pad.default, _aten.constant_pad_nd.default])
+def rule_pad(ctx, call: OpCall) -> Labels:
+    """F.pad on the trailing dims: ids on a padded dim would gain positions."""
+    padded = {ctx.out.ndim - 1 - i // 2 for i, amount in enumerate(call.args.get("pad") or ()) if amount != 0}
+    return _keep_off(ctx, ctx.labels(call.args["input"]), padded, "padded along its channel dim")
+
+
+@register_op("roll", ("input", "shifts", "dims"), functions=[torch.roll], methods=["roll"], aten=[_aten.roll.default])
+def rule_roll(ctx, call: OpCall) -> Labels:
+    """torch.roll shifts positions (windows, tokens); ids along a rolled dim would move."""
+    dims = call.args.get("dims")
+    rolled = set(range(ctx.out.ndim)) if dims is None else set(dims_of(dims, ctx.out.ndim))
+    return _keep_off(ctx, ctx.labels(call.args["input"]), rolled, "rolled along a dim that holds ids")

@@ -1,0 +1,110 @@
+"""Ops with weights: Linear and convolution. Their outputs hold fresh channels (rows of the weight)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ... import meta
+from ..labels import CHANNEL, Block, Labels, block_on, make_block, merge
+from .registry import OpCall, register_op
+
+_aten = torch.ops.aten
+
+
+def _linear_macs(call: OpCall, out: tuple, shape_of: Callable[[Any], tuple | None]) -> int:
+    x = shape_of(call.args["input"])
+    return math.prod(out) * x[-1] if x else 0
+
+
+def _conv_macs(call: OpCall, out: tuple, shape_of: Callable[[Any], tuple | None]) -> int:
+    x = shape_of(call.args["input"])
+    kernel = shape_of(call.args["weight"])
+    if not x or not kernel:
+        return 0
+    groups = call.args.get("groups", 1) or 1
+    original = call.args["input"].meta[meta.VALUE].shape  # the graph keeps the original groups argument
+    depthwise = groups > 1 and original[1] == groups
+    return math.prod(out) * (1 if depthwise else x[1] // groups) * math.prod(kernel[2:])
+
+
+@register_op("linear", ("input", "weight", "bias"), functions=[F.linear], aten=[_aten.linear.default],
+             modules={nn.Linear: lambda module, ref: {"weight": ref("weight"), "bias": ref("bias")}},
+             macs=_linear_macs, produces_channels=True)
+def rule_linear(ctx, call: OpCall) -> Labels:
+    x, weight, bias = call.args["input"], call.args["weight"], call.args.get("bias")
+    last = len(ctx.shape(x)) - 1
+    w_labels = ctx.labels(weight)
+    w_out = block_on(w_labels, 0)
+    w_in = block_on(w_labels, 1)
+    out: list[Block] = []
+    for block in ctx.labels(x):
+        if block.dim == last:
+            if block.level == CHANNEL:
+                consumed = ctx.ch.union_within(block.ids, tuple(block.row_dims()))
+                if w_in is not None:
+                    ctx.ch.union(consumed.reshape(-1), w_in.ids.reshape(-1))
+            # head ids along the features end here: the weight columns carry the channels
+        else:
+            ids = ctx.ch.union_within(block.ids, (last,)) if block.ids.shape[last] > 1 else block.ids
+            out.append(Block(ids, block.dim, block.level))
+    if w_in is not None and block_on(ctx.labels(x), last) is None:
+        ctx.freeze(w_in.ids, f"input features of {ctx.describe(weight)} come from {ctx.describe(x)}, which has no prunable channels")
+    if w_out is not None:
+        view = [1] * (last + 1)
+        view[last] = w_out.ids.numel()
+        out_ids = w_out.ids.reshape(view)
+        if bias is not None and ctx.labels(bias):
+            ctx.ch.union(out_ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
+        out.append(Block(out_ids, last))
+    return merge(ctx.ch, out)
+
+
+def _conv_args(module: nn.Module, ref) -> dict:
+    return {"weight": ref("weight"), "bias": ref("bias"), "groups": module.groups}
+
+
+@register_op("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+             functions=[F.conv1d, F.conv2d], aten=[_aten.conv1d.default, _aten.conv2d.default],
+             modules={nn.Conv1d: _conv_args, nn.Conv2d: _conv_args}, macs=_conv_macs, produces_channels=True)
+def rule_conv(ctx, call: OpCall) -> Labels:
+    x, weight, bias = call.args["input"], call.args["weight"], call.args.get("bias")
+    groups = call.args.get("groups", 1) or 1
+    w_shape = ctx.shape(weight)
+    w_labels = ctx.labels(weight)
+    in_block = in_rows = result = None
+    for block in ctx.labels(x):
+        if block.dim != 1 or block.level != CHANNEL:
+            ctx.freeze(block.ids, f"convolution input has {block.level} ids along dim {block.dim}")
+        else:  # filters are shared by every batch item and position: rows there (e.g. heads) share offsets
+            in_rows = block
+            in_block = Block(ctx.ch.union_within(block.ids, tuple(block.row_dims())), 1)
+    w_out = block_on(w_labels, 0)
+    out_ids = w_out.ids.reshape(1, -1, *([1] * (len(w_shape) - 2))) if w_out is not None else None
+    in_channels = ctx.shape(x)[1]
+    if groups == 1:
+        w_in = block_on(w_labels, 1)
+        if in_block is not None and w_in is not None:
+            ctx.ch.union(in_block.ids.reshape(-1), w_in.ids.reshape(-1))
+        elif w_in is not None:
+            ctx.freeze(w_in.ids, f"input channels of {ctx.describe(weight)} are not prunable channels")
+    elif groups == in_channels == w_shape[0] and w_shape[1] == 1:  # depthwise: channel i only sees channel i
+        if in_block is not None and out_ids is not None:
+            ctx.ch.union(in_block.ids.reshape(-1), out_ids.reshape(-1))
+            if in_rows.row_dims():  # keep the rows (heads merged into the batch) for whoever reads them
+                result = in_rows.ids.reshape(in_rows.ids.shape[0], -1, *([1] * (len(w_shape) - 2)))
+        elif out_ids is not None:
+            ctx.freeze(out_ids, f"depthwise {ctx.describe(weight)} follows channels that are not prunable")
+    else:
+        for block in (in_block,) + tuple(w_labels):
+            if block is not None:
+                ctx.freeze(block.ids, f"grouped convolution (groups={groups}) is not supported")
+        return ()
+    if out_ids is None:
+        return ()
+    if bias is not None and ctx.labels(bias):
+        ctx.ch.union(out_ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
+    return (make_block(result if result is not None else out_ids, 1),)

@@ -1,0 +1,137 @@
+"""Normalisations and reductions. Where an op would see a removed channel's zero (a mean, a softmax, a
+LayerNorm's statistics), only the whole reduced set may go; sums and p-norms ignore zeros."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..labels import CHANNEL, Block, Labels, block_on
+from .common import dims_of, drop_dims, whole_rows
+from .registry import OpCall, register_op
+
+_aten = torch.ops.aten
+
+
+def _couple_param(ctx, param: Any, block: Block | None, param_dim: int, why_unlabeled: str) -> None:
+    """Couple a per-channel parameter's dim ``param_dim`` with an activation block (shared over its rows)."""
+    if param is None:
+        return
+    p_block = block_on(ctx.labels(param), param_dim)
+    if p_block is None:
+        return
+    if block is None:
+        ctx.freeze(p_block.ids, why_unlabeled)
+        return
+    shared = ctx.ch.union_within(block.ids, tuple(block.row_dims()))
+    ctx.ch.union(shared.reshape(-1), p_block.ids.reshape(-1))
+
+
+@register_op("layer_norm", ("input", "normalized_shape", "weight", "bias", "eps"), functions=[F.layer_norm],
+             aten=[_aten.layer_norm.default],
+             modules={nn.LayerNorm: lambda module, ref: {"normalized_shape": module.normalized_shape,
+                                                          "weight": ref("weight"), "bias": ref("bias")}})
+def rule_layer_norm(ctx, call: OpCall) -> Labels:
+    x = call.args["input"]
+    labels = ctx.labels(x)
+    ndim = len(ctx.shape(x))
+    normalized = call.args.get("normalized_shape") or ()
+    normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
+    first = ndim - len(normalized)
+    dims = list(range(first, ndim))
+    for block in labels:
+        if block.dim >= first or any(block.ids.shape[d] > 1 for d in dims):
+            whole_rows(ctx, block, dims, "normalised over these channels: removing some would change the statistics")
+    for pdim in range(len(normalized)):
+        block = block_on(labels, first + pdim)
+        for param in (call.args.get("weight"), call.args.get("bias")):
+            _couple_param(ctx, param, block, pdim, "normalised features are not prunable channels")
+    return labels
+
+
+def _batch_norm_args(module: nn.Module, ref) -> dict:
+    return {name: ref(name) for name in ("running_mean", "running_var", "weight", "bias")}
+
+
+@register_op("batch_norm", ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+             functions=[F.batch_norm], modules={nn.BatchNorm1d: _batch_norm_args, nn.BatchNorm2d: _batch_norm_args})
+def rule_batch_norm(ctx, call: OpCall) -> Labels:
+    x = call.args["input"]
+    labels = ctx.labels(x)
+    block = block_on(labels, 1)
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        _couple_param(ctx, call.args.get(name), block, 0, "batch-norm features are not prunable channels")
+    return labels
+
+
+@register_op("softmax", ("input", "dim"), functions=[F.softmax, torch.softmax], methods=["softmax"],
+             aten=[_aten.softmax.int, _aten._softmax.default],
+             modules={nn.Softmax: lambda module, ref: {"dim": module.dim}})
+def rule_softmax(ctx, call: OpCall) -> Labels:
+    labels = ctx.labels(call.args["input"])
+    dim = call.args.get("dim")
+    if dim is None:
+        ctx.freeze_labels(labels, "softmax without an explicit dim")
+        return ()
+    dim %= ctx.out.ndim
+    for block in labels:
+        if block.dim == dim or block.ids.shape[dim] > 1:
+            whole_rows(ctx, block, [dim], "softmax over these ids: removing some would change the normaliser")
+    return labels
+
+
+@register_op("normalize", ("input", "p", "dim", "eps"), functions=[F.normalize])
+def rule_normalize(ctx, call: OpCall) -> Labels:
+    # F.normalize divides by a norm over `dim`: zeroed (masked) channels add nothing to a p-norm, p > 0
+    labels = ctx.labels(call.args["input"])
+    p = call.args.get("p", 2.0)
+    dim = call.args.get("dim", 1) % ctx.out.ndim
+    for block in labels:
+        on_dim = block.dim == dim or block.ids.shape[dim] > 1
+        if on_dim and (block.level != CHANNEL or not (isinstance(p, (int, float)) and p > 0)):
+            whole_rows(ctx, block, [dim], f"normalised (p={p}) over these ids")
+    return labels
+
+
+def _reduce(ctx, call: OpCall, zero_safe: bool, what: str) -> Labels:
+    x = call.args["input"]
+    ndim = len(ctx.shape(x))
+    dims = dims_of(call.args.get("dim"), ndim)
+    keepdim = bool(call.args.get("keepdim", False))
+    out = []
+    for block in ctx.labels(x):
+        if block.dim in dims:
+            if not zero_safe or block.level != CHANNEL:
+                whole_rows(ctx, block, [block.dim], f"{what} over these ids: removing some would change the result")
+            continue
+        ids = block.ids
+        rows = [d for d in dims if ids.shape[d] > 1]
+        if rows:
+            ids = ctx.ch.union_within(ids, tuple(rows))
+        reduced = Block(ids, block.dim, block.level)
+        out.append(reduced if keepdim else drop_dims(reduced, dims))
+    return tuple(out)
+
+
+@register_op("sum", ("input", "dim", "keepdim"), functions=[torch.sum], methods=["sum"], aten=[_aten.sum.dim_IntList])
+def rule_sum(ctx, call):
+    return _reduce(ctx, call, True, "sum")
+
+
+@register_op("norm", ("input", "p", "dim", "keepdim"), functions=[torch.norm, torch.linalg.vector_norm],
+             methods=["norm"], aten=[_aten.linalg_vector_norm.default])
+def rule_norm(ctx, call):
+    p = call.args.get("p", 2)
+    return _reduce(ctx, call, p is None or p == "fro" or (isinstance(p, (int, float)) and p > 0), "norm")
+
+
+@register_op("mean", ("input", "dim", "keepdim"), functions=[torch.mean], methods=["mean"], aten=[_aten.mean.dim])
+def rule_mean(ctx, call):
+    return _reduce(ctx, call, False, "mean")
+
+
+@register_op("amax", ("input", "dim", "keepdim"), functions=[torch.amax], methods=["amax"], aten=[_aten.amax.default])
+def rule_amax(ctx, call):
+    return _reduce(ctx, call, False, "max")

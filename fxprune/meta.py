@@ -1,0 +1,25 @@
+"""Every fact fxprune stores on a graph, in one place.
+
+Passes communicate through ``node.meta`` (per node) and ``GraphModule.meta`` (per graph), as torch.fx's own
+passes do. Nothing else in fxprune spells these keys; import them from here.
+"""
+from __future__ import annotations
+
+# --- node.meta ---------------------------------------------------------------------------------------------
+VALUE = "fxprune_value"  # capture: the example output's TensorValue (tensors) or the value (python scalars)
+OP = "fxprune_op"  # analysis: the normalised OpCall, or None for an op without a rule
+LABELS = "fxprune_labels"  # analysis: the output's channel labels (Blocks); None where it holds no tensor
+CONST = "fxprune_const"  # analysis: True when the value depends on parameters only
+ATTENTION_OUTPUT = "fxprune_attention_output"  # analysis: this node computes an attention's output (·V)
+
+# --- GraphModule.meta --------------------------------------------------------------------------------------
+CAPTURE_METHOD = "fxprune_capture"  # "torch.export" where capture fell back to export
+PLAN = "fxprune_plan"  # the Plan a pruned module was made with
+ARCHITECTURE = "fxprune_architecture"  # timm's architecture name, for save/load
+MODEL_ARGS = "fxprune_model_args"  # keyword arguments the architecture was built with, for save/load
+REWEIGHTED_NODES = "fxprune_reweighted_nodes"  # nodes that received reweight modules
+
+# --- names fxprune gives to graph members ------------------------------------------------------------------
+BUFFER_PREFIX = "_fxprune_"  # constants fxprune adds to a graph module (window masks, gate indices, masks)
+REWEIGHT_PREFIX = "fxprune_reweight"  # reweight parameters (scale and bias per kept input channel)
+GATES_PLACEHOLDER = "fxprune_gates"  # gated graphs: the input holding one gate per atom

@@ -1,13 +1,16 @@
-"""fxprune: physically smaller vision transformers by head-aligned channel pruning on the torch.fx graph.
+"""fxprune: physically smaller transformers by head-aligned channel pruning on the torch.fx graph.
 
-Pipeline (one sub-package each): capture -> analysis -> importance -> allocate -> rewrite -> verify.
+Pipeline (one sub-package or module each): capture -> analysis (op rules) -> importance -> allocate ->
+rewrite -> verify. ``fxprune.register_op`` teaches it a new op; ``fxprune.importance.register`` a new
+criterion.
 """
-from . import models, report  # noqa: F401  (models registers the FLatten models with timm)
+from . import importance, models, report, zoo  # noqa: F401  (models registers the FLatten models with timm)
 from .analysis import Analysis, Group
+from .analysis.rules import register_op
 from .api import __version__, apply, mask, plan, plan_of, prune
 from .api import _analysis as _analysis_of
-from .errors import CaptureError, FxpruneError, InvalidArgumentError, PlanError, RewriteError
 from .auto import auto_prune
+from .errors import CaptureError, FxpruneError, InvalidArgumentError, PlanError, RewriteError
 from .finetune import finetune
 from .io import LoadError, load, save
 from .plan import Plan
@@ -30,6 +33,16 @@ def analyze(model, example_inputs=None, untie_shared_convs: bool = False) -> Ana
     return _analysis_of(model, example_inputs, untie_shared_convs)
 
 
-__all__ = ["analyze", "make_attention_visible", "fold_reweights", "auto_prune", "finetune", "save", "load", "LoadError", "plan", "apply", "prune", "mask", "plan_of", "Analysis", "Group", "Plan",
-           "FxpruneError", "InvalidArgumentError", "CaptureError", "PlanError", "RewriteError",
-           "count_macs", "count_params", "latency", "relative_error", "__version__"]
+__all__ = [
+    # pruning
+    "analyze", "plan", "apply", "prune", "mask", "plan_of", "auto_prune",
+    # after pruning
+    "fold_reweights", "finetune", "save", "load",
+    # measuring
+    "count_macs", "count_params", "latency", "relative_error",
+    # extending and inspecting
+    "register_op", "make_attention_visible", "importance", "zoo", "Analysis", "Group", "Plan",
+    # errors
+    "FxpruneError", "InvalidArgumentError", "CaptureError", "PlanError", "RewriteError", "LoadError",
+    "__version__",
+]

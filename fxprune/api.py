@@ -64,6 +64,10 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise InvalidArgumentError(f"fxprune: round_to must be a positive integer, got {round_to!r}")
     ignored = tuple(ignored_layers) if not isinstance(ignored_layers, str) else (ignored_layers,)
+    criterion = importance_.criterion(importance)
+    if criterion.needs_data and data is None:
+        raise InvalidArgumentError(f"fxprune: importance '{importance}' needs calibration data: pass data=[batch, ...] "
+                                   "(a DataLoader or a list of input tensors)")
     analysis = _analysis(model, example_inputs, untie_shared_convs)
     names = {n for n, _ in analysis.gm.named_modules()}
     for name in ignored:
@@ -79,7 +83,7 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
         measure = (lambda removed: budget.macs(analysis, removed)) if target_macs is not None \
             else (lambda removed: budget.params(analysis, removed))
         options["budget"] = "macs" if target_macs is not None else "params"
-        return global_budget(analysis, scores, measure, target, kinds, per_group_normalisation=importance != "dimap",
+        return global_budget(analysis, scores, measure, target, kinds, per_group_normalisation=not criterion.comparable_across_groups,
                              min_head_width=min_head_width, head_ratio=head_ratio, options=options,
                              ignored=ignored, round_to=round_to)
     ratio = _check_ratio(ratio)

@@ -93,14 +93,39 @@ def _initial_logits(analysis, groups: list, scores: torch.Tensor | None) -> torc
     return theta
 
 
+def _train_indicators(analysis, prunable: torch.Tensor, costs: torch.Tensor, theta: torch.Tensor, calibration: list,
+                      target_macs: float, *, steps: int, lr: float, penalty: float, progress: bool) -> torch.Tensor:
+    """Train the indicator logits ``theta``: distil the unpruned model's output through soft gates
+    (sigmoid(theta)) under a MACs penalty. Returns the indicators (float64), one per atom."""
+    from tqdm.auto import tqdm
+
+    full = float(budget.macs(analysis, torch.zeros(analysis.atoms.count, dtype=torch.bool)))
+    gm = gated_graph(analysis).eval()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        teachers = [analysis.gm(x) for x in calibration]
+    optimiser = torch.optim.Adam([theta], lr=lr)
+    weights = costs.to(torch.float32)
+    mask = prunable.to(torch.float32)
+    for step in tqdm(range(steps), desc="fxprune auto_prune", disable=not progress):
+        x, teacher = calibration[step % len(calibration)], teachers[step % len(calibration)]
+        indicators = torch.sigmoid(theta) * mask + (1 - mask)
+        distill = F.mse_loss(gm(indicators, x), teacher) / teacher.var().clamp_min(1e-12)
+        macs_fraction = 1 - (weights * (1 - indicators)).sum() / full
+        loss = distill + penalty * F.relu(macs_fraction - target_macs) ** 2
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return torch.sigmoid(theta.detach()).to(torch.float64)
+
+
 def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, steps: int = 100,
                example_inputs: Sequence | None = None, lr: float = 0.05, penalty: float = 50.0,
                similarity: bool = True, attention_init: bool = True, reweight: bool = True, equal_heads: bool = True,
                kinds: Iterable[str] = DEFAULT_KINDS, seed: int = 0, progress: bool = True):
     """Prune ``model`` to ``target_macs`` (a fraction of its MACs) with the automatic method; returns the pruned,
     reweighted GraphModule (its plan from ``fxprune.plan_of``, the trained indicators in the plan options)."""
-    from tqdm.auto import tqdm
-
     if not 0.0 < float(target_macs) <= 1.0:
         raise InvalidArgumentError(f"fxprune: target_macs must be in (0, 1], got {target_macs!r}")
     kinds = tuple(kinds)
@@ -119,29 +144,11 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
         costs = channel_costs(analysis, groups)
         if similarity:
             costs = costs * (1 + redundancy(analysis, groups))
-        full = float(budget.macs(analysis, torch.zeros(analysis.atoms.count, dtype=torch.bool)))
         init = importance_.score(analysis, "attention", data=calibration, seed=seed) if attention_init else None
         theta = _initial_logits(analysis, groups, init).to(torch.float32).requires_grad_(True)
 
-        gm = gated_graph(analysis).eval()
-        for p in gm.parameters():
-            p.requires_grad_(False)
-        with torch.no_grad():
-            teachers = [analysis.gm(x) for x in calibration]
-        optimiser = torch.optim.Adam([theta], lr=lr)
-        weights = costs.to(torch.float32)
-        mask = prunable.to(torch.float32)
-        for step in tqdm(range(steps), desc="fxprune auto_prune", disable=not progress):
-            x = calibration[step % len(calibration)]
-            indicators = torch.sigmoid(theta) * mask + (1 - mask)
-            output = gm(indicators, x)
-            distill = F.mse_loss(output, teachers[step % len(calibration)]) / teachers[step % len(calibration)].var().clamp_min(1e-12)
-            macs_fraction = 1 - (weights * (1 - indicators)).sum() / full
-            loss = distill + penalty * F.relu(macs_fraction - target_macs) ** 2
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        scores = torch.sigmoid(theta.detach()).to(torch.float64)
+        scores = _train_indicators(analysis, prunable, costs, theta, calibration, target_macs, steps=steps, lr=lr,
+                                   penalty=penalty, progress=progress)
         plan = global_budget(analysis, scores, lambda removed: budget.macs(analysis, removed), float(target_macs),
                              kinds, per_group_normalisation=False, per_row="mean" if equal_heads else "min",
                              options={"importance": "auto", "steps": steps, "similarity": similarity,

@@ -70,11 +70,6 @@ class Plan:
                 raise PlanError(f"fxprune: plan removes part of a set that must go whole ({reason})")
         return mask
 
-    def kept(self, analysis, group_name: str) -> list[list[int]]:
-        group = analysis.group(group_name)
-        removed = self.removed.get(group_name, [[] for _ in group.rows])
-        return [[i for i in range(len(row)) if i not in set(rm)] for row, rm in zip(group.rows, removed)]
-
 
 def removed_head_channels(analysis, removed: dict[str, list[list[int]]]) -> set[int]:
     """Atoms removed by whole-head removal: the head atoms and every channel atom they own."""

@@ -51,37 +51,14 @@ def _space_index(spaces: list[Space], n: int) -> torch.Tensor:
 
 
 def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Block] = ()) -> list[Group]:
+    """Gather atoms into groups (atoms cutting the same parameter dims), with head layout, kind and constraints."""
     spaces = atoms.ids.spaces
     if not spaces:
         return []
     n = atoms.ids.size
-    space_of = _space_index(spaces, n)
     first_id = torch.full((atoms.count,), n, dtype=torch.long).scatter_reduce(0, atoms.atom_of, torch.arange(n), "amin")
-
-    pairs = torch.unique(atoms.atom_of * len(spaces) + space_of)
-    signature: dict[int, list[int]] = defaultdict(list)
-    for atom, space in zip((pairs // len(spaces)).tolist(), (pairs % len(spaces)).tolist()):
-        signature[atom].append(space)
-    by_signature: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for atom in torch.nonzero(atoms.active).flatten().tolist():  # parameter-only dims are no channels
-        by_signature[tuple(signature[atom])].append(atom)
-
-    group_of = torch.full((atoms.count,), -1, dtype=torch.long)
-    ordered = sorted(by_signature.items(), key=lambda kv: int(first_id[kv[1][0]]))
-    for g, (_, members) in enumerate(ordered):
-        group_of[torch.tensor(members)] = g
-
-    layouts: dict[int, list[torch.Tensor]] = defaultdict(list)
-    irregular: dict[int, str] = {}
-    for rows in atoms.rows:
-        owners = torch.unique(group_of[rows]).tolist()
-        if len(owners) == 1 and owners[0] >= 0:
-            layouts[owners[0]].append(rows)
-        else:
-            for g in owners:
-                if g >= 0:
-                    irregular[g] = "a head layout mixes channels of several groups"
-
+    ordered, group_of = _atoms_by_signature(atoms, first_id)
+    layouts, irregular = _head_layouts(atoms, group_of)
     whole_reasons: dict[int, set[str]] = defaultdict(set)
     for atom_set, reason in atoms.whole_sets:
         for a in atom_set:
@@ -102,9 +79,7 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
         kind = _kind(roles, member_spaces, param_ndim)
         rows, heads, head_dim, shared, problem = _head_rows(members, layouts.get(g, []), first_id)
         frozen += sorted({r for a in members for r in whole_reasons.get(a, ())})
-        for extra in (irregular.get(g), problem):
-            if extra:
-                frozen.append(extra)
+        frozen += [extra for extra in (irregular.get(g), problem) if extra]
         name = _name(kind, member_spaces, param_ndim, used_names)
         groups.append(Group(name, kind, rows, heads, head_dim, shared, member_spaces, frozen))
     owners: dict[int, set[int]] = defaultdict(set)  # channel atom -> head atoms that own it
@@ -117,6 +92,39 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
         for g in peers:
             groups[g].same_count_as = sorted(groups[p].name for p in peers if p != g)
     return groups
+
+
+def _atoms_by_signature(atoms: Atoms, first_id: torch.Tensor) -> tuple[list[tuple[tuple[int, ...], list[int]]], torch.Tensor]:
+    """Active atoms keyed by the channel spaces they cut, in graph order; and each atom's group index (-1: none)."""
+    spaces = atoms.ids.spaces
+    space_of = _space_index(spaces, atoms.ids.size)
+    pairs = torch.unique(atoms.atom_of * len(spaces) + space_of)
+    signature: dict[int, list[int]] = defaultdict(list)
+    for atom, space in zip((pairs // len(spaces)).tolist(), (pairs % len(spaces)).tolist()):
+        signature[atom].append(space)
+    by_signature: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for atom in torch.nonzero(atoms.active).flatten().tolist():  # parameter-only dims are no channels
+        by_signature[tuple(signature[atom])].append(atom)
+    group_of = torch.full((atoms.count,), -1, dtype=torch.long)
+    ordered = sorted(by_signature.items(), key=lambda kv: int(first_id[kv[1][0]]))
+    for g, (_, members) in enumerate(ordered):
+        group_of[torch.tensor(members)] = g
+    return ordered, group_of
+
+
+def _head_layouts(atoms: Atoms, group_of: torch.Tensor) -> tuple[dict[int, list[torch.Tensor]], dict[int, str]]:
+    """The recorded head layouts (rows of atoms) of each group, and the groups whose layouts mix groups."""
+    layouts: dict[int, list[torch.Tensor]] = defaultdict(list)
+    irregular: dict[int, str] = {}
+    for rows in atoms.rows:
+        owners = torch.unique(group_of[rows]).tolist()
+        if len(owners) == 1 and owners[0] >= 0:
+            layouts[owners[0]].append(rows)
+        else:
+            for g in owners:
+                if g >= 0:
+                    irregular[g] = "a head layout mixes channels of several groups"
+    return layouts, irregular
 
 
 def _describe_heads(group: Group, members: list[int], atoms: Atoms, owners: dict[int, set[int]],

@@ -7,6 +7,7 @@ reshape and permute per part, so q/k and v widths can differ (and v can shrink w
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -50,66 +51,86 @@ def _unbind_dim(node: fx.Node) -> int | None:
     return None
 
 
+@dataclass
+class _StackedSplit:
+    """``node = x.reshape(*lead, parts, ...)``, optionally permuted, whose parts are taken one by one."""
+
+    reshape: fx.Node
+    permute: fx.Node | None
+    unbind: fx.Node | None
+    getters: list[fx.Node]
+    order: list[int]  # the permutation (identity without a permute)
+    lead: int  # the dim that stacks the parts
+    parts: int
+    width: int  # the channel width of the stacked input (parts * part width)
+
+
+def _match_stacked_split(node: fx.Node) -> _StackedSplit | None:
+    """The stacked q/k/v split starting at ``node``, or None when ``node`` starts none."""
+    if not _is_reshape(node):
+        return None
+    src = node.args[0].meta.get(meta.VALUE) if isinstance(node.args[0], fx.Node) else None
+    out = node.meta.get(meta.VALUE)
+    if not (isinstance(src, TensorValue) and isinstance(out, TensorValue)):
+        return None
+    lead = len(src.shape) - 1
+    if len(out.shape) < lead + 2 or out.shape[:lead] != src.shape[:lead]:
+        return None
+    parts = out.shape[lead]
+    sizes = _sizes(node)
+    if parts < 2 or len(sizes) != len(out.shape) or not isinstance(sizes[lead], int):
+        return None
+    chain = list(node.users)
+    if len(chain) != 1:
+        return None
+    order = _permute_dims(chain[0])
+    if order is not None:
+        permute, order, stacked = chain[0], [d % len(out.shape) for d in order], chain[0]
+    else:
+        permute, order, stacked = None, list(range(len(out.shape))), node
+    users = list(stacked.users)
+    if len(users) == 1 and _unbind_dim(users[0]) is not None:
+        unbind = users[0]  # q, k, v = qkv.unbind(dim)
+        if order[_unbind_dim(unbind) % len(out.shape)] != lead:
+            return None
+        getters = list(unbind.users)
+    elif users and order[0] == lead:
+        unbind, getters = None, users  # q, k, v = qkv[0], qkv[1], qkv[2]
+    else:
+        return None
+    if not all(g.op == "call_function" and g.target is operator.getitem and isinstance(g.args[1], int) for g in getters):
+        return None
+    return _StackedSplit(node, permute, unbind, getters, order, lead, parts, src.shape[-1])
+
+
+def _split_stacked(graph: fx.Graph, match: _StackedSplit) -> None:
+    """x.split(width / parts, -1), then one reshape (and permute) per part, in place of the stacked tensor."""
+    node, lead = match.reshape, match.lead
+    sizes = _sizes(node)
+    part_order = [d - (1 if d > lead else 0) for d in match.order if d != lead]
+    with graph.inserting_after(node):
+        pieces = graph.call_function(torch.split, (node.args[0], match.width // match.parts), {"dim": -1})
+    replacements: dict[int, fx.Node] = {}
+    for g in match.getters:
+        i = g.args[1] % match.parts
+        if i not in replacements:
+            with graph.inserting_before(g):
+                piece = graph.call_function(operator.getitem, (pieces, i))
+                shaped = graph.call_method("reshape", (piece, *(sizes[:lead] + sizes[lead + 1:])))
+                replacements[i] = graph.call_method("permute", (shaped, *part_order)) if match.permute is not None else shaped
+        g.replace_all_uses_with(replacements[i])
+    for dead in match.getters + [n for n in (match.unbind, match.permute) if n is not None] + [node]:
+        graph.erase_node(dead)
+
+
 def unpack_stacked_heads(gm: fx.GraphModule) -> PassResult:
     """Pass: rewrite every stacked q/k/v split (reshape -> [permute] -> unbind)."""
     count = 0
     for node in list(gm.graph.nodes):
-        if not _is_reshape(node):
-            continue
-        src = node.args[0].meta.get(meta.VALUE) if isinstance(node.args[0], fx.Node) else None
-        out = node.meta.get(meta.VALUE)
-        if not (isinstance(src, TensorValue) and isinstance(out, TensorValue)):
-            continue
-        lead = len(src.shape) - 1
-        if len(out.shape) < lead + 2 or out.shape[:lead] != src.shape[:lead]:
-            continue
-        parts = out.shape[lead]
-        sizes = _sizes(node)
-        if parts < 2 or len(sizes) != len(out.shape) or not isinstance(sizes[lead], int):
-            continue
-        chain = list(node.users)
-        if len(chain) != 1:
-            continue
-        order = _permute_dims(chain[0])
-        if order is not None:
-            permute = chain[0]
-            order = [d % len(out.shape) for d in order]
-            stacked = permute
-        else:
-            permute, order, stacked = None, list(range(len(out.shape))), node
-        users = list(stacked.users)
-        if len(users) == 1 and _unbind_dim(users[0]) is not None:
-            unbind = users[0]  # q, k, v = qkv.unbind(dim)
-            if order[_unbind_dim(unbind) % len(out.shape)] != lead:
-                continue
-            getters = list(unbind.users)
-        elif users and order[0] == lead:
-            unbind = None  # q, k, v = qkv[0], qkv[1], qkv[2]
-            getters = users
-        else:
-            continue
-        if not all(g.op == "call_function" and g.target is operator.getitem and isinstance(g.args[1], int)
-                   for g in getters):
-            continue
-        graph = gm.graph
-        part_order = [d - (1 if d > lead else 0) for d in order if d != lead]
-        with graph.inserting_after(node):
-            pieces = graph.call_function(torch.split, (node.args[0], src.shape[-1] // parts), {"dim": -1})
-        replacements = {}
-        for g in getters:
-            i = g.args[1] % parts
-            if i in replacements:
-                g.replace_all_uses_with(replacements[i])
-                continue
-            with graph.inserting_before(g):
-                piece = graph.call_function(operator.getitem, (pieces, i))
-                shaped = graph.call_method("reshape", (piece, *(sizes[:lead] + sizes[lead + 1:])))
-                result = graph.call_method("permute", (shaped, *part_order)) if permute is not None else shaped
-            replacements[i] = result
-            g.replace_all_uses_with(result)
-        for dead in getters + ([unbind] if unbind is not None else []) + ([permute] if permute is not None else []) + [node]:
-            graph.erase_node(dead)
-        count += 1
+        match = _match_stacked_split(node)
+        if match is not None:
+            _split_stacked(gm.graph, match)
+            count += 1
     if count:
         gm.graph.lint()
         gm.recompile()

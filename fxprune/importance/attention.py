@@ -17,7 +17,7 @@ from . import heads_from_channels, register
 from ..data import batches
 
 
-@register("attention")
+@register("attention", needs_data=True)
 def attention(analysis, data=None, max_batches: int | None = 4, probes: int = 4, seed: int = 0, **_) -> torch.Tensor:
     gm = gated_graph(analysis).eval()
     for p in gm.parameters():

@@ -31,7 +31,7 @@ def distortion(weight: torch.Tensor) -> torch.Tensor:
     return scores.reshape(weight.shape)
 
 
-@register("dimap")
+@register("dimap", comparable_across_groups=True)
 def dimap(analysis, **_) -> torch.Tensor:
     sums = torch.zeros(analysis.atoms.count, dtype=torch.float64)
     counts = torch.zeros(analysis.atoms.count, dtype=torch.float64)

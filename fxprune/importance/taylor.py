@@ -24,7 +24,7 @@ def self_distillation_loss(output: torch.Tensor) -> torch.Tensor:
     return output.square().mean()
 
 
-@register("taylor")
+@register("taylor", needs_data=True)
 def taylor(analysis, data=None, max_batches: int | None = 8, **_) -> torch.Tensor:
     model = copy.deepcopy(analysis.gm).eval()
     params = dict(model.named_parameters())

@@ -90,26 +90,24 @@ def register_op(name: str, signature: Iterable[str], *, functions: Iterable[Any]
     signature = tuple(signature)
 
     def decorate(rule: Rule) -> Rule:
-        if name in OPS and not replace:
-            raise InvalidArgumentError(f"fxprune: op '{name}' is already registered (pass replace=True to override)")
+        claims = [(FUNCTIONS, key) for key in [*functions, *aten]] + [(METHODS, key) for key in methods]
+        if not replace:  # check every spelling before registering any: a refused op leaves no trace
+            if name in OPS:
+                raise InvalidArgumentError(f"fxprune: op '{name}' is already registered (pass replace=True to override)")
+            for table, key in claims:
+                if table.get(key, name) != name:
+                    raise InvalidArgumentError(
+                        f"fxprune: {getattr(key, '__name__', key)!s} is already spelled as op '{table[key]}'")
+            for cls in modules or {}:
+                if MODULES.get(cls, (name,))[0] != name:
+                    raise InvalidArgumentError(f"fxprune: module {cls.__name__} is already op '{MODULES[cls][0]}'")
         OPS[name] = OpSpec(name, signature, rule, macs, produces_channels, resize, bind)
-        for table, keys in ((FUNCTIONS, list(functions) + list(aten)), (METHODS, list(methods))):
-            for key in keys:
-                _claim(table, key, name, replace)
-        for cls, reader in (modules or {}).items():
-            if cls in MODULES and MODULES[cls][0] != name and not replace:
-                raise InvalidArgumentError(f"fxprune: module {cls.__name__} is already op '{MODULES[cls][0]}'")
-            MODULES[cls] = (name, reader)
+        for table, key in claims:
+            table[key] = name
+        MODULES.update({cls: (name, reader) for cls, reader in (modules or {}).items()})
         return rule
 
     return decorate
-
-
-def _claim(table: dict, key: Any, name: str, replace: bool) -> None:
-    owner = table.get(key)
-    if owner is not None and owner != name and not replace:
-        raise InvalidArgumentError(f"fxprune: {getattr(key, '__name__', key)!s} is already spelled as op '{owner}'")
-    table[key] = name
 
 
 def spec_of(call: OpCall | None) -> OpSpec | None:

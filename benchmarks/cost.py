@@ -1,5 +1,6 @@
-"""Pruning cost: wall time and peak memory of capture + analysis + rewrite, against Torch-Pruning's time for
-the same job (head-dim and MLP channel pruning at ratio 0.5, magnitude importance).
+"""Pruning cost: wall time and peak memory of capture + analysis + rewrite + self-check, against Torch-Pruning's
+time for the same job (head-dim and MLP channel pruning at ratio 0.5, magnitude importance). The self-check's
+share is the difference to the same call with ``verify=False``.
 
     python benchmarks/cost.py                       # table + benchmarks/results/cost.json
     python benchmarks/cost.py --markdown --no-peer  # without Torch-Pruning (pip install torch-pruning)
@@ -40,11 +41,11 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def fxprune_cost(model: torch.nn.Module) -> tuple[float, float]:
+def fxprune_cost(model: torch.nn.Module, verify: bool = True) -> tuple[float, float]:
     gc.collect()
     before = _rss_mb()
     started = time.perf_counter()
-    fxprune.prune(model, 0.5)
+    fxprune.prune(model, 0.5, verify=verify)
     return time.perf_counter() - started, max(0.0, _rss_mb() - before)
 
 
@@ -75,23 +76,28 @@ def main() -> None:
         if args.only and label not in args.only:
             continue
         model = timm.create_model(name, **kwargs).eval()
+        unchecked, _ = fxprune_cost(model, verify=False)
         seconds, memory = fxprune_cost(model)
         peer = None if args.no_peer else torch_pruning_cost(timm.create_model(name, **kwargs).eval())
         row = {"model": label, "timm": name, "args": kwargs, "params_m": fxprune.count_params(model) / 1e6,
-               "fxprune_s": seconds, "fxprune_rss_growth_mb": memory, "torch_pruning_s": peer}
+               "fxprune_s": seconds, "fxprune_unchecked_s": unchecked, "fxprune_rss_growth_mb": memory,
+               "torch_pruning_s": peer}
         rows.append(row)
-        print(f"{label:16s} fxprune {seconds:6.2f}s (+{memory:6.0f} MB)   torch-pruning "
+        print(f"{label:16s} fxprune {seconds:6.2f}s (+{memory:6.0f} MB; {unchecked:6.2f}s without the self-check)   "
+              "torch-pruning "
               f"{'-' if peer is None else f'{peer:6.2f}s'}", flush=True)
         del model
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "cost.json").write_text(json.dumps(rows, indent=1))
     if args.markdown:
-        print("\n| model | params (M) | fxprune (s) | new peak RSS (MB) | Torch-Pruning (s) |")
-        print("|---|---|---|---|---|")
+        print("\n| model | params (M) | fxprune (s) | of which self-check | new peak RSS (MB) | Torch-Pruning (s) |")
+        print("|---|---|---|---|---|---|")
         for r in rows:
             peer = "-" if r["torch_pruning_s"] is None else f"{r['torch_pruning_s']:.2f}"
-            print(f"| {r['model']} | {r['params_m']:.1f} | {r['fxprune_s']:.2f} | {r['fxprune_rss_growth_mb']:.0f} | {peer} |")
+            check = max(0.0, r["fxprune_s"] - r["fxprune_unchecked_s"]) / r["fxprune_s"]
+            print(f"| {r['model']} | {r['params_m']:.1f} | {r['fxprune_s']:.2f} | {100 * check:.0f}% | "
+                  f"{r['fxprune_rss_growth_mb']:.0f} | {peer} |")
 
 
 if __name__ == "__main__":

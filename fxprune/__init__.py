@@ -7,9 +7,10 @@ criterion.
 from . import importance, models, report, zoo  # noqa: F401  (models registers the FLatten models with timm)
 from .analysis import Analysis, Group
 from .analysis.rules import register_op
-from .api import __version__, apply, mask, plan, plan_of, prune
+from .api import __version__, apply, check_of, mask, plan, plan_of, prune
 from .api import _analysis as _analysis_of
 from .auto import auto_prune
+from .coverage import PruningShortfallWarning
 from .errors import CaptureError, FxpruneError, InvalidArgumentError, PlanError, RewriteError
 from .finetune import finetune
 from .io import LoadError, load, save
@@ -35,7 +36,7 @@ def analyze(model, example_inputs=None, untie_shared_convs: bool = False) -> Ana
 
 __all__ = [
     # pruning
-    "analyze", "plan", "apply", "prune", "mask", "plan_of", "auto_prune",
+    "analyze", "plan", "apply", "prune", "mask", "plan_of", "check_of", "auto_prune",
     # after pruning
     "fold_reweights", "finetune", "save", "load",
     # measuring
@@ -44,5 +45,6 @@ __all__ = [
     "register_op", "make_attention_visible", "importance", "zoo", "Analysis", "Group", "Plan",
     # errors
     "FxpruneError", "InvalidArgumentError", "CaptureError", "PlanError", "RewriteError", "LoadError",
+    "PruningShortfallWarning",
     "__version__",
 ]

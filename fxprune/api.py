@@ -11,7 +11,8 @@ import torch.fx as fx
 from . import importance as importance_
 from . import budget
 from .allocate import DEFAULT_KINDS, global_budget, uniform
-from .analysis import Analysis, analyze_captured
+from . import coverage
+from .analysis import KINDS, Analysis, analyze_captured
 from .capture import capture
 from .errors import InvalidArgumentError, PlanError
 from .plan import Plan
@@ -41,7 +42,7 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
          importance: str = "l2", kinds: Iterable[str] = DEFAULT_KINDS, head_ratio: float = 0.0, seed: int = 0,
          untie_shared_convs: bool = False, target_macs: float | None = None, target_params: float | None = None,
          data: Iterable | None = None, min_head_width: int = 1, ignored_layers: Iterable[str] = (),
-         round_to: int = 1) -> Plan:
+         round_to: int = 1, strict: bool = False) -> Plan:
     """Decide what to remove.
 
     With ``ratio``: ``head_ratio`` of every attention's heads, then ``ratio`` of every remaining head's channels
@@ -53,6 +54,9 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     batches). ``ignored_layers``: module names (or prefixes) whose parameters must not shrink: every group
     touching them is left whole. ``round_to``: keep widths that are multiples of it where possible (removing
     fewer channels, never more).
+    When the plan removes less than asked (frozen groups, rounding, constraints: more than a point below
+    ``ratio``, or a target missed by more than a point), a ``PruningShortfallWarning`` says how much less and
+    why (``plan.options["coverage"]`` holds the numbers); ``strict=True`` raises ``PlanError`` instead.
     ``untie_shared_convs`` first gives every head its own copy of a depthwise conv the heads share (FLatten's
     DWC on V; numerically identical), so heads may choose their own channels and be removed whole.
     """
@@ -61,6 +65,9 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
         raise InvalidArgumentError("fxprune: give one of ratio, target_macs or target_params")
     ratio = 0.0 if not targets else ratio
     head_ratio = _check_ratio(head_ratio, "head_ratio")
+    kinds = _check_kinds(kinds)
+    if isinstance(min_head_width, bool) or not isinstance(min_head_width, int) or min_head_width < 1:
+        raise InvalidArgumentError(f"fxprune: min_head_width must be a positive integer, got {min_head_width!r}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise InvalidArgumentError(f"fxprune: round_to must be a positive integer, got {round_to!r}")
     ignored = tuple(ignored_layers) if not isinstance(ignored_layers, str) else (ignored_layers,)
@@ -83,12 +90,27 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
         measure = (lambda removed: budget.macs(analysis, removed)) if target_macs is not None \
             else (lambda removed: budget.params(analysis, removed))
         options["budget"] = "macs" if target_macs is not None else "params"
-        return global_budget(analysis, scores, measure, target, kinds, per_group_normalisation=not criterion.comparable_across_groups,
-                             min_head_width=min_head_width, head_ratio=head_ratio, options=options,
-                             ignored=ignored, round_to=round_to)
-    ratio = _check_ratio(ratio)
-    return uniform(analysis, scores, ratio, kinds, head_ratio=head_ratio, options=options, ignored=ignored,
-                   round_to=round_to)
+        p = global_budget(analysis, scores, measure, target, kinds,
+                          per_group_normalisation=not criterion.comparable_across_groups,
+                          min_head_width=min_head_width, head_ratio=head_ratio, options=options,
+                          ignored=ignored, round_to=round_to)
+        asked, what = target, options["budget"]
+    else:
+        asked, what = _check_ratio(ratio), "channels"
+        p = uniform(analysis, scores, asked, kinds, head_ratio=head_ratio, options=options, ignored=ignored,
+                    round_to=round_to)
+    p.options["coverage"] = coverage.assess(analysis, p, kinds, asked, what)
+    coverage.enforce(p.options["coverage"], strict)
+    return p
+
+
+def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise InvalidArgumentError(f"fxprune: unknown kind(s) {unknown}; kinds are {list(KINDS)} "
+                                   "(whole heads go with head_ratio)")
+    return kinds
 
 
 def _check_budget(value: object, name: str) -> float:
@@ -107,16 +129,19 @@ def _inputs_from_plan(p: Plan) -> tuple | None:
 
 
 def apply(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequence | None = None,
-          reweight_data: Iterable | None = None) -> fx.GraphModule:
+          reweight_data: Iterable | None = None, verify: bool = True) -> fx.GraphModule:
     """Carry out a plan: a physically smaller GraphModule that carries the plan (``fxprune.plan_of``).
 
     With ``reweight_data`` (calibration input batches), every Linear whose inputs shrank gets a per-channel
     scale and bias fitted to reproduce the unpruned layer (trainable; ``fold_reweights`` merges them).
+    ``verify`` (default on): run the result on the example inputs and on another batch size against the masked
+    original and raise ``RewriteError`` (naming the first diverging node) rather than return a wrong model;
+    ``fxprune.check_of(pruned)`` tells what was compared.
     """
     if not isinstance(p, Plan):
         raise InvalidArgumentError(f"fxprune: expected a Plan, got {type(p).__name__}")
     analysis = _replay_analysis(model, p, example_inputs)
-    return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data)
+    return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data, verify=verify)
 
 
 def _replay_analysis(model: torch.nn.Module | Analysis, p: Plan, example_inputs: Sequence | None) -> Analysis:
@@ -132,7 +157,7 @@ def _replay_analysis(model: torch.nn.Module | Analysis, p: Plan, example_inputs:
 
 
 _KNOWN_OPTIONS = {"kinds", "seed", "head_ratio", "untie_shared_convs", "target_macs", "target_params", "data",
-                  "min_head_width", "reweight_data", "ignored_layers", "round_to"}
+                  "min_head_width", "reweight_data", "ignored_layers", "round_to", "strict", "verify"}
 
 
 def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs: Sequence | None = None,
@@ -144,7 +169,8 @@ def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs:
     batches for data-driven importance), ``min_head_width``, ``reweight_data`` (see ``apply``),
     ``head_ratio`` (fraction of every attention's heads to remove first, at least one stays),
     ``kinds`` (group kinds to prune, default qk, v, mlp), ``seed`` (for ``importance="random"``),
-    ``untie_shared_convs`` (see ``plan``).
+    ``untie_shared_convs`` (see ``plan``), ``ignored_layers``, ``round_to``, ``strict`` (see ``plan``: an error
+    instead of a warning when less is removed than asked), ``verify`` (see ``apply``; default on).
     """
     unknown = set(options) - _KNOWN_OPTIONS
     if unknown:
@@ -155,8 +181,9 @@ def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs:
         ratio = _check_ratio(ratio)
     analysis = _analysis(model, example_inputs, bool(options.pop("untie_shared_convs", False)))
     reweight_data = options.pop("reweight_data", None)
+    verify = options.pop("verify", True)
     p = plan(analysis, ratio, importance=importance, **options)
-    return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data)
+    return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data, verify=verify)
 
 
 def plan_of(gm: fx.GraphModule) -> Plan:
@@ -165,6 +192,13 @@ def plan_of(gm: fx.GraphModule) -> Plan:
     if p is None:
         raise PlanError("fxprune: this module carries no plan; it was not made by fxprune.prune/apply")
     return p
+
+
+def check_of(gm: fx.GraphModule):
+    """The self-check a pruned GraphModule passed (``CheckResult``: error, batch sizes, reference), or None
+    when it was made with ``verify=False``."""
+    plan_of(gm)  # a clear error for modules fxprune did not make
+    return gm.meta.get(meta.CHECK)
 
 
 def mask(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequence | None = None,

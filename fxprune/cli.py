@@ -72,6 +72,10 @@ def cmd_inspect(args) -> int:
     for group in groups:
         share = float(costs[torch.tensor(group.atoms)].sum()) / total
         print(f"  {group.name:50s} {100 * share:6.2f} %")
+    coverage = analysis.coverage()
+    print(f"at most {100 * coverage['removable_macs']:.1f}% of the MACs can be removed (qk, v, mlp)")
+    for reason, count in coverage["frozen"]:
+        print(f"  frozen ({count} group{'s' if count > 1 else ''}): {reason}")
     return 0
 
 

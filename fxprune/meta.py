@@ -18,6 +18,7 @@ PLAN = "fxprune_plan"  # the Plan a pruned module was made with
 ARCHITECTURE = "fxprune_architecture"  # timm's architecture name, for save/load
 MODEL_ARGS = "fxprune_model_args"  # keyword arguments the architecture was built with, for save/load
 REWEIGHTED_NODES = "fxprune_reweighted_nodes"  # nodes that received reweight modules
+CHECK = "fxprune_check"  # the self-check's CheckResult (what was compared, the error)
 
 # --- names fxprune gives to graph members ------------------------------------------------------------------
 BUFFER_PREFIX = "_fxprune_"  # constants fxprune adds to a graph module (window masks, gate indices, masks)

@@ -37,7 +37,11 @@ def masked_activations(analysis, plan) -> torch.fx.GraphModule:
     norms over channels), zeroed weights are not what removal computes; zeroed activations are. The masks
     are shaped for the example batch size.
     """
-    removed = plan.removed_atoms(analysis)
+    return zeroed_activations(analysis, plan.removed_atoms(analysis))
+
+
+def zeroed_activations(analysis, removed: torch.Tensor) -> torch.fx.GraphModule:
+    """``masked_activations`` for a boolean mask of removed atoms."""
     gm = copy.deepcopy(analysis.gm)
     count = 0
     for node in list(gm.graph.nodes):

@@ -97,6 +97,7 @@ def test_cli_prune_inspect_bench(tmp_path, capsys):
     assert cli(["inspect", "deit_tiny_patch16_224", *args]) == 0
     printed = capsys.readouterr().out
     assert "blocks.1.attn.qkv:heads" in printed and "share of the MACs" in printed
+    assert "of the MACs can be removed (qk, v, mlp)" in printed
     assert cli(["prune", "no_such_model", "--ratio", "0.5"]) == 2
     assert "neither a saved fxprune directory" in capsys.readouterr().err
     assert cli(["prune", "deit_tiny_patch16_224", *args, "--ratio", "1.5"]) == 2

@@ -36,6 +36,15 @@ class Analysis:
                 return g
         raise KeyError(name)
 
+    def coverage(self, kinds: Sequence[str] = ("qk", "v", "mlp")) -> dict:
+        """How much of the model can shrink: the largest removable share of MACs in ``kinds``, the most common
+        reasons groups of those kinds are frozen, and the ops without a rule that touch channels."""
+        from ..coverage import frozen_reasons, removable_macs
+
+        return {"removable_macs": removable_macs(self, kinds),
+                "frozen": frozen_reasons(self, kinds),
+                "unknown_ops": sorted({op.target for op in self.unknown_ops if op.touched_channels})}
+
     def tensor(self, name: str) -> torch.Tensor:
         return _get_tensor(self.gm, name)
 

@@ -14,6 +14,9 @@ from .labels import Block, Labels, param_labels
 from .rules import ParamRef, normalize, spec_of
 
 
+UNKNOWN_OP = "no rule for"  # how a frozen reason names an op without a rule
+
+
 @dataclass
 class UnknownOp:
     node: str
@@ -148,7 +151,7 @@ def propagate(captured: Captured) -> tuple[ChannelIds, list[UnknownOp]]:
             continue
         if rule is None:
             touched = ctx.freeze_labels(_tensor_labels_of_args(ctx, node),
-                                        f"no rule for {_target_name(node)}; channels through it are kept")
+                                        f"{UNKNOWN_OP} {_target_name(node)}; channels through it are kept")
             unknown.append(UnknownOp(node.name, _target_name(node), touched))
             node.meta[meta.LABELS] = _empty_like(value)
             continue

@@ -8,7 +8,8 @@ Every pass takes the graph module (and what it needs from the analysis) and retu
                             values keep their original value
 3. ``keep_attention_scale`` SDPA keeps its original softmax scale
 4. ``insert_reweights``     (with calibration data) per-channel scale and bias compensating removed channels
-then the graph is linted and recompiled, and the plan is attached to the result.
+then the graph is linted and recompiled, checked against the masked original (``check.py``; raises
+``RewriteError`` naming the first diverging node), and the plan is attached to the result.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.fx as fx
 
 from .. import meta
 from ..analysis.shapes import kept_indices, new_shapes
+from ..check import check_pruned
 from ..plan import Plan
 from .attention_scale import keep_attention_scale
 from .fix_sizes import fix_sizes
@@ -25,7 +27,8 @@ from .reweight import consumers, fit_reweight, insert_reweights, record_inputs
 from .slice_parameters import slice_parameters
 
 
-def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None) -> fx.GraphModule:
+def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, verify: bool = True) -> fx.GraphModule:
+    """A pruned copy of the analysed graph; with ``verify``, checked against the masked original first."""
     removed = plan.removed_atoms(analysis)
     gm = copy.deepcopy(analysis.gm)
     keep = kept_indices(analysis, removed)
@@ -37,6 +40,8 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None) ->
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    if verify:  # before reweighting, which departs from the masked original on purpose
+        gm.meta[meta.CHECK] = check_pruned(analysis, removed, gm)
     if fits:
         insert_reweights(gm, fits)
         gm.meta[meta.REWEIGHTED_NODES] = sorted(fits)

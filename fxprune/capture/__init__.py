@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from .. import meta
 from ..errors import CaptureError, InvalidArgumentError
@@ -141,9 +142,25 @@ def _export(model_copy: torch.nn.Module, inputs: tuple, name: str) -> fx.GraphMo
         if exported is None:
             exported = torch.export.export(model_copy, inputs, strict=False)
     gm = exported.module()
+    _constants_as_buffers(gm)
     gm.meta[meta.CAPTURE_METHOD] = "torch.export"
     record_values(gm, inputs, name)
     return gm
+
+
+def _constants_as_buffers(gm: fx.GraphModule) -> None:
+    """export lifts tensor constants (e.g. TinyViT's attention-bias indices) to plain attributes; make them
+    non-persistent buffers, which every later pass (slicing, copying, moving) treats like the others."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner_path, _, attr = str(node.target).rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        value = getattr(owner, attr, None)
+        if (isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+                and attr not in owner._buffers and attr not in owner._parameters):
+            delattr(owner, attr)
+            owner.register_buffer(attr, value, persistent=False)
 
 
 def _trace(model: torch.nn.Module, model_copy: torch.nn.Module, inputs: tuple, method: str,

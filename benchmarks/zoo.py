@@ -3,8 +3,10 @@
     python benchmarks/zoo.py                 # prints a table, writes benchmarks/results/zoo.json
     python benchmarks/zoo.py --markdown      # the README's coverage table
 
-A model counts as supported when pruning at ratio 0.25 is masked-equivalent (relative error < 1e-4 on
-random unit-scale weights) and reduces MACs; otherwise the row gives the exact reason.
+A family counts as supported when pruning at ratio 0.25 (and half the heads where whole heads may go)
+shrinks attention (q/k, v or heads), is masked-equivalent on fresh inputs at batch sizes 2 and 3 (the trace
+used 1; relative error < 1e-4 on random unit-scale weights) and reduces MACs; otherwise the row says why
+(the frozen reason of the attention groups from fxprune.analyze, or the error).
 """
 from __future__ import annotations
 
@@ -23,29 +25,86 @@ import fxprune
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import randomize  # noqa: E402
 
-FAMILIES = {  # family -> (timm name, constructor arguments keeping it small)
+FAMILIES = {  # family -> (timm name, constructor arguments keeping it small); tests/test_zoo.py asserts these
     "ViT": ("vit_small_patch16_224", {}),
     "DeiT": ("deit_tiny_patch16_224", {}),
     "DeiT3": ("deit3_small_patch16_224", {}),
     "BEiT": ("beit_base_patch16_224", {"depth": 2}),
-    "CaiT": ("cait_xxs24_224", {"depth": 2}),
     "EVA-02": ("eva02_tiny_patch14_224", {"depth": 2}),
     "PVT-v2": ("pvt_v2_b0", {}),
     "Twins": ("twins_pcpvt_small", {"depths": (1, 1, 1, 1)}),
-    "XCiT": ("xcit_nano_12_p16_224", {"depth": 2}),
     "Swin": ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)}),
     "Swin-v2": ("swinv2_tiny_window8_256", {"depths": (1, 1, 1, 1)}),
     "LeViT": ("levit_128s", {}),
-    "MViT-v2": ("mvitv2_tiny", {}),
     "CrossViT": ("crossvit_tiny_240", {}),
     "TinyViT": ("tiny_vit_5m_224", {}),
-    "MaxViT": ("maxvit_tiny_tf_224", {"depths": (1, 1, 1, 1)}),
-    "CoaT": ("coat_lite_tiny", {}),
     "EfficientFormer": ("efficientformer_l1", {}),
-    "FastViT": ("fastvit_t8", {}),
     "FLatten-DeiT": ("flatten_deit_tiny_patch16_224", {"depth": 2}),
     "FLatten-Swin": ("flatten_swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)}),
 }
+MORE_FAMILIES = {  # the rest of timm's families with attention (one per timm.models module), run by the benchmark
+    "FastViT": ("fastvit_t8", {}),
+    "CoaT": ("coat_lite_tiny", {}),
+    "MaxViT": ("maxvit_tiny_tf_224", {"depths": (1, 1, 1, 1)}),
+    "MViT-v2": ("mvitv2_tiny", {}),
+    "XCiT": ("xcit_nano_12_p16_224", {"depth": 2}),
+    "CaiT": ("cait_xxs24_224", {"depth": 2}),
+    "Hiera": ("hiera_tiny_224", {}),
+    "MobileViT": ("mobilevit_xxs", {}),
+    "MobileViT-v2": ("mobilevitv2_050", {}),
+    "ConViT": ("convit_tiny", {"depth": 2}),
+    "VOLO": ("volo_d1_224", {}),
+    "NesT": ("nest_tiny", {}),
+    "GCViT": ("gcvit_xxtiny", {}),
+    "DaViT": ("davit_tiny", {"depths": (1, 1, 1, 1)}),
+    "EdgeNeXt": ("edgenext_xx_small", {}),
+    "PiT": ("pit_ti_224", {}),
+    "TNT": ("tnt_s_patch16_224", {"depth": 2}),
+    "ViT-hybrid": ("vit_tiny_r_s16_p8_224", {"depth": 2}),
+    "ViT-relpos": ("vit_relpos_small_patch16_224", {"depth": 2}),
+    "SAM-ViT": ("samvit_base_patch16_224", {"depth": 2}),
+    "EfficientViT-MIT": ("efficientvit_b0", {}),
+    "EfficientViT-MSRA": ("efficientvit_m0", {}),
+    "EfficientFormer-v2": ("efficientformerv2_s0", {}),
+    "Swin-v2-CR": ("swinv2_cr_tiny_224", {"depths": (1, 1, 1, 1)}),
+    "CoAtNet": ("coatnet_0_224", {"depths": (1, 1, 1, 1)}),
+    "CAFormer": ("caformer_s18", {"depths": (1, 1, 1, 1)}),
+    "NextViT": ("nextvit_small", {}),
+    "Visformer": ("visformer_tiny", {}),
+    "BoTNet": ("botnet26t_256", {}),
+    "HaloNet": ("halonet26t", {}),
+    "LambdaNet": ("lambda_resnet26t", {}),
+    "SwiftFormer": ("swiftformer_xs", {}),
+    "SHViT": ("shvit_s1", {}),
+    "ViTamin": ("vitamin_small_224", {"depth": (1, 1, 2)}),
+    "Hiera-SAM2": ("sam2_hiera_tiny", {}),
+    "NaFlexViT": ("naflexvit_base_patch16_gap", {"depth": 2}),
+    "MobileNetV5": ("mobilenetv5_300m", {}),
+    "LowFormer": ("lowformer_b0", {}),
+    "CPUBone": ("cpubone_b0_bfrobust", {}),
+    "iFormer": ("iformer_t", {}),
+    "DeepSeek-ViT": ("deepseek_vit_412m", {"depth": 2}),
+    "Qwen3-ViT": ("qwen3_vit_88m", {"depth": 2}),
+    "Gemma4-ViT": ("gemma4_vit_167m", {"depth": 2}),
+    "CSATv2": ("csatv2", {}),
+    "EfficientViM": ("efficientvim_m1", {}),
+}
+ALL_FAMILIES = {**FAMILIES, **MORE_FAMILIES}
+ATTENTION_KINDS = ("qk", "v", "heads")
+BATCHES = (2, 3)  # fresh inputs at batch sizes other than the trace's (1)
+
+
+def _inputs_like(example: tuple, batch: int, generator: torch.Generator) -> tuple:
+    return tuple(torch.randn(batch, *x.shape[1:], generator=generator) if isinstance(x, torch.Tensor) else x
+                 for x in example)
+
+
+def _frozen_reason(analysis, kind: str) -> str:
+    """The first frozen reason of a group of ``kind`` (why attention of that kind cannot shrink)."""
+    for group in analysis.groups:
+        if group.kind == kind and not group.prunable and group.frozen:
+            return group.frozen[0]
+    return ""
 
 
 def check(name: str, kwargs: dict) -> dict:
@@ -53,11 +112,13 @@ def check(name: str, kwargs: dict) -> dict:
     try:
         model = randomize(timm.create_model(name, **kwargs)).eval()
     except Exception as exc:  # noqa: BLE001 - a report of what timm itself does
-        return {**row, "status": "unsupported", "reason": f"timm cannot build it: {exc}".splitlines()[0]}
+        return {**row, "status": "unsupported", "reason": f"timm cannot build it: {exc}".splitlines()[0][:300]}
     started = time.perf_counter()
     try:
         analysis = fxprune.analyze(model)
-        plan = fxprune.plan(analysis, 0.25)
+        kinds = {g.kind for g in analysis.groups if g.prunable}
+        head_ratio = 0.5 if "heads" in kinds else 0.0
+        plan = fxprune.plan(analysis, 0.25, head_ratio=head_ratio)
         pruned = fxprune.apply(analysis, plan)
     except fxprune.FxpruneError as exc:
         return {**row, "status": "unsupported", "reason": str(exc).splitlines()[0][:300]}
@@ -66,18 +127,55 @@ def check(name: str, kwargs: dict) -> dict:
                 "trace": traceback.format_exc()[-1500:]}
     seconds = time.perf_counter() - started
     inputs = analysis.captured.example_inputs
-    reference = fxprune.mask(model, plan, example_inputs=inputs)
-    with torch.no_grad():
-        error = fxprune.relative_error(pruned(*inputs), reference(*inputs))
+    generator = torch.Generator().manual_seed(1)
+    # export graphs lift tensor constants the model does not hold by that name: mask the captured graph
+    exported = analysis.gm.meta.get("fxprune_capture") == "torch.export"
+    reference = fxprune.mask(analysis if exported else model, plan, example_inputs=inputs)
+    errors = {}
+    try:
+        with torch.no_grad():
+            for batch in BATCHES:
+                x = _inputs_like(inputs, batch, generator)
+                which = "pruned module"
+                out = pruned(*x)
+                which = "masked reference"
+                errors[batch] = fxprune.relative_error(out, reference(*x))
+    except Exception as exc:  # noqa: BLE001 - the pruned module must accept other batch sizes
+        return {**row, "status": "unsupported", "reason": f"{which} fails at batch {batch}: "
+                f"{type(exc).__name__}: {exc}".splitlines()[0][:300], "seconds": seconds}
+    error = max(errors.values())
     macs = fxprune.count_macs(pruned, inputs) / fxprune.count_macs(model, inputs)
-    kinds = sorted({analysis.group(g).kind for g in plan.removed})
-    frozen_kinds = sorted({g.kind for g in analysis.groups if not g.prunable and g.kind != "other"})
-    ok = error < 1e-4 and macs < 1.0
-    reason = "" if ok else ("not masked-equivalent" if error >= 1e-4 else "nothing prunable")
+    shrunk = {analysis.group(g).kind for g, rows in plan.removed.items() if any(rows)}
+    present = {g.kind for g in analysis.groups}
+    cols = {}
+    for kind in (*ATTENTION_KINDS, "mlp"):
+        if kind in shrunk:
+            cols[kind] = "pruned"
+        elif kind in kinds:
+            cols[kind] = "prunable, not cut"
+        elif kind in present:
+            cols[kind] = "frozen: " + _frozen_reason(analysis, kind)
+        else:
+            cols[kind] = "none found"
+    attention = any(k in shrunk for k in ATTENTION_KINDS)
+    equivalent = error < 1e-4
+    ok = equivalent and macs < 1.0 and attention
+    if ok:
+        reason = ""
+    elif not equivalent:
+        reason = f"not masked-equivalent (error {error:.1e})"
+    elif not attention:
+        frozen = [f"{k}: {cols[k]}" for k in ATTENTION_KINDS if cols[k].startswith("frozen")]
+        reason = "attention not pruned: " + ("; ".join(frozen) if frozen else
+                                             "no attention found in the graph (no q·kᵀ reached the analysis)")
+    else:
+        reason = "nothing prunable"
     if not ok and analysis.unknown_ops:
         reason += f"; ops without rules: {', '.join(sorted({op.target for op in analysis.unknown_ops if op.touched_channels})[:3])}"
     return {**row, "status": "supported" if ok else "unsupported", "reason": reason, "error": error,
-            "macs_kept": macs, "pruned_kinds": kinds, "frozen_kinds": frozen_kinds, "seconds": seconds}
+            "errors": errors, "batches": list(BATCHES), "macs_kept": macs, "pruned_kinds": sorted(shrunk),
+            "frozen_kinds": sorted(k for k in present - kinds if k != "other"), "head_ratio": head_ratio,
+            "capture": analysis.gm.meta.get("fxprune_capture", "symbolic"), "seconds": seconds, **cols}
 
 
 def main() -> None:
@@ -86,25 +184,31 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="family names to run")
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(2)
     rows = []
-    for family, (name, kwargs) in FAMILIES.items():
+    for family, (name, kwargs) in ALL_FAMILIES.items():
         if args.only and family not in args.only:
             continue
         row = {"family": family, **check(name, kwargs)}
         rows.append(row)
-        print(f"{family:16s} {row['status']:11s} {row.get('macs_kept', float('nan')):6.3f} "
-              f"{row.get('error', float('nan')):9.2e}  {','.join(row.get('pruned_kinds', []))}  {row.get('reason', '')}",
-              flush=True)
+        print(f"{family:18s} {row['status']:11s} {row.get('macs_kept', float('nan')):6.3f} "
+              f"{row.get('error', float('nan')):9.2e} {row.get('seconds', float('nan')):6.1f}s  "
+              f"{','.join(row.get('pruned_kinds', []))}  {row.get('reason', '')[:200]}", flush=True)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "zoo.json").write_text(json.dumps(rows, indent=1, default=str))
+    if not args.only:
+        (out / "zoo.json").write_text(json.dumps(rows, indent=1, default=str))
     if args.markdown:
-        print("\n| family | timm model (args) | status | MACs kept at 0.25 | masked error | pruned | reason |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"\n| family | timm model (args) | status | qk | v | heads | mlp | MACs kept | masked error (batch "
+              f"{', '.join(map(str, BATCHES))}) | prune s | reason |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        short = {"pruned": "yes", "prunable, not cut": "prunable", "none found": "-"}
         for r in rows:
-            print(f"| {r['family']} | `{r['model']}` {r['args'] or ''} | {r['status']} | "
+            cells = [short.get(r.get(k, ""), "frozen" if r.get(k, "").startswith("frozen") else r.get(k, ""))
+                     for k in (*ATTENTION_KINDS, "mlp")]
+            print(f"| {r['family']} | `{r['model']}` {r['args'] or ''} | {r['status']} | {' | '.join(cells)} | "
                   f"{r.get('macs_kept', float('nan')):.3f} | {r.get('error', float('nan')):.1e} | "
-                  f"{', '.join(r.get('pruned_kinds', []))} | {r.get('reason', '')} |")
+                  f"{r.get('seconds', float('nan')):.1f} | {r.get('reason', '')[:240]} |")
 
 
 if __name__ == "__main__":

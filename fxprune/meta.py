@@ -14,6 +14,8 @@ ATTENTION_OUTPUT = "fxprune_attention_output"  # analysis: this node computes an
 
 # --- GraphModule.meta --------------------------------------------------------------------------------------
 CAPTURE_METHOD = "fxprune_capture"  # "torch.export" where capture fell back to export
+OPENED_LEAVES = "fxprune_opened_leaves"  # capture: timm "notrace" modules traced into (list of paths)
+KEPT_LEAVES = "fxprune_kept_leaves"  # capture: timm "notrace" modules kept opaque -> why (not traceable)
 PLAN = "fxprune_plan"  # the Plan a pruned module was made with
 ARCHITECTURE = "fxprune_architecture"  # timm's architecture name, for save/load
 MODEL_ARGS = "fxprune_model_args"  # keyword arguments the architecture was built with, for save/load

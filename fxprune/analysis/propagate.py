@@ -172,7 +172,10 @@ def _mark_active(ch: ChannelIds, labels: Any) -> None:
 
 def _target_name(node: fx.Node) -> str:
     if node.op == "call_module":
-        return f"module '{node.target}' ({type(node.graph.owning_module.get_submodule(str(node.target))).__name__})"
+        gm = node.graph.owning_module
+        name = f"module '{node.target}' ({type(gm.get_submodule(str(node.target))).__name__})"
+        why_opaque = gm.meta.get(meta.KEPT_LEAVES, {}).get(str(node.target))
+        return f"{name}, a timm leaf kept opaque because {why_opaque}" if why_opaque else name
     target = node.target
     if node.op == "call_method":
         return f"method Tensor.{target}"

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from .. import meta
 from ..errors import CaptureError, InvalidArgumentError
@@ -70,9 +71,9 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None, meth
     model_copy = copy.deepcopy(model).eval()  # python-level `if self.training` branches are traced as in eval
     if isinstance(model_copy, fx.GraphModule):
         gm = model_copy
+        record_values(gm, inputs, type(model).__name__)
     else:
         gm = _symbolic_or_export(model, model_copy, inputs, method)
-    record_values(gm, inputs, type(model).__name__)
     from .decompose import make_attention_visible  # these passes need the recorded shapes
     from .normalize import unpack_stacked_heads
 
@@ -88,32 +89,111 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None, meth
 
 def _symbolic_or_export(model: torch.nn.Module, model_copy: torch.nn.Module, inputs: tuple,
                         method: str = "auto") -> fx.GraphModule:
-    """Symbolic tracing with timm's leaves; where Python control flow defeats it, torch.export (specialised
-    on the example inputs' shapes), whose ATen graph the same op rules read."""
+    """A graph of ``model_copy`` with every node's example value recorded.
+
+    Symbolic tracing with timm's leaves first (timm leaves without a module rule are traced into where they
+    trace; one whose trace fails in context is closed again and the trace retried). Where tracing fails, or
+    the traced graph fails on the example inputs (shape propagation), torch.export (specialised on the
+    example inputs' shapes), whose ATen graph the same op rules read; where export fails too after a
+    shape-propagation failure, the symbolic trace with every timm leaf kept opaque. A symbolic trace that
+    had to keep a timm leaf opaque (untraceable) is replaced by torch.export's graph when export works, since
+    export sees inside it."""
+    name = type(model).__name__
     trace_error = "symbolic tracing was not asked for"
+    opened: list[str] = []
     if method != "export":
-        tracer = LeafAwareTracer()
-        try:
-            graph = tracer.trace(model_copy)
-            return fx.GraphModule(tracer.root, graph, type(model).__name__)
-        except Exception as exc:  # fx raises many exception types; all mean "not traceable"
-            where = tracer.scope_stack[-1] if tracer.scope_stack else "<root>"
-            where_type = type(model_copy.get_submodule(where)).__name__ if tracer.scope_stack else type(model).__name__
-            trace_error = f"torch.fx cannot trace module '{where}' ({where_type}){_source_line(exc)}: {type(exc).__name__}: {exc}"
-            if method == "symbolic":
-                raise CaptureError(f"fxprune: {trace_error}") from exc
+        gm, trace_error, opened = _trace(model, model_copy, inputs, method, frozenset())
+        if gm is not None and (method == "symbolic" or not gm.meta[meta.KEPT_LEAVES]):
+            return gm
+        if gm is not None:  # timm leaves stayed opaque (untraceable): export sees through them, if it works
+            traced = gm
+            try:
+                return _export(model_copy, inputs, name)
+            except Exception:  # noqa: BLE001 - export cannot either: the trace with opaque leaves it is
+                return traced
     try:
-        with torch.no_grad():
-            exported = torch.export.export(model_copy, inputs, strict=False)
-        gm = exported.module()
-        gm.meta[meta.CAPTURE_METHOD] = "torch.export"
-        return gm
+        return _export(model_copy, inputs, name)
     except Exception as exc:  # noqa: BLE001 - both captures failed: report both
+        export_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if opened:  # the traced-into timm leaves may be what failed on the example inputs: keep them opaque
+            gm, _, _ = _trace(model, model_copy, inputs, method, frozenset(opened))
+            if gm is not None:
+                return gm
         raise CaptureError(
-            f"fxprune: {trace_error}. torch.export failed too: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
+            f"fxprune: {trace_error}. torch.export failed too: {export_error}. "
             "Data-dependent Python control flow is the usual cause: make the module a leaf "
             "(timm.layers.register_notrace_module) so its channels are frozen, or rewrite the branch."
         ) from exc
+
+
+def _export(model_copy: torch.nn.Module, inputs: tuple, name: str) -> fx.GraphModule:
+    with torch.no_grad():
+        exported = None
+        batched = [x for x in inputs if isinstance(x, torch.Tensor) and x.ndim > 0]
+        if batched:  # keep the batch dynamic (traced at batch 2: export specialises sizes 0 and 1)
+            wide = tuple(x.expand(2, *x.shape[1:]).contiguous() if isinstance(x, torch.Tensor) and x.ndim > 0 else x
+                         for x in inputs)
+            dims = tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.ndim > 0 else None
+                         for x in inputs)
+            try:
+                exported = torch.export.export(model_copy, wide, dynamic_shapes=dims, strict=False)
+            except Exception:  # noqa: BLE001 - a model that pins its batch: export it as it is
+                exported = None
+        if exported is None:
+            exported = torch.export.export(model_copy, inputs, strict=False)
+    gm = exported.module()
+    _constants_as_buffers(gm)
+    gm.meta[meta.CAPTURE_METHOD] = "torch.export"
+    record_values(gm, inputs, name)
+    return gm
+
+
+def _constants_as_buffers(gm: fx.GraphModule) -> None:
+    """export lifts tensor constants (e.g. TinyViT's attention-bias indices) to plain attributes; make them
+    non-persistent buffers, which every later pass (slicing, copying, moving) treats like the others."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner_path, _, attr = str(node.target).rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        value = getattr(owner, attr, None)
+        if (isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+                and attr not in owner._buffers and attr not in owner._parameters):
+            delattr(owner, attr)
+            owner.register_buffer(attr, value, persistent=False)
+
+
+def _trace(model: torch.nn.Module, model_copy: torch.nn.Module, inputs: tuple, method: str,
+           closed: frozenset[str]) -> tuple[fx.GraphModule | None, str, list[str]]:
+    """Symbolic trace + shape propagation: (graph or None, why it failed, timm leaves traced into)."""
+    closed = set(closed)
+    probes: dict = {}
+    while True:
+        tracer = LeafAwareTracer(closed=closed, _probe_cache=probes)
+        try:
+            graph = tracer.trace(model_copy)
+        except Exception as exc:  # fx raises many exception types; all mean "not traceable"
+            inside = [path for path in reversed(tracer.scope_stack) if path in tracer.opened]
+            if inside:  # an opened timm leaf traced alone but not in context: keep it opaque and retry
+                closed.add(inside[0])
+                continue
+            where = tracer.scope_stack[-1] if tracer.scope_stack else "<root>"
+            where_type = type(model_copy.get_submodule(where)).__name__ if tracer.scope_stack else type(model).__name__
+            error = f"torch.fx cannot trace module '{where}' ({where_type}){_source_line(exc)}: {type(exc).__name__}: {exc}"
+            if method == "symbolic":
+                raise CaptureError(f"fxprune: {error}") from exc
+            return None, error, []
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm.meta[meta.OPENED_LEAVES] = list(tracer.opened)
+        gm.meta[meta.KEPT_LEAVES] = {**tracer.kept, **{path: "its trace failed inside the model" for path in closed}}
+        try:
+            record_values(gm, inputs, type(model).__name__)
+            return gm, "", list(tracer.opened)
+        except CaptureError as exc:
+            if method == "symbolic":
+                raise
+            error = f"the symbolically traced graph failed on the example inputs ({str(exc).removeprefix('fxprune: ')})"
+            return None, error, list(tracer.opened)
 
 
 def _source_line(exc: BaseException) -> str:

@@ -135,3 +135,43 @@ def rule_mean(ctx, call):
 @register_op("amax", ("input", "dim", "keepdim"), functions=[torch.amax], methods=["amax"], aten=[_aten.amax.default])
 def rule_amax(ctx, call):
     return _reduce(ctx, call, False, "max")
+
+
+# Spatial pooling: each channel is pooled on its own over the trailing spatial dims (a zeroed channel pools
+# to zero: averages and maxima of zeros, padding included), so channel ids pass through unchanged.
+_POOLS = {1: (F.avg_pool1d, F.max_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, nn.AvgPool1d, nn.MaxPool1d,
+              nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d),
+          2: (F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, nn.AvgPool2d, nn.MaxPool2d,
+              nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d),
+          3: (F.avg_pool3d, F.max_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d, nn.AvgPool3d, nn.MaxPool3d,
+              nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)}
+_POOL_SPATIAL = {op: n for n, ops in _POOLS.items() for op in ops}
+_POOL_ATEN = {getattr(_aten, name).default: n for name, n in [
+    ("avg_pool2d", 2), ("adaptive_avg_pool2d", 2), ("_adaptive_avg_pool2d", 2), ("avg_pool1d", 1),
+    ("adaptive_avg_pool1d", 1), ("avg_pool3d", 3), ("adaptive_avg_pool3d", 3), ("_adaptive_avg_pool3d", 3)]
+    if hasattr(getattr(_aten, name, None), "default")}
+
+
+def _bind_pool(node, args: tuple, kwargs: dict) -> dict | None:
+    if node.op == "call_module":
+        return None  # modules go through the module readers
+    spatial = _POOL_SPATIAL.get(node.target) or _POOL_ATEN.get(node.target)
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    return {"input": x, "spatial": spatial}
+
+
+@register_op("pool", ("input", "spatial"), bind=_bind_pool,
+             functions=[op for op in _POOL_SPATIAL if not isinstance(op, type)], aten=list(_POOL_ATEN),
+             modules={cls: (lambda n: lambda module, ref: {"spatial": n})(n)
+                      for cls, n in _POOL_SPATIAL.items() if isinstance(cls, type)})
+def rule_pool(ctx, call: OpCall) -> Labels:
+    x = call.args["input"]
+    ndim = len(ctx.shape(x))
+    spatial = list(range(ndim - call.args["spatial"], ndim))
+    out = []
+    for block in ctx.labels(x):
+        if block.dim in spatial or any(block.ids.shape[d] > 1 for d in spatial):
+            ctx.freeze(block.ids, "pooled over these ids (spatial pooling mixes them)")
+            continue
+        out.append(block)
+    return tuple(out)

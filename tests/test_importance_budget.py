@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 import fxprune
 from fxprune import importance
-from helpers import masked_error, small_vit
+from helpers import examples, masked_error, small_vit
 
 X = torch.randn(1, 3, 16, 16)
 DATA = [torch.randn(4, 3, 16, 16) for _ in range(2)]
@@ -93,7 +93,7 @@ def test_budget_arguments():
             fxprune.plan(small_vit(), example_inputs=(X,), target_macs=bad)
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(target=st.floats(0.3, 1.0), criterion=st.sampled_from(["l2", "dimap"]), macs=st.booleans(),
        heads=st.integers(1, 4))
 def test_budget_plans_are_masked_equivalent_and_do_not_overshoot(target, criterion, macs, heads):

@@ -1,8 +1,11 @@
 """Shared helpers for the tests: small timm ViTs and the masked-equivalence check."""
 from __future__ import annotations
 
+import os
+
 import timm
 import torch
+from hypothesis import settings
 
 import fxprune
 
@@ -50,3 +53,12 @@ def masked_error(model, analysis, plan, pruned, x) -> float:
     reference = fxprune.mask(model, plan, example_inputs=analysis.captured.example_inputs)
     with torch.no_grad():
         return fxprune.relative_error(pruned(x), reference(x))
+
+
+def examples(ci: int, profile: str | None = None) -> int:
+    """``max_examples`` for a slow property test: ``ci`` under the default ``ci`` profile (to keep the suite near
+    three minutes), and under any other profile that profile's own count (``HYPOTHESIS_PROFILE=thorough``: 300)."""
+    if profile is None:
+        current = getattr(settings, "get_current_profile_name", None)  # hypothesis >= 6.1xx
+        profile = current() if current else os.environ.get("HYPOTHESIS_PROFILE", "ci")
+    return ci if profile == "ci" else settings.get_profile(profile).max_examples

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import fxprune
 from fxprune.finetune import distillation_loss
@@ -56,11 +57,21 @@ def test_cosine_feature_distillation_raises_feature_similarity():
         fxprune.finetune(pruned, data, teacher=model, loss="l7")
 
 
-def test_labels_only_and_bad_batches():
+def test_labels_only_training_fits_the_labels_and_bad_batches_are_named():
     model = small_vit(num_heads=2, embed_per_head=8, depth=1)
     pruned = fxprune.prune(model, 0.5, example_inputs=(X,))
-    labelled = [(x, torch.randint(0, 5, (8,))) for x in _data(1, 2)]
-    fxprune.finetune(pruned, labelled, epochs=1, progress=False)
+    generator = torch.Generator().manual_seed(2)
+    labelled = [(x, torch.randint(0, 5, (8,), generator=generator)) for x in _data(1, 2)]
+
+    def cross_entropy() -> float:
+        with torch.no_grad():
+            return sum(float(F.cross_entropy(pruned(x), y)) for x, y in labelled)
+
+    before, head = cross_entropy(), pruned.get_parameter("head.weight").detach().clone()
+    fxprune.finetune(pruned, labelled, epochs=8, lr=3e-3, progress=False)  # no teacher: the labels are the target
+    assert cross_entropy() < 0.5 * before
+    assert not torch.equal(pruned.get_parameter("head.weight"), head)
+    assert not pruned.training
     with pytest.raises(fxprune.InvalidArgumentError, match="teacher"):
         fxprune.finetune(pruned, _data(2, 1), progress=False)
     with pytest.raises(fxprune.InvalidArgumentError, match="batch"):

@@ -5,7 +5,7 @@ import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
 import fxprune
-from helpers import randomize
+from helpers import examples, randomize
 
 
 def test_paper_sizes_at_224():
@@ -62,7 +62,7 @@ def test_shared_dwc_forces_shared_offsets_and_untie_frees_heads():
 # removal computes, so that is the reference here (see fxprune.mask(..., activations=True)).
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(per_head=st.sampled_from([4, 8]), heads=st.integers(1, 3), ratio=st.floats(0, 0.9),
        head_ratio=st.floats(0, 0.9), untie=st.booleans(), swin=st.booleans())
 def test_flatten_prunes_equal_to_masked(per_head, heads, ratio, head_ratio, untie, swin):

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 import fxprune
 from fxprune import importance
-from helpers import masked_error, small_vit
+from helpers import examples, masked_error, small_vit
 
 X = torch.randn(1, 3, 16, 16)
 DATA = [torch.randn(4, 3, 16, 16) for _ in range(2)]
@@ -59,9 +59,28 @@ def test_taylor_needs_data():
 
 
 def test_data_driven_plan_runs_end_to_end():
+    # block 0's MLP channel 3 has the largest weights but never fires (its bias keeps GELU at 0): magnitude keeps
+    # it, a criterion that looks at the data removes it
     model = small_vit()
+    fc1, fc2 = model.blocks[0].mlp.fc1, model.blocks[0].mlp.fc2
+    with torch.no_grad():
+        fc1.weight[3].mul_(10)
+        fc2.weight[:, 3].mul_(10)
+        fc1.bias[3] = -1e4
+    group = "blocks.0.mlp.fc1:mlp"
     pruned = fxprune.prune(model, 0.5, example_inputs=(X,), importance="taylor", data=DATA)
-    assert fxprune.count_params(pruned) < fxprune.count_params(model)
+    plan = fxprune.plan_of(pruned)
+    assert plan.options["importance"] == "taylor"
+    assert 3 in plan.removed[group][0]
+    assert 3 not in fxprune.plan_of(fxprune.prune(model, 0.5, example_inputs=(X,))).removed[group][0]
+    # the calibration data decides the plan: other batches, another plan
+    other = [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(7 + i)) for i in range(2)]
+    replanned = fxprune.plan(model, 0.5, example_inputs=(X,), importance="taylor", data=other).removed
+    assert replanned != plan.removed
+    reference = fxprune.mask(model, plan, example_inputs=(X,))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert fxprune.relative_error(pruned(x), reference(x)) < 1e-5
 
 
 def test_budget_arguments():
@@ -74,7 +93,7 @@ def test_budget_arguments():
             fxprune.plan(small_vit(), example_inputs=(X,), target_macs=bad)
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(target=st.floats(0.3, 1.0), criterion=st.sampled_from(["l2", "dimap"]), macs=st.booleans(),
        heads=st.integers(1, 4))
 def test_budget_plans_are_masked_equivalent_and_do_not_overshoot(target, criterion, macs, heads):

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fxprune
-from helpers import masked_error, small_vit
+from helpers import examples, masked_error, small_vit
 
 X = torch.randn(1, 3, 16, 16)
 
@@ -22,7 +22,7 @@ def test_ignored_layers_keep_their_groups_whole():
         fxprune.prune(model, 0.5, example_inputs=(X,), ignored_layers=["blocks.9"])
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(ratio=st.floats(0.05, 0.9), round_to=st.sampled_from([1, 2, 4, 8]), budget=st.booleans())
 def test_round_to_keeps_multiples_and_never_removes_more(ratio, round_to, budget):
     model = small_vit(num_heads=2, embed_per_head=16, depth=1, mlp_ratio=2.0)
@@ -66,6 +66,8 @@ def test_pruned_model_compiles():
 
 
 def test_pruned_model_exports_to_onnx(tmp_path):
+    for needed in ("onnx", "onnxscript"):  # torch.onnx.export(dynamo=True) needs both
+        pytest.importorskip(needed)
     ort = pytest.importorskip("onnxruntime")
     pruned = fxprune.prune(small_vit(num_heads=2, embed_per_head=8), 0.5, example_inputs=(X,), head_ratio=0.5)
     x = torch.randn(2, 3, 16, 16)

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fxprune
-from helpers import masked_error, randomize
+from helpers import examples, masked_error, randomize
 
 
 @st.composite
@@ -38,7 +38,7 @@ def build_swin(cfg: dict) -> torch.nn.Module:
     return randomize(model).eval()
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(cfg=swin_configs(), ratio=st.floats(0.0, 0.9), head_ratio=st.floats(0.0, 0.9), batch=st.integers(1, 2))
 def test_pruned_swin_equals_masked_original(cfg, ratio, head_ratio, batch):
     model = build_swin(cfg)

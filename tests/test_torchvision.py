@@ -6,7 +6,7 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer,
 from torchvision.models.vision_transformer import VisionTransformer
 
 import fxprune
-from helpers import masked_error, randomize
+from helpers import examples, masked_error, randomize
 
 
 def tv_vit(heads: int, per_head: int, layers: int) -> nn.Module:
@@ -22,7 +22,7 @@ def tv_swin(v2: bool, window: int, heads: int, depths: tuple) -> nn.Module:
     return randomize(model).eval()
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(heads=st.integers(1, 4), per_head=st.sampled_from([4, 8]), layers=st.integers(1, 2), batch=st.integers(1, 3))
 def test_multihead_attention_decomposition_is_equivalent(heads, per_head, layers, batch):
     model = tv_vit(heads, per_head, layers)
@@ -34,7 +34,7 @@ def test_multihead_attention_decomposition_is_equivalent(heads, per_head, layers
         assert fxprune.relative_error(gm(x), model(x)) < 1e-5
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(v2=st.booleans(), window=st.sampled_from([2, 4]), heads=st.integers(1, 2), depths=st.sampled_from([(2,), (1, 2)]),
        side=st.sampled_from([16, 20, 24]), batch=st.integers(1, 2))
 def test_shifted_window_attention_decomposition_is_equivalent(v2, window, heads, depths, side, batch):
@@ -46,7 +46,7 @@ def test_shifted_window_attention_decomposition_is_equivalent(v2, window, heads,
         assert fxprune.relative_error(gm(x), model(x)) < 1e-5
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(heads=st.integers(2, 4), ratio=st.floats(0, 0.9), head_ratio=st.floats(0, 0.9), batch=st.integers(1, 2))
 def test_torchvision_vit_prunes_equal_to_masked(heads, ratio, head_ratio, batch):
     model = tv_vit(heads, 8, 2)
@@ -57,7 +57,7 @@ def test_torchvision_vit_prunes_equal_to_masked(heads, ratio, head_ratio, batch)
     assert masked_error(model, analysis, plan, pruned, torch.randn(batch, 3, 16, 16)) < 1e-5
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(v2=st.booleans(), window=st.sampled_from([2, 4]), ratio=st.floats(0, 0.9), head_ratio=st.floats(0, 0.9),
        side=st.sampled_from([16, 20]))
 def test_torchvision_swin_prunes_equal_to_masked(v2, window, ratio, head_ratio, side):

@@ -22,12 +22,22 @@ def masked(model: nn.Module, analysis, plan) -> nn.Module:
             ids = torch.arange(space.start, space.start + space.size)
             gone = torch.nonzero(removed[analysis.atoms.atom_of[ids]]).flatten()
             if len(gone):
-                path, _, attr = space.param.rpartition(".")
-                owner = copy_.get_submodule(path) if path else copy_
-                if attr.startswith(meta.BUFFER_PREFIX) and not hasattr(owner, attr):
-                    continue  # a constant capture made (e.g. a window mask), not part of the model
-                getattr(owner, attr).index_fill_(space.dim, gone, 0.0)
+                tensor = _model_tensor(copy_, space.param)
+                if tensor is None:
+                    continue  # a constant capture made (a window mask, export's lifted constants), not the model's
+                tensor.index_fill_(space.dim, gone, 0.0)
     return copy_
+
+
+def _model_tensor(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The model's own parameter or buffer ``name``, or None where the captured graph made it up."""
+    path, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
+    tensor = getattr(owner, attr, None)
+    return tensor if isinstance(tensor, torch.Tensor) and attr in {**owner._parameters, **owner._buffers} else None
 
 
 def masked_activations(analysis, plan) -> torch.fx.GraphModule:

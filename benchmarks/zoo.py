@@ -15,6 +15,7 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import timm
@@ -114,12 +115,23 @@ def check(name: str, kwargs: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - a report of what timm itself does
         return {**row, "status": "unsupported", "reason": f"timm cannot build it: {exc}".splitlines()[0][:300]}
     started = time.perf_counter()
+    refused = ""
     try:
         analysis = fxprune.analyze(model)
         kinds = {g.kind for g in analysis.groups if g.prunable}
         head_ratio = 0.5 if "heads" in kinds else 0.0
-        plan = fxprune.plan(analysis, 0.25, head_ratio=head_ratio)
-        pruned = fxprune.apply(analysis, plan)
+        with warnings.catch_warnings():  # the shortfall is reported in the row (channels removed, reason)
+            warnings.simplefilter("ignore", fxprune.PruningShortfallWarning)
+            plan = fxprune.plan(analysis, 0.25, head_ratio=head_ratio)
+            try:
+                pruned = fxprune.apply(analysis, plan)
+            except fxprune.RewriteError as exc:  # the self-check refused the result: try channels only
+                if not head_ratio:
+                    raise
+                refused = f"head removal refused by the self-check ({str(exc).splitlines()[0][:160]})"
+                head_ratio = 0.0
+                plan = fxprune.plan(analysis, 0.25)
+                pruned = fxprune.apply(analysis, plan)
     except fxprune.FxpruneError as exc:
         return {**row, "status": "unsupported", "reason": str(exc).splitlines()[0][:300]}
     except Exception as exc:  # noqa: BLE001
@@ -129,7 +141,7 @@ def check(name: str, kwargs: dict) -> dict:
     inputs = analysis.captured.example_inputs
     generator = torch.Generator().manual_seed(1)
     # export graphs lift tensor constants the model does not hold by that name: mask the captured graph
-    exported = analysis.gm.meta.get("fxprune_capture") == "torch.export"
+    exported = analysis.gm.meta.get(fxprune.meta.CAPTURE_METHOD) == "torch.export"
     reference = fxprune.mask(analysis if exported else model, plan, example_inputs=inputs)
     errors = {}
     try:
@@ -170,12 +182,15 @@ def check(name: str, kwargs: dict) -> dict:
                                              "no attention found in the graph (no q·kᵀ reached the analysis)")
     else:
         reason = "nothing prunable"
+    if refused:
+        reason = "; ".join(r for r in (reason, refused) if r)
     if not ok and analysis.unknown_ops:
         reason += f"; ops without rules: {', '.join(sorted({op.target for op in analysis.unknown_ops if op.touched_channels})[:3])}"
     return {**row, "status": "supported" if ok else "unsupported", "reason": reason, "error": error,
             "errors": errors, "batches": list(BATCHES), "macs_kept": macs, "pruned_kinds": sorted(shrunk),
             "frozen_kinds": sorted(k for k in present - kinds if k != "other"), "head_ratio": head_ratio,
-            "capture": analysis.gm.meta.get("fxprune_capture", "symbolic"), "seconds": seconds, **cols}
+            "capture": analysis.gm.meta.get(fxprune.meta.CAPTURE_METHOD, "symbolic"), "seconds": seconds,
+            "channels_removed": plan.options["coverage"]["reached"], **cols}
 
 
 def main() -> None:
@@ -199,15 +214,15 @@ def main() -> None:
     if not args.only:
         (out / "zoo.json").write_text(json.dumps(rows, indent=1, default=str))
     if args.markdown:
-        print(f"\n| family | timm model (args) | status | qk | v | heads | mlp | MACs kept | masked error (batch "
-              f"{', '.join(map(str, BATCHES))}) | prune s | reason |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print(f"\n| family | timm model (args) | status | qk | v | heads | mlp | channels removed (0.25 asked) | "
+              f"MACs kept | masked error (batch {', '.join(map(str, BATCHES))}) | prune s | reason |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         short = {"pruned": "yes", "prunable, not cut": "prunable", "none found": "-"}
         for r in rows:
             cells = [short.get(r.get(k, ""), "frozen" if r.get(k, "").startswith("frozen") else r.get(k, ""))
                      for k in (*ATTENTION_KINDS, "mlp")]
             print(f"| {r['family']} | `{r['model']}` {r['args'] or ''} | {r['status']} | {' | '.join(cells)} | "
-                  f"{r.get('macs_kept', float('nan')):.3f} | {r.get('error', float('nan')):.1e} | "
+                  f"{r.get('channels_removed', float('nan')):.3f} | {r.get('macs_kept', float('nan')):.3f} | {r.get('error', float('nan')):.1e} | "
                   f"{r.get('seconds', float('nan')):.1f} | {r.get('reason', '')[:240]} |")
 
 

@@ -56,7 +56,7 @@ def main(default_model: str = "deit_small_patch16_224", default_settings: str = 
     if args.checkpoint:
         model.load_state_dict(read_checkpoint(args.checkpoint))
     settings = [tuple(float(v) for v in s.split(":")) for s in args.settings.split()]
-    print(f"{args.model} ({args.threads} threads):", end=" ")
+    print(f"{args.model} (timm random init, {args.threads} threads):", end=" ")
     rows = run(model, settings, args.batches, args.repeats, args.importance, untie, activation_reference)
     print(table(rows))
     if args.json:

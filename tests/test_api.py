@@ -183,7 +183,7 @@ def test_capture_falls_back_to_torch_export():
     model = Residual(ShapeBranch(), 16).eval()
     x = torch.randn(1, 9, 16)
     analysis = fxprune.analyze(model, (x,))
-    assert analysis.gm.meta.get("fxprune_capture") == "torch.export"
+    assert analysis.gm.meta.get(fxprune.meta.CAPTURE_METHOD) == "torch.export"
     plan = fxprune.plan(analysis, 0.5, head_ratio=0.5)
     assert {analysis.group(g).kind for g in plan.removed} == {"qk", "v", "heads"}
     pruned = fxprune.apply(analysis, plan)

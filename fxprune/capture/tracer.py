@@ -25,10 +25,7 @@ def has_module_rule(module: torch.nn.Module) -> bool:
     """Whether a registered op reads ``module`` whole (a module spelling of an op, see rules/registry.py)."""
     from ..analysis.rules import registry  # the package import registers the built-in ops
 
-    for cls in type(module).__mro__:
-        if cls in registry.MODULES:
-            return type(module).forward is cls.forward
-    return False
+    return registry.module_entry(module) is not None
 
 
 class LeafAwareTracer(fx.Tracer):

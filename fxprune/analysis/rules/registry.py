@@ -133,14 +133,17 @@ def _bind(spec: OpSpec, node: fx.Node, args: tuple, kwargs: dict) -> OpCall:
     return OpCall(spec.name, node, bound)
 
 
-def _module_call(node: fx.Node, module: nn.Module) -> OpCall | None:
-    entry = None
+def module_entry(module: nn.Module) -> tuple[str, ModuleArgs] | None:
+    """(op name, argument reader) of the op that reads ``module`` whole, or None. A subclass that overrides
+    ``forward`` computes something else and is no such op."""
     for cls in type(module).__mro__:
         if cls in MODULES:
-            entry = MODULES[cls]
-            if type(module).forward is not cls.forward:  # a subclass computing something else
-                return None
-            break
+            return MODULES[cls] if type(module).forward is cls.forward else None
+    return None
+
+
+def _module_call(node: fx.Node, module: nn.Module) -> OpCall | None:
+    entry = module_entry(module)
     if entry is None:
         return None
     name, reader = entry

@@ -20,7 +20,8 @@ from torch.utils._pytree import tree_leaves
 
 from . import meta
 from .errors import RewriteError
-from .verify import zeroed_activations
+from .analysis.shapes import kept_indices
+from .verify import relative_error, zeroed_activations
 
 
 @dataclass
@@ -99,14 +100,17 @@ def _leading(actual: Outputs, expected: Outputs) -> Outputs:
 
 def _weight_masked(analysis, removed: torch.Tensor) -> dict[str, torch.Tensor]:
     """Copies of the captured graph's tensors that hold removed channels, with those channels zeroed."""
-    keep: dict[str, torch.Tensor] = {}
-    for space in analysis.ids.param_spaces:
-        gone = removed[analysis.atoms.atom_of[torch.arange(space.start, space.start + space.size)]]
-        if gone.any() and not space.param.rpartition(".")[2].startswith(meta.BUFFER_PREFIX):
-            view = [1] * analysis.tensor(space.param).ndim
-            view[space.dim] = space.size
-            keep[space.param] = keep.get(space.param, torch.ones(view, dtype=torch.bool)) & ~gone.reshape(view)
-    return {name: analysis.tensor(name).detach().masked_fill(~kept, 0) for name, kept in keep.items()}
+    masked = {}
+    for name, dims in kept_indices(analysis, removed).items():
+        if name.rpartition(".")[2].startswith(meta.BUFFER_PREFIX):
+            continue  # a constant capture made (a window mask), not a weight of the model
+        tensor = analysis.tensor(name).detach()
+        keep = torch.ones((1,) * tensor.ndim, dtype=torch.bool)
+        for dim, kept in dims.items():
+            along = torch.zeros(tensor.shape[dim], dtype=torch.bool).index_fill_(0, kept, True)
+            keep = keep & along.reshape([-1 if d == dim else 1 for d in range(tensor.ndim)])
+        masked[name] = tensor.masked_fill(~keep, 0)
+    return masked
 
 
 def _other_batch(inputs: tuple) -> tuple | None:
@@ -178,9 +182,7 @@ def _error(actual: Outputs, expected: Outputs) -> float:
 
 
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.abs().max().item()
-    diff = (actual.double() - expected.double()).abs().max().item()
-    return diff / scale if scale > 0 else diff
+    return relative_error(actual.double(), expected.double())
 
 
 class _Recorder(Interpreter):

@@ -127,17 +127,14 @@ def _symbolic_or_export(model: torch.nn.Module, model_copy: torch.nn.Module, inp
 
 
 def _export(model_copy: torch.nn.Module, inputs: tuple, name: str) -> fx.GraphModule:
+    _without_cache(model_copy)
     with torch.no_grad():
         exported = None
-        batched = [x for x in inputs if isinstance(x, torch.Tensor) and x.ndim > 0]
-        if batched:  # keep the batch dynamic (traced at batch 2: export specialises sizes 0 and 1)
-            wide = tuple(x.expand(2, *x.shape[1:]).contiguous() if isinstance(x, torch.Tensor) and x.ndim > 0 else x
-                         for x in inputs)
-            dims = tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.ndim > 0 else None
-                         for x in inputs)
-            try:
-                exported = torch.export.export(model_copy, wide, dynamic_shapes=dims, strict=False)
-            except Exception:  # noqa: BLE001 - a model that pins its batch: export it as it is
+        if any(isinstance(x, torch.Tensor) and x.ndim > 0 for x in inputs):
+            try:  # the batch (and a token sequence) stay dynamic; a model that pins them is exported as it is
+                exported = torch.export.export(model_copy, _batch_of_two(inputs), dynamic_shapes=_dynamic_dims(inputs),
+                                               strict=False)
+            except Exception:  # noqa: BLE001
                 exported = None
         if exported is None:
             exported = torch.export.export(model_copy, inputs, strict=False)
@@ -146,6 +143,33 @@ def _export(model_copy: torch.nn.Module, inputs: tuple, name: str) -> fx.GraphMo
     gm.meta[meta.CAPTURE_METHOD] = "torch.export"
     record_values(gm, inputs, name)
     return gm
+
+
+def _without_cache(model_copy: torch.nn.Module) -> None:
+    """A Hugging Face decoder returns its key/value cache by default, an object export cannot return; the
+    captured copy computes the same outputs without it (the user's model keeps its config)."""
+    config = getattr(model_copy, "config", None)
+    if getattr(config, "use_cache", False):
+        config.use_cache = False
+
+
+def _batch_of_two(inputs: tuple) -> tuple:
+    """Inputs with batch size 2 (export specialises sizes 0 and 1, so a batch of one would pin the batch)."""
+    return tuple(x.expand(2, *x.shape[1:]).contiguous() if isinstance(x, torch.Tensor) and x.ndim > 0 else x
+                 for x in inputs)
+
+
+def _dynamic_dims(inputs: tuple) -> tuple:
+    """Dynamic dims for export: the batch of every tensor input, and the sequence of integer (token, mask or
+    position) inputs. ``Dim.AUTO`` lets export keep a dim static where the model needs it."""
+    def dims(x: object) -> dict | None:
+        if not isinstance(x, torch.Tensor) or x.ndim == 0:
+            return None
+        if x.ndim >= 2 and not x.is_floating_point() and x.shape[1] > 1:
+            return {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+        return {0: torch.export.Dim.AUTO}
+
+    return tuple(dims(x) for x in inputs)
 
 
 def _constants_as_buffers(gm: fx.GraphModule) -> None:

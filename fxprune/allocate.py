@@ -33,6 +33,12 @@ def _rounded(count: int, width: int, round_to: int) -> int:
     return max(0, width - kept_rounded) if kept_rounded < width else 0
 
 
+def in_atoms(group, channels: int) -> int:
+    """A multiple (``round_to``) or a minimum of channels per head, counted in the group's atoms (an atom of a
+    rotary group holds a channel and its rotation partner)."""
+    return channels // math.gcd(channels, group.channels_per_atom)
+
+
 def protected(group, ignored: tuple[str, ...]) -> bool:
     """Whether any parameter of ``group`` lives in one of the ``ignored`` modules (name prefixes)."""
     return any(s.param == p or s.param.startswith(p + ".") for s in group.members for p in ignored)
@@ -66,7 +72,7 @@ def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] =
         alive = [row for row, dead in zip(group.rows, dead_rows(group, gone)) if not dead]
         width = min((len(r) for r in alive), default=0)
         eligible = group.kind in kinds and group.prunable and width > 0 and not protected(group, ignored)
-        counts[group.name] = _fraction(ratio, width, round_to) if eligible else 0
+        counts[group.name] = _fraction(ratio, width, in_atoms(group, round_to)) if eligible else 0
     for group in analysis.groups:  # groups stacked in one tensor must keep equal counts per row
         for peer in group.same_count_as:
             counts[group.name] = min(counts[group.name], counts[peer])
@@ -117,7 +123,8 @@ def _threshold_plan(analysis, scores: torch.Tensor, quantile: dict[int, float], 
         counts = [sum(1 for a in row if quantile.get(a, 1.0) < threshold) for row in alive]
         below = sum(counts) / len(alive) if per_row == "mean" else min(counts)
         width = min(len(r) for r in alive)
-        count = _rounded(min(int(round(below)), width - max(1, min_head_width)), width, round_to)
+        keep = max(1, -(-min_head_width // group.channels_per_atom))
+        count = _rounded(min(int(round(below)), width - keep), width, in_atoms(group, round_to))
         if count > 0:
             removed[group.name] = [[] if d else _lowest(scores, row, count) for row, d in zip(group.rows, dead)]
     return removed

@@ -82,7 +82,8 @@ class Analysis:
         header = ("group", "kind", "heads x dim", "width", "members", "status")
         rows = []
         for g in self.groups:
-            layout = f"{g.heads} x {g.head_dim}" + (" (shared offsets)" if g.shared_across_heads else "")
+            layout = f"{g.heads} x {g.head_dim * g.channels_per_atom}" + (" (shared offsets)" if g.shared_across_heads else "")
+            layout += f" (channels in {g.channels_per_atom}s)" if g.channels_per_atom > 1 else ""
             members = ", ".join(s.label for s in g.members[:4]) + (f", +{len(g.members) - 4}" if len(g.members) > 4 else "")
             status = ("prunable" + (f" (same count as {', '.join(g.same_count_as)})" if g.same_count_as else "")) if g.prunable else _shorten("frozen: " + g.frozen[0], 90) + (f" (+{len(g.frozen) - 1} more)" if len(g.frozen) > 1 else "")
             rows.append((g.name, g.kind, layout, str(g.width), members, status))

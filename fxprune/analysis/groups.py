@@ -1,7 +1,7 @@
 """Groups: atoms (channels removed together) gathered by the parameters they cut, with head layout."""
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -30,6 +30,7 @@ class Group:
     shared_across_heads: bool
     members: list[Space]
     frozen: list[str] = field(default_factory=list)
+    channels_per_atom: int = 1  # channels one atom holds in each head (2 for rotary pairs: i and its partner)
     same_count_as: list[str] = field(default_factory=list)  # groups stacked with this one in some tensor
 
     @property
@@ -77,11 +78,11 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
             continue
         roles = set().union(*(atoms.roles.get(a, set()) for a in members))
         kind = _kind(roles, member_spaces, param_ndim)
-        rows, heads, head_dim, shared, problem = _head_rows(members, layouts.get(g, []), first_id)
+        rows, heads, head_dim, shared, problem, per_atom = _head_rows(members, layouts.get(g, []), first_id)
         frozen += sorted({r for a in members for r in whole_reasons.get(a, ())})
         frozen += [extra for extra in (irregular.get(g), problem) if extra]
         name = _name(kind, member_spaces, param_ndim, used_names)
-        groups.append(Group(name, kind, rows, heads, head_dim, shared, member_spaces, frozen))
+        groups.append(Group(name, kind, rows, heads, head_dim, shared, member_spaces, frozen, per_atom))
     owners: dict[int, set[int]] = defaultdict(set)  # channel atom -> head atoms that own it
     for head, channels in atoms.head_links.items():
         for c in channels:
@@ -180,8 +181,12 @@ def _kind(roles: set[str], spaces: list[Space], param_ndim: dict[str, int]) -> s
     if "v" in roles:
         return "v"
     producers = sum(1 for s in spaces if s.dim == 0 and param_ndim.get(s.param, 0) >= 2)
-    consumes = any(s.dim == 1 and param_ndim.get(s.param, 0) >= 2 for s in spaces)
-    return "mlp" if producers == 1 and consumes else "other"  # one producer: a hidden layer, not a residual stream
+    consumers = sum(1 for s in spaces if s.dim == 1 and param_ndim.get(s.param, 0) >= 2)
+    # a hidden layer: one producer (fc1), or two multiplied (a gated MLP's gate and up), read by one layer;
+    # a residual stream is written and read by many
+    if consumers and (producers == 1 or (producers == 2 and consumers == 1)):
+        return "mlp"
+    return "other"
 
 
 def _name(kind: str, spaces: list[Space], param_ndim: dict[str, int], used: set[str]) -> str:
@@ -200,24 +205,31 @@ def _name(kind: str, spaces: list[Space], param_ndim: dict[str, int], used: set[
 
 
 def _head_rows(members: list[int], layouts: list[torch.Tensor], first_id: torch.Tensor):
-    """Distinct head rows of a group, its heads × head_dim layout, and whether heads share offsets."""
+    """Distinct head rows of a group, its heads × head_dim layout, whether heads share offsets, what is wrong
+    with the layout (or None) and how many channels of a head each atom holds.
+
+    A head may hold an atom more than once (a rotary embedding couples channel i with its rotation partner):
+    allowed when every atom of every row appears equally often; rows then list each atom once."""
+    whole = [sorted(members, key=lambda a: int(first_id[a]))]
     if not layouts:
-        return [sorted(members, key=lambda a: int(first_id[a]))], 1, len(members), False, None
+        return whole, 1, len(members), False, None, 1
     distinct: dict[frozenset, list[int]] = {}
+    multiplicities = set()
     for layout in layouts:
         for row in layout.tolist():
-            key = frozenset(row)
-            if len(key) != len(row):
-                return [members], 1, len(members), False, "a head uses the same channel twice"
-            distinct.setdefault(key, row)
+            counts = Counter(row)
+            multiplicities |= set(counts.values())
+            distinct.setdefault(frozenset(row), list(counts))
+    if len(multiplicities) != 1:
+        return [members], 1, len(members), False, "a head uses some channels more often than others", 1
+    per_atom = multiplicities.pop()
     keys = list(distinct)
     covered = set()
     for key in keys:
         if covered & key:
-            return [members], 1, len(members), False, "heads overlap irregularly"
+            return [members], 1, len(members), False, "heads overlap irregularly", 1
         covered |= key
     if covered != set(members):
-        return [members], 1, len(members), False, "the head layout covers only part of the group"
-    first = layouts[0]
-    heads, head_dim = first.shape
-    return [distinct[k] for k in keys], heads, head_dim, len(keys) < heads, None
+        return [members], 1, len(members), False, "the head layout covers only part of the group", 1
+    heads = layouts[0].shape[0]
+    return [distinct[k] for k in keys], heads, layouts[0].shape[1] // per_atom, len(keys) < heads, None, per_atom

@@ -17,7 +17,9 @@ _UNARY = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "exp", "abs", "sqrt"
           "softplus", "elu", "leaky_relu", "hardswish", "hardsigmoid", "mish", "relu6", "square", "sin", "cos",
           "clamp", "clamp_min", "clamp_max", "reciprocal", "sign", "gelu_tanh"]
 _UNARY_ATEN = ["gelu", "relu", "silu", "sigmoid", "tanh", "neg", "exp", "abs", "sqrt", "rsqrt", "dropout", "clone",
-               "contiguous", "softplus", "hardswish", "erf", "reciprocal", "alias", "detach", "_to_copy", "clamp"]
+               "contiguous", "softplus", "hardswish", "erf", "reciprocal", "alias", "detach", "_to_copy", "clamp",
+               "clamp.Tensor", "clamp_min", "clamp_max", "to.dtype", "to.device", "to.dtype_layout", "to.other",
+               "type_as", "sin", "cos", "square", "log", "gelu_", "silu_", "relu_", "dropout_"]
 _UNARY_MODULES = (nn.Dropout, nn.Identity, nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish,
                   nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Hardsigmoid)
 _ELEMENTWISE = ["add", "sub", "mul", "div", "truediv", "floordiv", "pow", "maximum", "minimum", "where",

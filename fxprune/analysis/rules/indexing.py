@@ -7,13 +7,67 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from ... import meta
+from ...capture.values import TensorValue
 from ..labels import Labels
 from .registry import OpCall, register_op
 
 _aten = torch.ops.aten
 
 
-@register_op("getitem", ("input", "index"), functions=[operator.getitem])
+def _unsupported_channel_slice(item: slice) -> str | None:
+    """Why a slice of channels by position cannot follow their removal, or None when it can: a leading or
+    trailing range (``x[..., :h]``, ``x[..., h:]``, as in rotate_half and partial rotary embeddings) keeps
+    exactly the surviving channels of its range, and its bounds are rewritten from the new size."""
+    if item.step not in (None, 1):
+        return "channels are sliced with a step"
+    if item.start not in (None, 0) and item.stop is not None:
+        return "a middle range of channels is sliced out"
+    return None
+
+
+def _edge_slice(item: slice, new_size: int) -> slice:
+    """The leading or trailing slice of ``new_size`` items that ``item`` becomes after pruning."""
+    return slice(0, new_size) if item.start in (None, 0) else slice(-new_size, None)
+
+
+def _resize_getitem(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
+    """x[..., :h] whose channels shrank: the slice bounds follow the new size (see ``_edge_slice``)."""
+    index = call.args.get("index")
+    source = node.args[0] if node.args else None
+    value = source.meta.get(meta.VALUE) if isinstance(source, fx.Node) else None
+    if not isinstance(value, TensorValue) or not isinstance(old, tuple):
+        return  # an element of a tuple, not an index into a tensor
+    items = list(index) if isinstance(index, tuple) else [index]
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+        items[at:at + 1] = [slice(None)] * (value.ndim - n_real)
+    out_dim, changed = 0, False
+    for position, item in enumerate(items):
+        if isinstance(item, int):
+            continue
+        if isinstance(item, slice) and old[out_dim] != new[out_dim]:
+            items[position], changed = _edge_slice(item, new[out_dim]), True
+        out_dim += 1
+    if changed:
+        node.args = (node.args[0], tuple(items))
+
+
+def _resize_slice(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
+    """aten.slice over channels that shrank: its bounds follow the new size (see ``_edge_slice``)."""
+    dim = call.args.get("dim", 0) % len(old)
+    if old[dim] == new[dim]:
+        return
+    item = _edge_slice(slice(call.args.get("start") or None, None), new[dim])
+    node.args = (node.args[0], dim, item.start, item.stop if item.stop is not None else _END, *node.args[4:])
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k == "step"}
+
+
+_END = 9223372036854775807  # what torch.export writes for an open end
+
+
+@register_op("getitem", ("input", "index"), functions=[operator.getitem], resize=_resize_getitem)
 def rule_getitem(ctx, call: OpCall) -> Any:
     x, index = call.args["input"], call.args["index"]
     labels = ctx.labels(x)
@@ -53,9 +107,13 @@ def rule_getitem(ctx, call: OpCall) -> Any:
             if isinstance(item, slice):
                 full = item.start in (None, 0) and item.stop is None and item.step in (None, 1)
                 if not full and d == block.dim:
-                    ctx.freeze(block.ids, "channels are sliced by position")
-                    ok = False
-                    break
+                    unsupported = _unsupported_channel_slice(item)
+                    if unsupported:
+                        ctx.freeze(block.ids, unsupported)
+                        ok = False
+                        break
+                    # every row (head) must keep as many channels inside the slice: rows share offsets
+                    ctx.ch.union_within(block.ids, tuple(block.row_dims()))
                 if not full and result.shape[offset] > 1:
                     result = result[(slice(None),) * offset + (item,)]
                 if d == block.dim:
@@ -80,7 +138,7 @@ def rule_select(ctx, call: OpCall) -> Labels:
     return rule_getitem(ctx, OpCall("getitem", call.node, {"input": x, "index": index}))
 
 
-@register_op("slice", ("input", "dim", "start", "end", "step"), aten=[_aten.slice.Tensor])
+@register_op("slice", ("input", "dim", "start", "end", "step"), aten=[_aten.slice.Tensor], resize=_resize_slice)
 def rule_slice(ctx, call: OpCall) -> Labels:
     """aten.slice(x, dim, start, end, step): x[..., start:end:step, ...] on one dim."""
     x = call.args["input"]

@@ -35,11 +35,14 @@ def _conv_macs(call: OpCall, out: tuple, shape_of: Callable[[Any], tuple | None]
              modules={nn.Linear: lambda module, ref: {"weight": ref("weight"), "bias": ref("bias")}},
              macs=_linear_macs, produces_channels=True)
 def rule_linear(ctx, call: OpCall) -> Labels:
-    x, weight, bias = call.args["input"], call.args["weight"], call.args.get("bias")
-    last = len(ctx.shape(x)) - 1
+    weight = call.args["weight"]
     w_labels = ctx.labels(weight)
-    w_out = block_on(w_labels, 0)
-    w_in = block_on(w_labels, 1)
+    return _linear(ctx, call.args["input"], weight, block_on(w_labels, 1), block_on(w_labels, 0), call.args.get("bias"))
+
+
+def _linear(ctx, x: Any, weight: Any, w_in: Block | None, w_out: Block | None, bias: Any) -> Labels:
+    """x·Wᵀ + b given the weight's input-feature and output-feature blocks, wherever the weight stores them."""
+    last = len(ctx.shape(x)) - 1
     out: list[Block] = []
     for block in ctx.labels(x):
         if block.dim == last:
@@ -108,3 +111,39 @@ def rule_conv(ctx, call: OpCall) -> Labels:
     if bias is not None and ctx.labels(bias):
         ctx.ch.union(out_ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
     return (make_block(result if result is not None else out_ids, 1),)
+
+
+def _addmm_macs(call: OpCall, out: tuple, shape_of: Callable[[Any], tuple | None]) -> int:
+    x = shape_of(call.args["mat1"])
+    return math.prod(out) * x[-1] if x else 0
+
+
+@register_op("addmm", ("bias", "mat1", "mat2", "beta", "alpha"), aten=[_aten.addmm.default], functions=[torch.addmm],
+             macs=_addmm_macs, produces_channels=True)
+def rule_addmm(ctx, call: OpCall) -> Labels:
+    """bias + mat1 @ mat2: a Linear whose weight is stored [in, out] (Hugging Face's Conv1D in GPT-2)."""
+    weight = call.args["mat2"]
+    w_labels = ctx.labels(weight)
+    return _linear(ctx, call.args["mat1"], weight, block_on(w_labels, 0), block_on(w_labels, 1), call.args.get("bias"))
+
+
+def _bind_embedding(node, args: tuple, kwargs: dict) -> dict:
+    """ATen spells it embedding(weight, indices), torch.nn.functional embedding(input, weight)."""
+    names = ("weight", "input") if node.target is _aten.embedding.default else ("input", "weight")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+@register_op("embedding", ("input", "weight"), functions=[F.embedding], aten=[_aten.embedding.default],
+             bind=_bind_embedding, modules={nn.Embedding: lambda module, ref: {"weight": ref("weight")}})
+def rule_embedding(ctx, call: OpCall) -> Labels:
+    """A table lookup: the output's last dim holds the table's columns (its rows are looked up by the indices)."""
+    weight = call.args["weight"]
+    rows = block_on(ctx.labels(weight), 0)
+    if rows is not None:
+        ctx.freeze(rows.ids, f"rows of {ctx.describe(weight)} are looked up by token indices")
+    columns = block_on(ctx.labels(weight), 1)
+    if columns is None:
+        return ()
+    view = [1] * len(ctx.out.shape)
+    view[-1] = columns.ids.numel()
+    return (Block(columns.ids.reshape(view), len(view) - 1),)

@@ -82,7 +82,9 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
             raise InvalidArgumentError(f"fxprune: ignored_layers names '{name}', which is not a module of the model")
     scores = importance_.score(analysis, importance, seed=seed, data=data)
     input_shapes = [list(t.shape) for t in analysis.captured.example_inputs if isinstance(t, torch.Tensor)]
-    options = {"importance": importance, "seed": seed, "input_shapes": input_shapes,
+    input_dtypes = [str(t.dtype).removeprefix("torch.") for t in analysis.captured.example_inputs
+                    if isinstance(t, torch.Tensor)]
+    options = {"importance": importance, "seed": seed, "input_shapes": input_shapes, "input_dtypes": input_dtypes,
                "untie_shared_convs": analysis.captured.untied}
     if target_macs is not None or target_params is not None:
         target = _check_budget(target_macs if target_macs is not None else target_params,
@@ -125,7 +127,10 @@ def _inputs_from_plan(p: Plan) -> tuple | None:
     if not shapes:
         return None
     generator = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(*s, generator=generator) for s in shapes)
+    dtypes = [getattr(torch, name) for name in p.options.get("input_dtypes") or ["float32"] * len(shapes)]
+    # integer inputs (token ids, attention masks) are ones: a valid token and an attended position
+    return tuple(torch.randn(*s, generator=generator, dtype=d) if d.is_floating_point else torch.ones(s, dtype=d)
+                 for s, d in zip(shapes, dtypes))
 
 
 def apply(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequence | None = None,

@@ -11,10 +11,14 @@ OP = "fxprune_op"  # analysis: the normalised OpCall, or None for an op without 
 LABELS = "fxprune_labels"  # analysis: the output's channel labels (Blocks); None where it holds no tensor
 CONST = "fxprune_const"  # analysis: True when the value depends on parameters only
 ATTENTION_OUTPUT = "fxprune_attention_output"  # analysis: this node computes an attention's output (·V)
+# analysis: operands read per head through a gather (a rotary cos/sin table shared by all heads):
+# list of RowGather (rewrite/gather_rows.py)
+ROW_GATHER = "fxprune_row_gather"
 
 # --- GraphModule.meta --------------------------------------------------------------------------------------
 CAPTURE_METHOD = "fxprune_capture"  # "torch.export" where capture fell back to export
 OPENED_LEAVES = "fxprune_opened_leaves"  # capture: timm "notrace" modules traced into (list of paths)
+STATIC_SHAPES = "fxprune_static_shapes"  # capture: why export had to fix the input shapes (None: it did not)
 KEPT_LEAVES = "fxprune_kept_leaves"  # capture: timm "notrace" modules kept opaque -> why (not traceable)
 PLAN = "fxprune_plan"  # the Plan a pruned module was made with
 ARCHITECTURE = "fxprune_architecture"  # timm's architecture name, for save/load

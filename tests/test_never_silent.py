@@ -90,3 +90,34 @@ def test_a_missed_macs_target_is_reported():
     assert coverage["measure"] == "macs" and coverage["reached"] > 0.41
     removable = fxprune.analyze(model, (X,)).coverage()["removable_macs"]
     assert 0 < coverage["removable_macs"] <= removable
+
+
+class _PinsItsBatch(torch.nn.Module):
+    """fx cannot trace ``int(size)``; torch.export can, but fixes the batch size there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        batch = int(x.shape[0])
+        return self.fc2(self.fc1(x).relu()).reshape(batch, -1)
+
+
+def test_a_model_whose_export_fixes_the_batch_says_so():
+    with pytest.warns(UserWarning, match="could not keep every batch and sequence dim dynamic"):
+        analysis = fxprune.analyze(_PinsItsBatch().eval(), example_inputs=(torch.randn(2, 8),))
+    assert "the model fixes input 0 dim 0" in str(analysis)
+
+
+def test_token_inputs_keep_batch_and_sequence_dynamic_through_export():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=50)
+    model = transformers.BertModel(config).eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*could not keep every batch")  # no static-shape warning
+        pruned = fxprune.prune(model, 0.5, example_inputs=(torch.randint(0, 50, (2, 6)),))
+    assert pruned.meta[meta.CAPTURE_METHOD] == "torch.export"
+    for batch, length in ((1, 3), (4, 17)):
+        assert pruned(torch.randint(0, 50, (batch, length))).last_hidden_state.shape == (batch, length, 32)

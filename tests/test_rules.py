@@ -11,10 +11,10 @@ from toy_models import (CatBiasAttention, ChunkedAttention, ConvMlp, LinearAtten
 TOKENS = 9
 
 
-def _prune_and_check(model, x, ratio, importance="l2"):
+def _prune_and_check(model, x, ratio, importance="l2", head_ratio=0.0):
     snapshot = state_snapshot(model)
     analysis = fxprune.analyze(model, (x[:1],))
-    plan = fxprune.plan(analysis, ratio, importance=importance)
+    plan = fxprune.plan(analysis, ratio, importance=importance, head_ratio=head_ratio)
     pruned = fxprune.apply(analysis, plan)
     assert masked_error(model, analysis, plan, pruned, x) < 1e-5
     assert_unchanged(model, snapshot)
@@ -46,15 +46,20 @@ def test_temperature_from_shape_keeps_original_value():
     assert "(1, 2, 9, 8)" not in pruned.code  # the batch size is not baked in
 
 
-def test_shared_head_parameter_forces_same_offsets_in_every_head():
+def test_a_parameter_shared_by_all_heads_is_gathered_per_head():
+    """A head_dim-wide parameter broadcast over heads keeps its width; each head reads the entries of the
+    channels it kept (a gather in the pruned graph), so heads choose their own channels and can go whole."""
     model = Residual(SeparateProjections(16, 2), 16).eval()
     analysis, plan, pruned = _prune_and_check(model, torch.randn(2, TOKENS, 16), 0.5)
     (qk,) = _groups(analysis, "qk")
     (v,) = _groups(analysis, "v")
-    assert qk.shared_across_heads and len(qk.rows) == 1 and qk.heads == 2
+    assert not qk.shared_across_heads and len(qk.rows) == 2 and qk.heads == 2
     assert not v.shared_across_heads and len(v.rows) == 2
-    temperature = pruned.get_submodule("block").temperature
-    assert temperature.shape == (4,)
+    assert pruned.get_submodule("block").temperature.shape == (8,)
+    assert "gather_per_row" in pruned.code
+    assert any(g.kind == "heads" and g.prunable for g in analysis.groups)
+    _, _, without_a_head = _prune_and_check(model, torch.randn(2, TOKENS, 16), 0.0, head_ratio=0.5)
+    assert without_a_head.get_parameter("block.q.weight").shape[0] == 8
 
 
 def test_shared_depthwise_conv_on_v_forces_same_offsets():

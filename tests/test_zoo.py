@@ -29,7 +29,9 @@ MLP_ONLY = {  # attention stays whole in these; only MLPs shrink, so neither thi
 HEAD_REMOVAL_BREAKS = {  # heads are offered for removal but the pruned model does not run (fxprune bugs)
     "CaiT": "talking heads: proj_l / proj_w mix the heads and keep their full width",
     "XCiT": "the per-head temperature keeps every head",
-    "MaxViT": "the relative position bias keeps every head",
+}
+MASKS_FREEZE_HEADS = {  # an additive bias reaches the attention as a mask whose head dim cannot follow the heads
+    "MaxViT": "the relative position bias is built by ops without a rule",
 }
 
 
@@ -88,6 +90,14 @@ def test_family_prunes_equal_to_masked_on_fresh_batches(family):
         assert shrunk & {"qk", "v"}, "supported, yet attention did not shrink"
         heads_removed = any(analysis.group(g).kind == "heads" and any(rows) for g, rows in plan.removed.items())
         assert heads_removed or not heads, "whole heads are removable here, yet none were removed"
+
+
+@pytest.mark.parametrize("family", sorted(MASKS_FREEZE_HEADS))
+def test_heads_behind_a_mask_that_cannot_follow_them_are_frozen(family):
+    analysis = fxprune.analyze(_build(family))
+    heads = [g for g in analysis.groups if g.kind == "heads"]
+    assert heads and not any(g.prunable for g in heads)
+    assert all(any("cannot follow the heads" in reason for reason in g.frozen) for g in heads)
 
 
 @pytest.mark.parametrize("family", sorted(HEAD_REMOVAL_BREAKS))

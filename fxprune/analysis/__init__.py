@@ -96,10 +96,16 @@ class Analysis:
         summary = {k: sum(1 for g in self.groups if g.kind == k and g.prunable) for k in KINDS}
         lines.append("")
         lines.append("prunable groups: " + ", ".join(f"{k}={n}" for k, n in summary.items()))
-        if self.unknown_ops:
+        touching = [op for op in self.unknown_ops if op.touched_channels]
+        if touching:
             lines.append("ops without a rule (channels through them are frozen):")
-            for op in self.unknown_ops:
-                lines.append(f"  {op.node}: {op.target}" + ("" if op.touched_channels else " (no channels touched)"))
+            lines.extend(f"  {op.node}: {op.target}" for op in touching)
+        harmless = sorted({str(op.target).rpartition("::")[2] for op in self.unknown_ops if not op.touched_channels})
+        if harmless:
+            lines.append(f"ops without a rule that touch no channels (masks, positions): {', '.join(harmless)}")
+        static = self.gm.meta.get(meta.STATIC_SHAPES)
+        if static:
+            lines.append(f"capture: {static}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -37,6 +37,7 @@ class ChannelIds:
         self._active: list[torch.Tensor] = []
         self._heads: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._whole: list[tuple[torch.Tensor, str]] = []
+        self._regions: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.size = 0
 
     def space(self, param: str, dim: int, size: int, virtual: bool = False) -> torch.Tensor:
@@ -58,6 +59,13 @@ class ChannelIds:
     def param_spaces(self) -> list[Space]:
         """The spaces of real parameters and buffers."""
         return [s for s in self.spaces if not s.virtual]
+
+    def spaces_of(self, ids: torch.Tensor) -> list[Space]:
+        """The spaces ``ids`` belong to."""
+        spaces = self.spaces
+        starts = torch.tensor([s.start for s in spaces], dtype=torch.long)
+        found = torch.unique(torch.searchsorted(starts, ids.reshape(-1), right=True) - 1).tolist()
+        return [spaces[i] for i in found]
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = torch.broadcast_tensors(a, b)
@@ -92,6 +100,13 @@ class ChannelIds:
         """Head ``head_ids[h]`` owns the channels ``rows[h]``: removing the head removes them all."""
         self._heads.append((head_ids.reshape(-1).clone(), rows.reshape(head_ids.numel(), -1).clone()))
 
+    def record_region(self, rows: torch.Tensor, region: torch.Tensor) -> None:
+        """A slice reads the channels at ``region`` (bool, per position) of every row of ``rows`` (rows,
+        channels): every row must keep as many channels there. Resolved with the other couplings: where the
+        coupled channels do not guarantee it (rotation pairs straddling the two halves do), the rows share
+        offsets."""
+        self._regions.append((rows.clone(), region.clone()))
+
     def whole(self, rows: torch.Tensor, reason: str) -> None:
         """Each row is a set of ids that is removed entirely or not at all (normalised together)."""
         self._whole.append((rows.reshape(-1, rows.shape[-1]).clone(), reason))
@@ -124,6 +139,45 @@ def _components(n: int, edges: list[tuple[torch.Tensor, torch.Tensor]]) -> torch
         labels = new
 
 
+def _rows_sharing_offsets_for_slices(root: torch.Tensor, regions: list[tuple[torch.Tensor, torch.Tensor]]
+                                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Couplings that make every row keep as many channels inside each sliced region: none where every atom
+    of the rows lies in the region equally often (then equal counts per row suffice), else shared offsets."""
+    edges = []
+    for rows, region in regions:
+        roots = root[rows]
+        inside: dict[tuple[int, int], int] = {}
+        for r, (row, row_inside) in enumerate(zip(roots.tolist(), roots[:, region].tolist())):
+            for atom in row:
+                inside.setdefault((r, atom), 0)
+            for atom in row_inside:
+                inside[(r, atom)] += 1
+        if len(set(inside.values())) > 1 and rows.shape[0] > 1:
+            edges.append((rows[1:].reshape(-1), rows[:1].expand(rows.shape[0] - 1, -1).reshape(-1)))
+    return edges
+
+
+def _heads_reading_the_same_channels(root: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tensor]]
+                                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Couplings of heads that own exactly the same channels: the query heads of one key/value group
+    (grouped-query attention) go together, as one kv group. Where every head shares the same channels
+    (offsets shared by all heads) nothing is coupled: the heads stay separate and their analysis says why."""
+    edges = []
+    for head_ids, rows in heads:
+        classes: dict[frozenset, list[int]] = {}
+        for head, row in zip(head_ids.tolist(), root[rows].tolist()):
+            classes.setdefault(frozenset(row), []).append(head)
+        if len(classes) < 2 or all(len(members) == 1 for members in classes.values()):
+            continue
+        keys = list(classes)
+        if any(a & b for i, a in enumerate(keys) for b in keys[i + 1:]):
+            continue  # heads overlap partially: no kv-group structure
+        for members in classes.values():
+            if len(members) > 1:
+                edges.append((torch.tensor(members[1:]), torch.tensor(members[:1] * (len(members) - 1))))
+    return edges
+
+
 @dataclass
 class Atoms:
     """Classes of ids that must be removed together: the unit a pruning plan keeps or removes."""
@@ -141,6 +195,12 @@ class Atoms:
     @staticmethod
     def build(ids: ChannelIds) -> "Atoms":
         root = _components(ids.size, ids._edges)
+        shared = _rows_sharing_offsets_for_slices(root, ids._regions)
+        if shared:
+            root = _components(ids.size, ids._edges + shared)
+        grouped = _heads_reading_the_same_channels(root, ids._heads)
+        if grouped:
+            root = _components(ids.size, ids._edges + shared + grouped)
         roots, atom_of = torch.unique(root, return_inverse=True)
         atoms = Atoms(ids=ids, atom_of=atom_of, count=len(roots))
         for member_ids, reason in ids._frozen:

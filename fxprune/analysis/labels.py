@@ -103,6 +103,17 @@ def block_on(labels: Labels, dim: int, level: str = CHANNEL) -> Block | None:
     return None
 
 
+@dataclass
+class RowGather:
+    """Operand ``arg`` of a node, read per row: ``ids`` (aligned to the node's output dims) has one row of
+    channel ids per position of ``row_dim`` and the channels along ``channel_dim``."""
+
+    arg: int
+    ids: torch.Tensor
+    row_dim: int
+    channel_dim: int
+
+
 def param_labels(ch: ChannelIds, name: str, shape: Sequence[int], virtual: bool = False, level: str = CHANNEL) -> Labels:
     """Every dimension of size > 1 of a parameter is a candidate channel space of its own."""
     blocks = []

@@ -5,8 +5,9 @@ The user's model is deep-copied first, so nothing done later can reach it.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -129,20 +130,59 @@ def _symbolic_or_export(model: torch.nn.Module, model_copy: torch.nn.Module, inp
 def _export(model_copy: torch.nn.Module, inputs: tuple, name: str) -> fx.GraphModule:
     _without_cache(model_copy)
     with torch.no_grad():
-        exported = None
-        if any(isinstance(x, torch.Tensor) and x.ndim > 0 for x in inputs):
-            try:  # the batch (and a token sequence) stay dynamic; a model that pins them is exported as it is
-                exported = torch.export.export(model_copy, _batch_of_two(inputs), dynamic_shapes=_dynamic_dims(inputs),
-                                               strict=False)
-            except Exception:  # noqa: BLE001
-                exported = None
+        exported, static = _export_dynamic(model_copy, inputs)
         if exported is None:
             exported = torch.export.export(model_copy, inputs, strict=False)
     gm = exported.module()
+    if static:
+        shapes = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
+        static = (f"torch.export could not keep every batch and sequence dim dynamic ({static}); the pruned module "
+                  f"accepts only the example inputs' sizes {shapes} in those dims")
+        warnings.warn(f"fxprune: {name}: {static}", stacklevel=4)
+        gm.meta[meta.STATIC_SHAPES] = static
     _constants_as_buffers(gm)
     gm.meta[meta.CAPTURE_METHOD] = "torch.export"
     record_values(gm, inputs, name)
     return gm
+
+
+def _export_dynamic(model_copy: torch.nn.Module, inputs: tuple) -> tuple[Any, str | None]:
+    """The exported program with the batch and token-sequence dims dynamic, else the batch alone (None where
+    neither exports), and what had to stay fixed on the way (None: nothing)."""
+    if not any(isinstance(x, torch.Tensor) and x.ndim > 0 for x in inputs):
+        return None, None
+    attempts = [_dynamic_dims(inputs)]
+    if _dynamic_dims(inputs, sequence=False) != attempts[0]:
+        attempts.append(_dynamic_dims(inputs, sequence=False))
+    reasons = []
+    for dims in attempts:
+        try:  # at a batch of two: export specialises sizes 0 and 1
+            exported = torch.export.export(model_copy, _batch_of_two(inputs), dynamic_shapes=dims, strict=False)
+        except Exception as exc:  # noqa: BLE001 - reported by the caller, and by analyze
+            reasons.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            continue
+        pinned = _specialised(exported, dims)
+        if pinned is None:
+            return exported, "; ".join(reasons) or None
+        reasons.append(pinned)  # fixed at the batch of two: try fewer dynamic dims, or the example's own sizes
+    return None, "; ".join(reasons)
+
+
+def _specialised(exported, dims: tuple) -> str | None:
+    """Which of the dims asked dynamic the exported program fixed (export specialises a dim the model pins,
+    e.g. ``int(x.shape[0])``: a constant size, or a symbol whose range is a single value), or None."""
+    user_inputs = set(exported.graph_signature.user_inputs)
+    placeholders = [n for n in exported.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+
+    def fixed(size: Any) -> bool:
+        if isinstance(size, int) or getattr(size.node.expr, "is_number", False):
+            return True
+        span = exported.range_constraints.get(size.node.expr)
+        return span is not None and span.lower == span.upper
+
+    pinned = [f"input {position} dim {dim}" for position, (node, asked) in enumerate(zip(placeholders, dims))
+              for dim in asked or {} if fixed(node.meta["val"].shape[dim])]
+    return f"the model fixes {', '.join(pinned)}" if pinned else None
 
 
 def _without_cache(model_copy: torch.nn.Module) -> None:
@@ -159,13 +199,13 @@ def _batch_of_two(inputs: tuple) -> tuple:
                  for x in inputs)
 
 
-def _dynamic_dims(inputs: tuple) -> tuple:
-    """Dynamic dims for export: the batch of every tensor input, and the sequence of integer (token, mask or
-    position) inputs. ``Dim.AUTO`` lets export keep a dim static where the model needs it."""
+def _dynamic_dims(inputs: tuple, sequence: bool = True) -> tuple:
+    """Dynamic dims for export: the batch of every tensor input, and (``sequence``) the sequence of integer
+    (token, mask or position) inputs. ``Dim.AUTO`` lets export keep a dim static where the model needs it."""
     def dims(x: object) -> dict | None:
         if not isinstance(x, torch.Tensor) or x.ndim == 0:
             return None
-        if x.ndim >= 2 and not x.is_floating_point() and x.shape[1] > 1:
+        if sequence and x.ndim >= 2 and not x.is_floating_point() and x.shape[1] > 1:
             return {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
         return {0: torch.export.Dim.AUTO}
 

@@ -7,7 +7,8 @@ Every pass takes the graph module (and what it needs from the analysis) and retu
 2. ``fix_sizes``            sizes baked into the graph shrink (each op's ``resize``); other shape-derived
                             values keep their original value
 3. ``keep_attention_scale`` SDPA keeps its original softmax scale
-4. ``insert_reweights``     (with calibration data) per-channel scale and bias compensating removed channels
+4. ``gather_rows``          a table shared by all heads (rotary cos/sin) is read per head, by kept channel
+5. ``insert_reweights``     (with calibration data) per-channel scale and bias compensating removed channels
 then the graph is linted and recompiled, checked against the masked original (``check.py``; raises
 ``RewriteError`` naming the first diverging node), and the plan is attached to the result.
 """
@@ -23,6 +24,7 @@ from ..check import check_pruned
 from ..plan import Plan
 from .attention_scale import keep_attention_scale
 from .fix_sizes import fix_sizes
+from .gather_rows import gather_rows
 from .reweight import consumers, fit_reweight, insert_reweights, record_inputs
 from .slice_parameters import slice_parameters
 
@@ -37,6 +39,7 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, ve
     shapes = new_shapes(gm, analysis.atoms.atom_of, removed)
     fix_sizes(gm, shapes)
     keep_attention_scale(gm, shapes)
+    gather_rows(gm, analysis.atoms.atom_of, removed)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

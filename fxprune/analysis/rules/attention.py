@@ -140,13 +140,24 @@ def rule_sdpa(ctx, call: OpCall) -> Labels:
                 link_heads(ctx, heads, block)
         else:
             ctx.freeze(block.ids, f"value of attention has {block.level} ids along dim {block.dim}")
-    mask = call.args.get("attn_mask")
-    mask_labels = ctx.labels(mask)
-    if mask_labels:
-        pad = ndim - len(ctx.shape(mask))
-        for block in (b.unsqueezed(pad) for b in mask_labels):
-            if heads is not None and block.dim == heads.dim:  # a per-head bias (or a mask repeated per head)
-                ctx.ch.union(block.ids, heads.ids)
-            else:
-                ctx.freeze(block.ids, "attention mask carries ids outside the head dim")
+    _follow_mask(ctx, call.args.get("attn_mask"), heads, ndim)
     return merge(ctx.ch, out)
+
+
+def _follow_mask(ctx, mask: Any, heads: Block | None, ndim: int) -> None:
+    """An attention mask or additive bias with a head dim (relative position bias, ALiBi) loses the heads the
+    attention loses; one whose head dim carries no head ids (its origin has no rule) freezes the heads."""
+    mask_shape = ctx.shape(mask) if mask is not None else None
+    if not mask_shape:
+        return
+    pad = ndim - len(mask_shape)
+    covered = False
+    for block in (b.unsqueezed(pad) for b in ctx.labels(mask)):
+        if heads is not None and block.dim == heads.dim:  # a per-head bias (or a mask repeated per head)
+            ctx.ch.union(block.ids, heads.ids)
+            covered = True
+        else:
+            ctx.freeze(block.ids, "attention mask carries ids outside the head dim")
+    head_dim = heads.dim - pad if heads is not None else -1
+    if heads is not None and not covered and 0 <= head_dim and mask_shape[head_dim] > 1:
+        ctx.freeze(heads.ids, f"attention mask {ctx.describe(mask)} has a head dim that cannot follow the heads")

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..labels import CHANNEL, FREE, HEAD, Block, Labels, merge, param_labels
+from ... import meta
+from ..labels import CHANNEL, FREE, HEAD, Block, Labels, RowGather, merge, param_labels
 from .common import link_heads
 from .registry import OpCall, register_op
 
@@ -78,6 +79,7 @@ def rule_elementwise(ctx, call: OpCall) -> Labels:
         shape = ctx.shape(x)
         pad = out_ndim - len(shape)
         aligned.append((x, (1,) * pad + tuple(shape), [b.unsqueezed(pad) for b in ctx.labels(x)]))
+    aligned = _tables_read_per_row(ctx, call, aligned)
     activation_levels: dict[int, set[str]] = {}
     for x, _, blocks in aligned:
         if not ctx.is_const(x):
@@ -109,6 +111,44 @@ def rule_elementwise(ctx, call: OpCall) -> Labels:
                 what = "heads" if block.level == HEAD else "channels"
                 ctx.freeze(block.ids, f"combined with {ctx.describe(x)}, which has no prunable {what} on dim {block.dim}")
     return result
+
+
+def _tables_read_per_row(ctx, call: OpCall, aligned: list) -> list:
+    """Operands made of parameters or buffers shared by every head (a rotary embedding's cos and sin, a
+    qk-norm weight; no head dim) meeting per-head channels get per-head ids of their own, read through a
+    gather after pruning (``rewrite/gather_rows.py``), instead of forcing every head to keep the same channel
+    offsets. The shared tensor itself keeps its width (frozen)."""
+    rows: dict[int, tuple[int, int]] = {}  # channel dim -> (row dim, rows) of an activation's per-head channels
+    for x, _, blocks in aligned:
+        for block in blocks:
+            row_dims = block.row_dims()
+            if not ctx.is_const(x) and block.level == CHANNEL and len(row_dims) == 1 and row_dims[0] < block.dim:
+                rows[block.dim] = (row_dims[0], block.ids.shape[row_dims[0]])
+    if not rows or not isinstance(ctx.node.args, tuple):
+        return aligned
+    tensors = {name for name, _ in ctx.gm.named_buffers()} | {name for name, _ in ctx.gm.named_parameters()}
+    gathers, out = [], []
+    for x, shape, blocks in aligned:
+        position = next((i for i, a in enumerate(ctx.node.args) if a is x), None)
+        new_blocks = []
+        for block in blocks:
+            row = rows.get(block.dim) if block.level == CHANNEL else None
+            if (row is None or position is None or block.row_dims() or block.ids.shape[row[0]] != 1
+                    or not all(not sp.virtual and sp.param in tensors for sp in ctx.ch.spaces_of(block.ids))):
+                new_blocks.append(block)
+                continue
+            row_dim, count = row
+            width = block.ids.shape[block.dim]
+            view = [1] * len(block.ids.shape)
+            view[row_dim], view[block.dim] = count, width
+            fresh = ctx.ch.space(f"<per-head {ctx.node.name}:{position}>", 0, count * width, virtual=True).reshape(view)
+            ctx.freeze(block.ids, f"a table every head reads ({ctx.describe(x)}) keeps its width; heads gather from it")
+            gathers.append(RowGather(position, fresh, row_dim, block.dim))
+            new_blocks.append(Block(fresh, block.dim, CHANNEL))
+        out.append((x, shape, new_blocks))
+    if gathers:
+        ctx.node.meta[meta.ROW_GATHER] = gathers
+    return out
 
 
 def _give_explicit_size(node, call: OpCall, old: tuple, new: tuple) -> None:

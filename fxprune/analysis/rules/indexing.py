@@ -15,6 +15,11 @@ from .registry import OpCall, register_op
 _aten = torch.ops.aten
 
 
+def _example_value(bound: Any) -> Any:
+    """A slice bound computed in the graph (a dynamic sequence length) at its example value."""
+    return bound.meta.get(meta.VALUE) if isinstance(bound, fx.Node) else bound
+
+
 def _unsupported_channel_slice(item: slice) -> str | None:
     """Why a slice of channels by position cannot follow their removal, or None when it can: a leading or
     trailing range (``x[..., :h]``, ``x[..., h:]``, as in rotate_half and partial rotary embeddings) keeps
@@ -105,6 +110,7 @@ def rule_getitem(ctx, call: OpCall) -> Any:
                 result = result.select(offset, item if result.shape[offset] > 1 else 0)
                 continue
             if isinstance(item, slice):
+                item = slice(*(_example_value(v) for v in (item.start, item.stop, item.step)))
                 full = item.start in (None, 0) and item.stop is None and item.step in (None, 1)
                 if not full and d == block.dim:
                     unsupported = _unsupported_channel_slice(item)
@@ -112,8 +118,11 @@ def rule_getitem(ctx, call: OpCall) -> Any:
                         ctx.freeze(block.ids, unsupported)
                         ok = False
                         break
-                    # every row (head) must keep as many channels inside the slice: rows share offsets
-                    ctx.ch.union_within(block.ids, tuple(block.row_dims()))
+                    if block.row_dims():  # every row (head) must keep as many channels inside the slice
+                        width = block.ids.shape[block.dim]
+                        region = torch.zeros(width, dtype=torch.bool)
+                        region[item] = True
+                        ctx.ch.record_region(block.rows(), region)
                 if not full and result.shape[offset] > 1:
                     result = result[(slice(None),) * offset + (item,)]
                 if d == block.dim:
@@ -144,10 +153,23 @@ def rule_slice(ctx, call: OpCall) -> Labels:
     x = call.args["input"]
     shape = ctx.shape(x)
     dim = call.args.get("dim", 0) % len(shape)
-    end = call.args.get("end")
+    end = _example_value(call.args.get("end"))
     end = None if end is None or (isinstance(end, int) and end >= shape[dim]) else end
-    item = slice(call.args.get("start") or None, end, call.args.get("step", 1))
+    item = slice(_example_value(call.args.get("start")) or None, end, _example_value(call.args.get("step", 1)))
     return rule_getitem(ctx, OpCall("getitem", call.node, {"input": x, "index": (slice(None),) * dim + (item,)}))
+
+
+def _bind_index(node, args: tuple, kwargs: dict) -> dict | None:
+    """aten.index.Tensor(x, [i, ...]) is x[i, ...]: a gather by index tensors (None skips a dim)."""
+    indices = args[1] if len(args) > 1 else kwargs.get("indices")
+    if not isinstance(indices, (list, tuple)):
+        return None
+    return {"input": args[0], "index": tuple(slice(None) if i is None else i for i in indices)}
+
+
+@register_op("index", ("input", "index"), aten=[_aten.index.Tensor], bind=_bind_index)
+def rule_index(ctx, call: OpCall) -> Labels:
+    return rule_getitem(ctx, OpCall("getitem", call.node, call.args))
 
 
 def _gather(ctx, labels: Labels, index: tuple, shape: Sequence[int]) -> Labels:

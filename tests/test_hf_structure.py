@@ -1,0 +1,118 @@
+"""What the Hugging Face rules must achieve beyond exactness (tests/test_hf.py checks that): the structure
+of what is pruned. Grouped-query attention loses whole kv groups, rotary q/k channels go in rotation pairs
+chosen per kv group, gated MLPs are MLPs, GPT-2's Conv1D prunes like a Linear, and a pruned model accepts
+other batch sizes and sequence lengths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxprune
+
+transformers = pytest.importorskip("transformers")
+
+from helpers import randomize  # noqa: E402
+
+
+def _llama(kv_heads: int = 2, heads: int = 4, head_dim: int = 8, layers: int = 1, attn: str = "sdpa"):
+    config = transformers.LlamaConfig(hidden_size=heads * head_dim, num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=kv_heads, intermediate_size=48, vocab_size=50)
+    config._attn_implementation = attn
+    return randomize(transformers.LlamaModel(config)).eval()
+
+
+def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 50, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _groups(analysis) -> dict[str, object]:
+    return {g.kind: g for g in analysis.groups if g.kind != "other"}
+
+
+def test_llama_groups_follow_kv_heads_rotary_pairs_and_gated_mlp():
+    analysis = fxprune.analyze(_llama(kv_heads=2), example_inputs=(_tokens(2, 5),))
+    groups = _groups(analysis)
+    assert set(groups) == {"qk", "v", "mlp", "heads"}
+    assert all(g.prunable for g in groups.values()), [(g.name, g.frozen) for g in groups.values()]
+    assert groups["heads"].width == 2  # one head atom per kv group
+    assert len(groups["qk"].rows) == 2 and groups["qk"].channels_per_atom == 2  # rotation pairs, per kv group
+    assert groups["qk"].head_dim * 2 == 8
+    assert len(groups["v"].rows) == 2
+
+
+def test_rotary_pairs_are_removed_together_and_kv_groups_choose_their_own():
+    model = _llama(kv_heads=2)
+    pruned = fxprune.prune(model, 0.5, example_inputs=(_tokens(2, 5),))
+    k_rows = pruned.get_parameter("layers.0.self_attn.k_proj.weight")
+    original = model.layers[0].self_attn.k_proj.weight
+    kept = [int((original == row).all(1).nonzero()[0]) for row in k_rows]  # original row of every kept row
+    per_group = [sorted(i % 8 for i in kept if i // 8 == g) for g in range(2)]
+    for offsets in per_group:
+        assert len(offsets) == 4
+        assert all((i + 4) % 8 in offsets for i in offsets)  # channel i goes with its rotation partner i ± 4
+    assert per_group[0] != per_group[1]  # each kv group picks its own pairs (random weights differ)
+
+
+def test_head_ratio_removes_whole_kv_groups():
+    model = _llama(kv_heads=2, heads=4)
+    pruned = fxprune.prune(model, 0.0, example_inputs=(_tokens(2, 5),), head_ratio=0.5)
+    attention = "layers.0.self_attn"
+    assert pruned.get_parameter(f"{attention}.k_proj.weight").shape[0] == 8  # one kv head of 8 channels left
+    assert pruned.get_parameter(f"{attention}.v_proj.weight").shape[0] == 8
+    assert pruned.get_parameter(f"{attention}.q_proj.weight").shape[0] == 16  # its two query heads
+    assert pruned.get_parameter(f"{attention}.o_proj.weight").shape[1] == 16
+
+
+@pytest.mark.parametrize("batch, length", [(1, 3), (3, 11)])
+def test_pruned_decoder_runs_at_other_batch_sizes_and_lengths(batch, length):
+    model = _llama(kv_heads=2, layers=2)
+    pruned = fxprune.prune(model, 0.25, example_inputs=(_tokens(2, 5),), head_ratio=0.5)
+    reference = fxprune.mask(model, fxprune.plan_of(pruned), example_inputs=(_tokens(2, 5),))
+    tokens = _tokens(batch, length, seed=3)
+    with torch.no_grad():
+        assert fxprune.relative_error(pruned(tokens).last_hidden_state, reference(tokens).last_hidden_state) < 1e-5
+
+
+def test_gpt2_conv1d_prunes_qk_v_heads_and_mlp():
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50, n_positions=16)
+    model = randomize(transformers.GPT2Model(config)).eval()
+    analysis = fxprune.analyze(model, example_inputs=(_tokens(2, 5),))
+    groups = _groups(analysis)
+    assert set(groups) == {"qk", "v", "mlp", "heads"} and all(g.prunable for g in groups.values())
+    pruned = fxprune.prune(model, 0.25, example_inputs=(_tokens(2, 5),))
+    assert pruned.get_parameter("h.0.mlp.c_fc.weight").shape == (32, 96)  # Conv1D stores [in, out]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_swin_relative_position_bias_follows_the_kept_heads(attn):
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[4], window_size=4)
+    config._attn_implementation = attn
+    model = randomize(transformers.SwinModel(config)).eval()
+    pruned = fxprune.prune(model, 0.0, example_inputs=(torch.randn(2, 3, 32, 32),), head_ratio=0.5)
+    table = "encoder.layers.0.blocks.0.attention.relative_position_bias.relative_position_bias_table"
+    assert pruned.get_parameter(table).shape[1] == 2
+    with torch.no_grad():
+        assert pruned(torch.randn(3, 3, 32, 32)).last_hidden_state.shape == (3, 64, 16)
+
+
+class _MaskedHeads(torch.nn.Module):
+    """Attention whose per-head additive mask comes out of an op without a rule (cummax)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.bias = torch.nn.Parameter(torch.randn(4, 6, 6))
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 4, 4).permute(2, 0, 3, 1, 4)
+        mask = torch.cummax(self.bias, dim=-1).values.unsqueeze(0)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], 16))
+
+
+def test_a_mask_whose_heads_cannot_follow_freezes_the_heads():
+    analysis = fxprune.analyze(_MaskedHeads().eval(), example_inputs=(torch.randn(2, 6, 16),))
+    heads = [g for g in analysis.groups if g.kind == "heads"]
+    assert heads and not heads[0].prunable
+    assert any("cannot follow the heads" in reason for reason in heads[0].frozen)

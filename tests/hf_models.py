@@ -67,8 +67,8 @@ def _vit_like(a: Arch) -> dict:
 def _swin_like(a: Arch) -> dict:
     """Two stages (the second after patch merging, with twice the heads); ``layers`` blocks in the first,
     so two layers bring the shifted-window block with its attention mask."""
-    return dict(image_size=IMAGE, patch_size=4, embed_dim=a.hidden, depths=(a.layers, 1), num_heads=(a.heads, 2 * a.heads),
-                window_size=4, mlp_ratio=a.intermediate / a.hidden, drop_path_rate=0.0)
+    return dict(image_size=IMAGE, patch_size=4, embed_dim=a.hidden, depths=(a.layers, 1),
+                num_heads=(a.heads, 2 * a.heads), window_size=4, mlp_ratio=a.intermediate / a.hidden, drop_path_rate=0.0)
 
 
 def _bert_like(a: Arch) -> dict:

@@ -25,9 +25,11 @@ _GPT2 = ("fxprune cannot shrink GPT-2: its Conv1D layers are captured as aten.ad
          "lookups as aten.embedding, which have no rule, so analyze finds no group at all (prune warns "
          "PruningShortfallWarning: removed 0.0%) and returns the model with every parameter")
 _BIAS_AS_MASK = ("head removal: apply raises RewriteError ('the pruned model fails at batch size 2 where the "
-                 "original runs: output with shape [.., k, N, N] doesn't match the broadcast shape [.., h, N, N]'): "
-                 "under sdpa the relative position bias reaches scaled_dot_product_attention as attn_mask "
-                 "and keeps every head while q/k/v lost the removed ones")
+                 "original runs': 'output with shape [b, k, N, N] doesn't match the broadcast shape [b, h, N, N]' "
+                 "or 'size of tensor a (k) must match the size of tensor b (h) at non-singleton dimension 1'): "
+                 "under sdpa the relative position bias (its table read through aten.index.Tensor) reaches "
+                 "aten.scaled_dot_product_attention as attn_mask (Swin: node unsqueeze, BEiT: add_2) with all h "
+                 "heads while q/k/v keep k < h: the sdpa rule does not tie the mask's head dim to the heads")
 KNOWN_FAILURES = {  # (family, attention) -> (what fxprune does wrong today, how the case fails); strict: a fix flips it
     ("GPT-2", "eager"): (_GPT2, AssertionError),
     ("GPT-2", "sdpa"): (_GPT2, AssertionError),
@@ -61,7 +63,8 @@ def archs(draw, family: Family, case: str) -> Arch:
     else:
         kv_groups, heads = 1, draw(_options((2, 3, 4), case, "heads"))
     return Arch(heads=heads, head_dim=draw(_options((4, 8), case, "head_dim")),
-                layers=draw(_options((1, 2), case, "layers")), intermediate=draw(_options((8, 12, 20, 32), case, "mlp")),
+                layers=draw(_options((1, 2), case, "layers")),
+                intermediate=draw(_options((8, 12, 20, 32), case, "mlp")),
                 kv_groups=kv_groups, variant=draw(_options((False, True), case, "variant")))
 
 

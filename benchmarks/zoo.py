@@ -108,6 +108,51 @@ def _frozen_reason(analysis, kind: str) -> str:
     return ""
 
 
+def pruned_kinds(analysis, plan) -> set[str]:
+    """The kinds of the groups the plan removed channels (or heads) from."""
+    return {analysis.group(g).kind for g, rows in plan.removed.items() if any(rows)}
+
+
+def kind_columns(analysis, plan) -> dict[str, str]:
+    """For q/k, v, heads and mlp: pruned, prunable (not cut), frozen (with the first reason) or none found."""
+    shrunk = pruned_kinds(analysis, plan)
+    prunable = {g.kind for g in analysis.groups if g.prunable}
+    present = {g.kind for g in analysis.groups}
+    cols = {}
+    for kind in (*ATTENTION_KINDS, "mlp"):
+        if kind in shrunk:
+            cols[kind] = "pruned"
+        elif kind in prunable:
+            cols[kind] = "prunable, not cut"
+        elif kind in present:
+            cols[kind] = "frozen: " + _frozen_reason(analysis, kind)
+        else:
+            cols[kind] = "none found"
+    return cols
+
+
+def short_cell(column: str) -> str:
+    """A kind column as a markdown cell: yes, prunable, frozen or -."""
+    short = {"pruned": "yes", "prunable, not cut": "prunable", "none found": "-"}
+    return short.get(column, "frozen" if column.startswith("frozen") else column)
+
+
+def prune_or_channels_only(analysis, ratio: float, head_ratio: float):
+    """(plan, pruned, head_ratio, why heads were refused): the plan at ``ratio`` and ``head_ratio`` applied, or
+    where the self-check refuses the result with heads removed, the plan at ``ratio`` alone."""
+    with warnings.catch_warnings():  # the shortfall is reported in the row (channels removed, reason)
+        warnings.simplefilter("ignore", fxprune.PruningShortfallWarning)
+        plan = fxprune.plan(analysis, ratio, head_ratio=head_ratio)
+        try:
+            return plan, fxprune.apply(analysis, plan), head_ratio, ""
+        except fxprune.RewriteError as exc:  # the self-check refused the result: try channels only
+            if not head_ratio:
+                raise
+            refused = f"head removal refused by the self-check ({str(exc).splitlines()[0][:160]})"
+            plan = fxprune.plan(analysis, ratio)
+            return plan, fxprune.apply(analysis, plan), 0.0, refused
+
+
 def check(name: str, kwargs: dict) -> dict:
     row = {"model": name, "args": kwargs}
     try:
@@ -115,23 +160,10 @@ def check(name: str, kwargs: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - a report of what timm itself does
         return {**row, "status": "unsupported", "reason": f"timm cannot build it: {exc}".splitlines()[0][:300]}
     started = time.perf_counter()
-    refused = ""
     try:
         analysis = fxprune.analyze(model)
         kinds = {g.kind for g in analysis.groups if g.prunable}
-        head_ratio = 0.5 if "heads" in kinds else 0.0
-        with warnings.catch_warnings():  # the shortfall is reported in the row (channels removed, reason)
-            warnings.simplefilter("ignore", fxprune.PruningShortfallWarning)
-            plan = fxprune.plan(analysis, 0.25, head_ratio=head_ratio)
-            try:
-                pruned = fxprune.apply(analysis, plan)
-            except fxprune.RewriteError as exc:  # the self-check refused the result: try channels only
-                if not head_ratio:
-                    raise
-                refused = f"head removal refused by the self-check ({str(exc).splitlines()[0][:160]})"
-                head_ratio = 0.0
-                plan = fxprune.plan(analysis, 0.25)
-                pruned = fxprune.apply(analysis, plan)
+        plan, pruned, head_ratio, refused = prune_or_channels_only(analysis, 0.25, 0.5 if "heads" in kinds else 0.0)
     except fxprune.FxpruneError as exc:
         return {**row, "status": "unsupported", "reason": str(exc).splitlines()[0][:300]}
     except Exception as exc:  # noqa: BLE001
@@ -157,18 +189,9 @@ def check(name: str, kwargs: dict) -> dict:
                 f"{type(exc).__name__}: {exc}".splitlines()[0][:300], "seconds": seconds}
     error = max(errors.values())
     macs = fxprune.count_macs(pruned, inputs) / fxprune.count_macs(model, inputs)
-    shrunk = {analysis.group(g).kind for g, rows in plan.removed.items() if any(rows)}
+    shrunk = pruned_kinds(analysis, plan)
     present = {g.kind for g in analysis.groups}
-    cols = {}
-    for kind in (*ATTENTION_KINDS, "mlp"):
-        if kind in shrunk:
-            cols[kind] = "pruned"
-        elif kind in kinds:
-            cols[kind] = "prunable, not cut"
-        elif kind in present:
-            cols[kind] = "frozen: " + _frozen_reason(analysis, kind)
-        else:
-            cols[kind] = "none found"
+    cols = kind_columns(analysis, plan)
     attention = any(k in shrunk for k in ATTENTION_KINDS)
     equivalent = error < 1e-4
     ok = equivalent and macs < 1.0 and attention
@@ -193,13 +216,28 @@ def check(name: str, kwargs: dict) -> dict:
             "channels_removed": plan.options["coverage"]["reached"], **cols}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def family_args(doc: str) -> argparse.Namespace:
+    """The command line of a benchmark over families (--markdown, --only NAME ...); seeds torch and keeps it to
+    the two threads the other benchmarks use."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--only", nargs="*", help="family names to run")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
+    return args
+
+
+def save_rows(rows: list[dict], name: str, args: argparse.Namespace) -> None:
+    """benchmarks/results/<name>.json, where every family ran (not with --only)."""
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    if not args.only:
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=1, default=str))
+
+
+def main() -> None:
+    args = family_args(__doc__)
     rows = []
     for family, (name, kwargs) in ALL_FAMILIES.items():
         if args.only and family not in args.only:
@@ -209,18 +247,13 @@ def main() -> None:
         print(f"{family:18s} {row['status']:11s} {row.get('macs_kept', float('nan')):6.3f} "
               f"{row.get('error', float('nan')):9.2e} {row.get('seconds', float('nan')):6.1f}s  "
               f"{','.join(row.get('pruned_kinds', []))}  {row.get('reason', '')[:200]}", flush=True)
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    if not args.only:
-        (out / "zoo.json").write_text(json.dumps(rows, indent=1, default=str))
+    save_rows(rows, "zoo", args)
     if args.markdown:
         print(f"\n| family | timm model (args) | status | qk | v | heads | mlp | channels removed (0.25 asked) | "
               f"MACs kept | masked error (batch {', '.join(map(str, BATCHES))}) | prune s | reason |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        short = {"pruned": "yes", "prunable, not cut": "prunable", "none found": "-"}
         for r in rows:
-            cells = [short.get(r.get(k, ""), "frozen" if r.get(k, "").startswith("frozen") else r.get(k, ""))
-                     for k in (*ATTENTION_KINDS, "mlp")]
+            cells = [short_cell(r.get(k, "")) for k in (*ATTENTION_KINDS, "mlp")]
             print(f"| {r['family']} | `{r['model']}` {r['args'] or ''} | {r['status']} | {' | '.join(cells)} | "
                   f"{r.get('channels_removed', float('nan')):.3f} | {r.get('macs_kept', float('nan')):.3f} | {r.get('error', float('nan')):.1e} | "
                   f"{r.get('seconds', float('nan')):.1f} | {r.get('reason', '')[:240]} |")

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test install clean bench-accuracy bench-speed bench-cost bench-zoo
+.PHONY: demo test install clean bench-accuracy bench-speed bench-cost bench-zoo bench-minilm bench-scale
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ bench-cost: $(BENCH_STAMP)
 
 bench-zoo: $(BENCH_STAMP)
 	$(PY) benchmarks/zoo.py --markdown
+
+bench-minilm: $(BENCH_STAMP)
+	$(PY) benchmarks/minilm.py --markdown
+
+bench-scale: $(BENCH_STAMP)
+	$(PY) benchmarks/llama_scale.py --markdown
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

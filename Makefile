@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test install clean bench-accuracy bench-speed bench-cost bench-zoo bench-hf
+.PHONY: demo test install clean bench-accuracy bench-speed bench-cost bench-zoo bench-hf bench-minilm bench-scale
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ bench-zoo: $(BENCH_STAMP)
 
 bench-hf: $(BENCH_STAMP)
 	$(PY) benchmarks/hf.py --markdown
+
+bench-minilm: $(BENCH_STAMP)
+	$(PY) benchmarks/minilm.py --markdown
+
+bench-scale: $(BENCH_STAMP)
+	$(PY) benchmarks/llama_scale.py --markdown
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -264,9 +264,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     log = lambda message: print(message, flush=True)  # noqa: E731
-    methods = [m for m in args.methods if m != "torch-pruning" or peer.available()]
-    if len(methods) < len(args.methods):
-        log("torch-pruning is not installed (pip install -e '.[bench]'): its rows are skipped")
+    methods = peer.usable(args.methods, log)
     rows, originals, started = [], {}, time.perf_counter()
     for key in args.models:
         steps = args.finetune_steps or (20 if key == "dinov2-s" else 60)

@@ -3,12 +3,14 @@
 - ``shapes``: a procedurally generated 10-class image set (five shapes, five textures; random colours,
   position, scale, frequency, phase and noise), drawn fresh from a seed, so training never sees a test image.
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images), upsampled and made RGB.
+- ``sentences``: varied English sentences assembled from templates and phrase lists, for text encoders.
 - tiny DeiT / Swin / FLatten classifiers for 32x32 shapes, trained from scratch once and cached under
   ``$FXPRUNE_CACHE/benchmarks`` (default ``~/.cache/fxprune/benchmarks``).
 """
 from __future__ import annotations
 
 import math
+import random
 import time
 from pathlib import Path
 
@@ -125,3 +127,59 @@ def train_tiny(name: str, steps: int = 1500, batch: int = 64, lr: float = 2e-3, 
     torch.save(model.state_dict(), path.with_suffix(".part"))
     path.with_suffix(".part").replace(path)
     return model.eval()
+
+
+# Phrase lists for ``sentences``: people and things doing things at times, facts, questions, requests and
+# opinions on several topics, so that the sentences' embeddings spread over more than one subject.
+_SUBJECTS = ("the old fisherman", "my younger sister", "a group of students", "the new manager", "our neighbour's dog",
+             "the chef", "a tired nurse", "the committee", "two children", "the pilot", "an elderly couple",
+             "the software team", "a street musician", "the farmer", "my grandfather", "the scientist",
+             "a small cat", "the city council", "the teacher", "a young programmer")
+_ACTIONS = ("repaired the broken fence", "cooked a spicy curry", "read a long novel about the sea",
+            "planted tomatoes in the garden", "missed the last train home", "painted the kitchen blue",
+            "wrote a letter to the mayor", "fixed a bug in the payment system", "climbed the steep hill",
+            "sold fresh bread at the market", "forgot about the meeting", "adopted a puppy from the shelter",
+            "played the violin for an hour", "cleaned every window in the house", "studied the migration of birds",
+            "ordered far too much pizza", "lost the car keys again", "won the regional chess tournament",
+            "approved the new budget", "built a small wooden boat")
+_TIMES = ("yesterday", "on Sunday morning", "after the storm", "before sunrise", "during the holidays",
+          "last winter", "in the evening", "while it was raining", "at the old harbour", "near the station")
+_REASONS = ("the weather was perfect", "nobody else wanted to", "it was cheaper that way", "the deadline was close",
+            "a friend had asked for help", "the instructions were unclear")
+_FACTS = ("water boils at one hundred degrees Celsius at sea level", "the moon orbits the earth about once a month",
+          "bees are essential for pollinating many crops", "the stock market fell sharply this week",
+          "the new phone has a larger battery", "regular exercise lowers the risk of heart disease",
+          "the museum is closed on Mondays", "the train to Paris takes about three hours",
+          "the recipe needs two eggs and a cup of flour", "the striker scored twice in the final",
+          "the password must contain at least twelve characters", "the river floods almost every spring")
+_TASKS = ("reset my password", "bake sourdough bread", "get to the airport from here", "learn to play chess",
+          "renew my passport", "fix a leaking tap", "train for a marathon", "write a good cover letter",
+          "grow basil indoors", "install the printer driver")
+_OPINIONS = ("I think", "Most people agree that", "It is surprising that", "The article claims that",
+             "My doctor told me that", "Scientists now believe that", "I doubt that", "Everyone knows that")
+_TEMPLATES = (
+    lambda r: f"{_cap(r.choice(_SUBJECTS))} {r.choice(_ACTIONS)} {r.choice(_TIMES)}.",
+    lambda r: f"{_cap(r.choice(_TIMES))}, {r.choice(_SUBJECTS)} {r.choice(_ACTIONS)}.",
+    lambda r: f"Nobody expected that {r.choice(_SUBJECTS)} {r.choice(_ACTIONS)}.",
+    lambda r: f"{_cap(r.choice(_SUBJECTS))} {r.choice(_ACTIONS)}, but {r.choice(_SUBJECTS)} {r.choice(_ACTIONS)}.",
+    lambda r: f"Is it true that {r.choice(_SUBJECTS)} {r.choice(_ACTIONS)} {r.choice(_TIMES)}?",
+    lambda r: f"{_cap(r.choice(_SUBJECTS))} {r.choice(_ACTIONS)} because {r.choice(_REASONS)}.",
+    lambda r: f"{r.choice(_OPINIONS)} {r.choice(_FACTS)}.",
+    lambda r: f"{_cap(r.choice(_FACTS))}.",
+    lambda r: f"How do I {r.choice(_TASKS)}?",
+    lambda r: f"Can you explain how to {r.choice(_TASKS)} {r.choice(_TIMES)}?",
+    lambda r: f"Please remind me to {r.choice(_TASKS)} {r.choice(_TIMES)}.",
+)
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def sentences(n: int = 300, seed: int = 0) -> list[str]:
+    """``n`` distinct English sentences, each from a randomly chosen template filled with random phrases."""
+    r = random.Random(seed)
+    out: dict[str, None] = {}
+    while len(out) < n:
+        out[r.choice(_TEMPLATES)(r)] = None
+    return list(out)

@@ -1,6 +1,6 @@
-"""Torch-Pruning (the peer) with its recommended timm ViT recipe, brought to a MACs target.
+"""Torch-Pruning (the peer) with its recommended timm ViT and Hugging Face BERT recipes, brought to a MACs target.
 
-The recipe follows Torch-Pruning's ``examples/transformers/prune_timm_vit.py``: ``MetaPruner`` with uniform
+The ViT recipe follows Torch-Pruning's ``examples/transformers/prune_timm_vit.py``: ``MetaPruner`` with uniform
 (non-global) pruning, ``num_heads`` for every qkv, head-dim pruning, ``ignored_layers=[model.head]``, group
 Taylor importance from labelled batches (magnitude where no labels exist), then ``num_heads`` / ``head_dim``
 set by hand on every attention. ``attn_dim`` is also set (timm 1.0.31 reshapes with it, the model would not
@@ -9,7 +9,7 @@ temperature of the new head width. Swin's relative-position tables go into ``ign
 qkv groups are silently left unpruned), and so do its patch-merging layers (Torch-Pruning slices their 2x2
 concatenation wrongly; its own Swin example needs a custom pruner for them). FLatten's separate q and kv
 projections are registered with their head counts the same way. The ratio is found by bisection so the
-MACs match the target.
+MACs match the target. The BERT recipe is ``prune_bert_at_ratio``'s.
 """
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def usable(methods: list[str], log: Callable[[str], None] = print) -> list[str]:
+    """``methods`` without "torch-pruning" when it is not installed (and a line saying so)."""
+    out = [m for m in methods if m != "torch-pruning" or available()]
+    if len(out) < len(methods):
+        log("torch-pruning is not installed (pip install -e '.[bench]'): its rows are skipped")
+    return out
 
 
 def _attentions(model: nn.Module) -> list[nn.Module]:
@@ -79,13 +87,21 @@ def prune_to_macs(model: nn.Module, example: torch.Tensor, target: float, labell
                   keep_output_width: bool = False, iterations: int = 9,
                   log: Callable[[str], None] = print) -> tuple[nn.Module | None, float, str]:
     """Torch-Pruning's result whose MACs are closest to ``target`` x the original's; (model, ratio, note)."""
-    full = fxprune.count_macs(model, (example,))
+    return bisect_to_macs(lambda ratio: prune_at_ratio(model, example, ratio, labelled, keep_output_width),
+                          model, (example,), target, iterations, log)
+
+
+def bisect_to_macs(prune_at: Callable[[float], nn.Module], model: nn.Module, inputs: tuple, target: float,
+                   iterations: int = 9, log: Callable[[str], None] = print) -> tuple[nn.Module | None, float, str]:
+    """Bisect the channel ratio of ``prune_at(ratio)`` (a pruned copy of ``model``) until its MACs on ``inputs``
+    are ``target`` x the original's; (the closest model, its ratio, a note), or (None, ratio, why)."""
+    full = fxprune.count_macs(model, inputs)
     lo, hi, best = 0.0, 0.95, (None, 0.0, float("inf"))
     try:
         for _ in range(iterations):
             ratio = (lo + hi) / 2
-            pruned = prune_at_ratio(model, example, ratio, labelled, keep_output_width)
-            fraction = fxprune.count_macs(pruned, (example,)) / full
+            pruned = prune_at(ratio)
+            fraction = fxprune.count_macs(pruned, inputs) / full
             if abs(fraction - target) < best[2]:
                 best = (pruned, ratio, abs(fraction - target))
             lo, hi = (ratio, hi) if fraction > target else (lo, ratio)
@@ -97,3 +113,29 @@ def prune_to_macs(model: nn.Module, example: torch.Tensor, target: float, labell
     if gap > 0.05:
         return None, ratio, f"cannot reach the target (closest {target + gap:.2f} or {target - gap:.2f} of MACs)"
     return pruned, ratio, f"ratio {ratio:.3f}"
+
+
+def prune_bert_at_ratio(model: nn.Module, inputs: tuple, ratio: float) -> nn.Module:
+    """Torch-Pruning's Hugging Face BERT recipe (``examples/transformers/prune_hf_bert.py``) on a copy of
+    ``model`` (a BertModel or a module holding one), with fxprune's default scope: channels within heads
+    (``prune_head_dims=True, prune_num_heads=False``, as in the ViT recipe above) and MLP hidden channels,
+    magnitude importance, uniform ratio. The recipe ignores only the pooler and so also narrows the residual
+    width; here the embeddings are ignored as well, which freezes the residual group. Then the heads, head
+    size and ``all_head_size`` are set by hand as in the recipe. transformers 5 computes the softmax scale
+    (``scaling``) once from the original head size, so the pruned attention keeps the original temperature."""
+    import torch_pruning as tp
+    from transformers.models.bert.modeling_bert import BertEmbeddings, BertPooler, BertSelfAttention
+
+    model = copy.deepcopy(model).eval()
+    attentions = [m for m in model.modules() if isinstance(m, BertSelfAttention)]
+    pruner = tp.pruner.MetaPruner(
+        model, inputs, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
+        global_pruning=False, round_to=1, prune_head_dims=True, prune_num_heads=False,
+        num_heads={p: a.num_attention_heads for a in attentions for p in (a.query, a.key, a.value)},
+        ignored_layers=[m for m in model.modules() if isinstance(m, (BertEmbeddings, BertPooler))])
+    pruner.step()
+    for attention in attentions:
+        attention.num_attention_heads = pruner.num_heads[attention.query]
+        attention.attention_head_size = attention.query.out_features // attention.num_attention_heads
+        attention.all_head_size = attention.query.out_features
+    return model

@@ -32,15 +32,17 @@ COMPILED = lambda variant: variant == "original" or "round_to" in variant or var
 MODELS = {"DeiT-S": ("deit_small_patch16_224", 224), "Swin-T": ("swin_tiny_patch4_window7_224", 224)}
 
 
-def interleaved_latency(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int,
+def interleaved_latency(models: dict[str, torch.nn.Module], x: torch.Tensor | tuple, rounds: int,
                         warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds per forward for every model, measured round-robin."""
+    """Median milliseconds per forward for every model, measured round-robin; ``x`` is the input, or a tuple
+    of positional inputs."""
+    inputs = x if isinstance(x, tuple) else (x,)
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for r in range(warmup + rounds):
             for name, model in models.items():
                 started = time.perf_counter()
-                model(x)
+                model(*inputs)
                 if r >= warmup:
                     times[name].append((time.perf_counter() - started) * 1000)
     return {name: statistics.median(t) for name, t in times.items()}

@@ -104,14 +104,14 @@ def _train_indicators(analysis, prunable: torch.Tensor, costs: torch.Tensor, the
     for p in gm.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
-        teachers = [analysis.gm(x) for x in calibration]
+        teachers = [analysis.gm(*x) for x in calibration]
     optimiser = torch.optim.Adam([theta], lr=lr)
     weights = costs.to(torch.float32)
     mask = prunable.to(torch.float32)
     for step in tqdm(range(steps), desc="fxprune auto_prune", disable=not progress):
         x, teacher = calibration[step % len(calibration)], teachers[step % len(calibration)]
         indicators = torch.sigmoid(theta) * mask + (1 - mask)
-        distill = F.mse_loss(gm(indicators, x), teacher) / teacher.var().clamp_min(1e-12)
+        distill = F.mse_loss(gm(indicators, *x), teacher) / teacher.var().clamp_min(1e-12)
         macs_fraction = 1 - (weights * (1 - indicators)).sum() / full
         loss = distill + penalty * F.relu(macs_fraction - target_macs) ** 2
         optimiser.zero_grad()
@@ -132,10 +132,12 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        calibration = list(batches(data))
+        count = len(example_inputs) if isinstance(example_inputs, (tuple, list)) else 1
+        names = [f"input_{i}" for i in range(count)]
+        calibration = list(batches(data, names=names))
         if not calibration:
             raise InvalidArgumentError("fxprune: auto_prune needs at least one calibration batch")
-        captured = capture(model, example_inputs if example_inputs is not None else (calibration[0][:1],))
+        captured = capture(model, example_inputs if example_inputs is not None else tuple(x[:1] for x in calibration[0]))
         analysis = analyze_captured(captured)
         groups = _prunable(analysis, kinds)
         prunable = torch.zeros(analysis.atoms.count, dtype=torch.bool)

@@ -21,20 +21,7 @@ from hf_models import FAMILIES, Arch, Family, build, inputs  # noqa: E402
 TRACE_SEQ = 6  # the trace sees one sequence of 6 tokens (capture exports it at batch 2)
 FRESH_BATCHES, FRESH_SEQS = (2, 3), (4, 9)
 
-_GPT2 = ("fxprune cannot shrink GPT-2: its Conv1D layers are captured as aten.addmm and the token / position "
-         "lookups as aten.embedding, which have no rule, so analyze finds no group at all (prune warns "
-         "PruningShortfallWarning: removed 0.0%) and returns the model with every parameter")
-_BIAS_AS_MASK = ("head removal: apply raises RewriteError ('the pruned model fails at batch size 2 where the "
-                 "original runs': 'output with shape [b, k, N, N] doesn't match the broadcast shape [b, h, N, N]' "
-                 "or 'size of tensor a (k) must match the size of tensor b (h) at non-singleton dimension 1'): "
-                 "under sdpa the relative position bias (its table read through aten.index.Tensor) reaches "
-                 "aten.scaled_dot_product_attention as attn_mask (Swin: node unsqueeze, BEiT: add_2) with all h "
-                 "heads while q/k/v keep k < h: the sdpa rule does not tie the mask's head dim to the heads")
-KNOWN_FAILURES = {  # (family, attention) -> (what fxprune does wrong today, how the case fails); strict: a fix flips it
-    ("GPT-2", "eager"): (_GPT2, AssertionError),
-    ("GPT-2", "sdpa"): (_GPT2, AssertionError),
-    ("Swin", "sdpa"): (_BIAS_AS_MASK, fxprune.RewriteError),
-    ("BEiT", "sdpa"): (_BIAS_AS_MASK, fxprune.RewriteError),
+KNOWN_FAILURES: dict = {  # (family, attention) -> (what fxprune does wrong, how it fails); strict: a fix flips it
 }
 
 

@@ -116,3 +116,25 @@ def test_a_mask_whose_heads_cannot_follow_freezes_the_heads():
     heads = [g for g in analysis.groups if g.kind == "heads"]
     assert heads and not heads[0].prunable
     assert any("cannot follow the heads" in reason for reason in heads[0].frozen)
+
+
+@pytest.mark.parametrize("importance", ["taylor", "attention"])
+def test_calibration_batches_carry_every_input_of_a_token_model(importance):
+    """(input_ids, attention_mask) batches, as tuples or tokenizer-style dicts, reach the model whole: the
+    padding decides the scores (a criterion that dropped the mask would score the same with and without)."""
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                                     vocab_size=50)
+    model = randomize(transformers.BertModel(config)).eval()
+    ids = _tokens(4, 8)
+    padded = torch.ones(4, 8, dtype=torch.long)
+    padded[:, 3:] = 0
+    example = (ids[:2], padded[:2])
+    analysis = fxprune.analyze(model, example_inputs=example)
+    from_tuples = fxprune.importance.score(analysis, importance, data=[(ids, padded)])
+    from_dicts = fxprune.importance.score(analysis, importance, data=[{"attention_mask": padded, "input_ids": ids}])
+    unpadded = fxprune.importance.score(analysis, importance, data=[(ids, torch.ones_like(padded))])
+    assert torch.allclose(from_tuples, from_dicts)
+    assert not torch.allclose(from_tuples, unpadded)
+    plan = fxprune.plan(analysis, 0.5, importance=importance, data=[(ids, padded)])
+    pruned = fxprune.apply(analysis, plan, reweight_data=[(ids, padded)])
+    assert pruned(ids, padded).last_hidden_state.shape == (4, 8, 32)

@@ -194,9 +194,9 @@ def _without_cache(model_copy: torch.nn.Module) -> None:
 
 
 def _batch_of_two(inputs: tuple) -> tuple:
-    """Inputs with batch size 2 (export specialises sizes 0 and 1, so a batch of one would pin the batch)."""
-    return tuple(x.expand(2, *x.shape[1:]).contiguous() if isinstance(x, torch.Tensor) and x.ndim > 0 else x
-                 for x in inputs)
+    """A batch of one grown to two (export specialises sizes 0 and 1, so a batch of one would pin the batch)."""
+    return tuple(x.expand(2, *x.shape[1:]).contiguous() if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == 1
+                 else x for x in inputs)
 
 
 def _dynamic_dims(inputs: tuple, sequence: bool = True) -> tuple:

@@ -14,7 +14,7 @@ import torch
 
 from ..gating import AttentionRecorder, gated_graph
 from . import heads_from_channels, register
-from ..data import batches
+from ..data import batches, input_names
 
 
 @register("attention", needs_data=True)
@@ -24,11 +24,11 @@ def attention(analysis, data=None, max_batches: int | None = 4, probes: int = 4,
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     scores = torch.zeros(analysis.atoms.count, dtype=torch.float64)
-    for inputs in batches(data, max_batches):
+    for inputs in batches(data, max_batches, input_names(analysis.gm)):
         for _ in range(probes):
             gates = torch.ones(analysis.atoms.count, requires_grad=True)
             recorder = AttentionRecorder(gm)
-            output = recorder.run(gates, inputs)
+            output = recorder.run(gates, *inputs)
             # the model output too: channels after the last attention (its MLP) change nothing else
             outputs = recorder.outputs + ([output] if isinstance(output, torch.Tensor) else [])
             probe = sum((torch.randn(o.shape, generator=generator) * o).sum() for o in outputs)

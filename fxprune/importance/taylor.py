@@ -14,14 +14,28 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
-from ..data import batches
+from ..data import batches, input_names
 from . import heads_from_channels, register
 
 
-def self_distillation_loss(output: torch.Tensor) -> torch.Tensor:
+def self_distillation_loss(output) -> torch.Tensor:
+    """On the model's (first) output tensor: a Hugging Face model returns an output object."""
+    output = main_output(output)
     if output.ndim == 2 and output.shape[1] > 1:
         return F.cross_entropy(output, output.detach().argmax(dim=1))
     return output.square().mean()
+
+
+def main_output(output) -> torch.Tensor:
+    """The first floating tensor of a model's output (a tensor, a tuple, or an output object / dict)."""
+    from torch.utils._pytree import tree_leaves
+
+    values = output.values() if hasattr(output, "values") and not isinstance(output, torch.Tensor) else output
+    found = next((t for t in tree_leaves(list(values) if values is not output else output)
+                  if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+    if found is None:
+        raise InvalidArgumentError(f"fxprune: the model's output ({type(output).__name__}) holds no floating tensor")
+    return found
 
 
 @register("taylor", needs_data=True)
@@ -32,9 +46,9 @@ def taylor(analysis, data=None, max_batches: int | None = 8, **_) -> torch.Tenso
         p.requires_grad_(True)
     scores = torch.zeros(analysis.atoms.count, dtype=torch.float64)
     seen = 0
-    for inputs in batches(data, max_batches):
+    for inputs in batches(data, max_batches, input_names(analysis.gm)):
         model.zero_grad(set_to_none=True)
-        self_distillation_loss(model(inputs)).backward()
+        self_distillation_loss(model(*inputs)).backward()
         change = torch.zeros(analysis.atoms.count, dtype=torch.float64)
         for space in analysis.ids.param_spaces:
             p = params.get(space.param)

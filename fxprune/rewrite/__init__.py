@@ -56,10 +56,10 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, ve
 
 def _fit_reweights(analysis, keep, data) -> dict:
     """Least-squares reweights for every Linear whose inputs shrink, from the unpruned graph's activations."""
-    from ..data import batches
+    from ..data import batches, input_names
 
     targets = consumers(analysis, keep)
-    inputs = record_inputs(analysis.gm, [name for name, _, _ in targets], list(batches(data)))
+    inputs = record_inputs(analysis.gm, [name for name, _, _ in targets], list(batches(data, names=input_names(analysis.gm))))
     fits = {}
     for name, weight, kept in targets:
         if name in inputs:

@@ -66,12 +66,12 @@ class _Recorder(Interpreter):
         return super().run_node(n)
 
 
-def record_inputs(gm: fx.GraphModule, names: Iterable[str], data: Iterable[torch.Tensor], max_rows: int = 8192):
+def record_inputs(gm: fx.GraphModule, names: Iterable[str], data: Iterable[tuple], max_rows: int = 8192):
     names = set(names)
     recorder = _Recorder(gm, names, max_rows)
     with torch.no_grad():
         for batch in data:
-            recorder.run(batch)
+            recorder.run(*batch)
     return {n: torch.cat(rows)[:max_rows] for n, rows in recorder.inputs.items() if rows}
 
 

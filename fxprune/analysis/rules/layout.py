@@ -119,18 +119,21 @@ def rule_transpose(ctx, call: OpCall) -> Labels:
     return _permute(ctx.labels(call.args["input"]), order)
 
 
-@register_op("expand", ("input", "*sizes"), methods=["expand", "expand_as"], aten=[_aten.expand.default],
-             resize=_resize_view)
+@register_op("expand", ("input", "*sizes"), methods=["expand", "expand_as"],
+             aten=[_aten.expand.default, _aten.expand_as.default], resize=_resize_view)
 def rule_expand(ctx, call: OpCall) -> Labels:
-    """Broadcast copies. A constant expanded to a literal size (a mask repeated per head) gets free ids
-    there, so the copies can shrink with whatever they meet."""
+    """Broadcast copies. A constant expanded to a literal size (a mask repeated per head), or anything
+    expanded to another tensor's shape (``expand_as``: no size is baked in), gets free ids where it is
+    copied, so the copies can shrink with whatever they meet (a norm broadcast back over the channels)."""
     x = call.args["input"]
     src = ctx.shape(x)
     dst = ctx.out.shape
     pad = len(dst) - len(src)
     blocks = [b.unsqueezed(pad) for b in ctx.labels(x)]
     sizes = call.args.get("sizes") or []
-    if ctx.is_const(x) and len(sizes) == len(dst):
+    if ctx.node.target in ("expand_as", _aten.expand_as.default):
+        sizes = list(dst)
+    if (ctx.is_const(x) or ctx.node.target in ("expand_as", _aten.expand_as.default)) and len(sizes) == len(dst):
         for d, size in enumerate(sizes):
             source = src[d - pad] if d >= pad else 1
             if isinstance(size, int) and size > 1 and source == 1:

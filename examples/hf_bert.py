@@ -37,7 +37,9 @@ def main() -> None:
     reference = fxprune.mask(model, fxprune.plan_of(pruned), example_inputs=example)
     params = sum(p.numel() for p in pruned.parameters()) / sum(p.numel() for p in model.parameters())
     macs = fxprune.count_macs(pruned, example) / fxprune.count_macs(model, example)
-    print(f"ratio 0.5, heads 0.25 (random init): params {params:.2f}, MACs {macs:.2f}, self-check {fxprune.check_of(pruned)}")
+    check = fxprune.check_of(pruned)
+    print(f"ratio 0.5, heads 0.25 (random init): params {params:.2f} (embeddings included), MACs {macs:.2f}, "
+          f"self-check error {check.error:.1e} at batch sizes {check.batch_sizes}")
     for size, length in ((1, 7), (3, 16), (5, 40)):
         ids, mask = batch(size, length, seed=size)
         with torch.no_grad():

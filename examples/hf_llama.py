@@ -2,7 +2,7 @@
 MLP): train it briefly on a synthetic next-token task, prune it, and compare next-token loss on held-out
 sequences (same tokens for every row).
 
-    python examples/hf_llama.py            # random init + 300 training steps on 2 cores (about a minute)
+    python examples/hf_llama.py            # random init + 200 training steps, then four pruned variants
 
 Model hubs are unreachable here, so the model is built from a config and trained on a task it can learn in
 seconds: each sequence repeats a random 8-token pattern, so from the second repetition on every token is
@@ -36,7 +36,7 @@ def train(model, steps: int) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(steps):
-        tokens = sequences(32, seed=step)
+        tokens = sequences(16, seed=step)
         logits = model(tokens).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         optimizer.zero_grad()
@@ -49,7 +49,7 @@ def main() -> None:
     import transformers
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,

@@ -32,8 +32,10 @@ from .slice_parameters import slice_parameters
 def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, verify: bool = True) -> fx.GraphModule:
     """A pruned copy of the analysed graph; with ``verify``, checked against the masked original first."""
     removed = plan.removed_atoms(analysis)
-    gm = copy.deepcopy(analysis.gm)
     keep = kept_indices(analysis, removed)
+    # tensors about to be sliced are not copied first (slicing makes new ones): the copy costs what is kept
+    sliced = {id(t): t for t in (analysis.tensor(name) for name, dims in keep.items() if dims)}
+    gm = copy.deepcopy(analysis.gm, sliced)
     fits = _fit_reweights(analysis, keep, reweight_data) if reweight_data is not None else {}
     slice_parameters(gm, keep)
     shapes = new_shapes(gm, analysis.atoms.atom_of, removed)

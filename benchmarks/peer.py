@@ -9,7 +9,8 @@ temperature of the new head width. Swin's relative-position tables go into ``ign
 qkv groups are silently left unpruned), and so do its patch-merging layers (Torch-Pruning slices their 2x2
 concatenation wrongly; its own Swin example needs a custom pruner for them). FLatten's separate q and kv
 projections are registered with their head counts the same way. The ratio is found by bisection so the
-MACs match the target.
+MACs match the target. ``round_to`` is MetaPruner's own (kept channels of each group rounded to a multiple of it;
+1 = widths as they fall), so the peer can be compared at the same rounding as fxprune's ``round_to``.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _head_projections(attention: nn.Module) -> list[nn.Linear]:
 
 
 def prune_at_ratio(model: nn.Module, example: torch.Tensor, ratio: float, labelled: list | None,
-                   keep_output_width: bool) -> nn.Module:
+                   keep_output_width: bool, round_to: int = 1) -> nn.Module:
     """One Torch-Pruning run at channel ratio ``ratio`` on a copy of ``model``."""
     import torch_pruning as tp
 
@@ -58,7 +59,7 @@ def prune_at_ratio(model: nn.Module, example: torch.Tensor, ratio: float, labell
     importance = tp.importance.GroupTaylorImportance() if labelled else tp.importance.GroupMagnitudeImportance(p=2)
     pruner = tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio, global_pruning=False,
                                   num_heads={p: a.num_heads for a in _attentions(model) for p in _head_projections(a)},
-                                  prune_head_dims=True, prune_num_heads=False, ignored_layers=ignored, round_to=1)
+                                  prune_head_dims=True, prune_num_heads=False, ignored_layers=ignored, round_to=round_to)
     if labelled:
         model.zero_grad()
         for images, labels in labelled:
@@ -76,15 +77,15 @@ def prune_at_ratio(model: nn.Module, example: torch.Tensor, ratio: float, labell
 
 
 def prune_to_macs(model: nn.Module, example: torch.Tensor, target: float, labelled: list | None = None,
-                  keep_output_width: bool = False, iterations: int = 9,
-                  log: Callable[[str], None] = print) -> tuple[nn.Module | None, float, str]:
+                  keep_output_width: bool = False, iterations: int = 9, log: Callable[[str], None] = print,
+                  round_to: int = 1) -> tuple[nn.Module | None, float, str]:
     """Torch-Pruning's result whose MACs are closest to ``target`` x the original's; (model, ratio, note)."""
     full = fxprune.count_macs(model, (example,))
     lo, hi, best = 0.0, 0.95, (None, 0.0, float("inf"))
     try:
         for _ in range(iterations):
             ratio = (lo + hi) / 2
-            pruned = prune_at_ratio(model, example, ratio, labelled, keep_output_width)
+            pruned = prune_at_ratio(model, example, ratio, labelled, keep_output_width, round_to)
             fraction = fxprune.count_macs(pruned, (example,)) / full
             if abs(fraction - target) < best[2]:
                 best = (pruned, ratio, abs(fraction - target))

@@ -104,13 +104,19 @@ def _hookable_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
     hookable = {}
     for name in called:
         module = gm.get_submodule(name)
-        if type(module) not in _HOOKABLE or any(name.startswith(f"{other}.") for other in called):
+        if type(module) not in _HOOKABLE or any(ancestor in called for ancestor in _ancestors(name)):
             continue
         own = [(f"{name}.{attr}", t) for attr, t in module.named_parameters(recurse=False)]
         if any(full in read or owners[id(t)] > 1 for full, t in own):
             continue
         hookable[name] = module
     return hookable
+
+
+def _ancestors(name: str) -> Iterator[str]:
+    """'a.b.c' -> 'a', 'a.b'."""
+    parts = name.split(".")
+    return (".".join(parts[:i]) for i in range(1, len(parts)))
 
 
 def _activation_masks(module: nn.Module, weight: dict[int, torch.Tensor], bias: dict[int, torch.Tensor]

@@ -101,9 +101,10 @@ def _hookable_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     owners = Counter(id(t) for _, t in gm.named_parameters(remove_duplicate=False))
+    modules = dict(gm.named_modules(remove_duplicate=False))
     hookable = {}
     for name in called:
-        module = gm.get_submodule(name)
+        module = modules.get(name)
         if type(module) not in _HOOKABLE or any(ancestor in called for ancestor in _ancestors(name)):
             continue
         own = [(f"{name}.{attr}", t) for attr, t in module.named_parameters(recurse=False)]

@@ -9,7 +9,9 @@ temperature of the new head width. Swin's relative-position tables go into ``ign
 qkv groups are silently left unpruned), and so do its patch-merging layers (Torch-Pruning slices their 2x2
 concatenation wrongly; its own Swin example needs a custom pruner for them). FLatten's separate q and kv
 projections are registered with their head counts the same way. The ratio is found by bisection so the
-MACs match the target. The BERT recipe is ``prune_bert_at_ratio``'s.
+MACs match the target. The BERT recipe is ``prune_bert_at_ratio``'s. ``round_to`` is MetaPruner's own (kept
+channels of each group rounded to a multiple of it; 1 = widths as they fall), so the peer can be compared at the
+same rounding as fxprune's ``round_to``.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def _head_projections(attention: nn.Module) -> list[nn.Linear]:
 
 
 def prune_at_ratio(model: nn.Module, example: torch.Tensor, ratio: float, labelled: list | None,
-                   keep_output_width: bool) -> nn.Module:
+                   keep_output_width: bool, round_to: int = 1) -> nn.Module:
     """One Torch-Pruning run at channel ratio ``ratio`` on a copy of ``model``."""
     import torch_pruning as tp
 
@@ -66,7 +68,7 @@ def prune_at_ratio(model: nn.Module, example: torch.Tensor, ratio: float, labell
     importance = tp.importance.GroupTaylorImportance() if labelled else tp.importance.GroupMagnitudeImportance(p=2)
     pruner = tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio, global_pruning=False,
                                   num_heads={p: a.num_heads for a in _attentions(model) for p in _head_projections(a)},
-                                  prune_head_dims=True, prune_num_heads=False, ignored_layers=ignored, round_to=1)
+                                  prune_head_dims=True, prune_num_heads=False, ignored_layers=ignored, round_to=round_to)
     if labelled:
         model.zero_grad()
         for images, labels in labelled:
@@ -84,10 +86,10 @@ def prune_at_ratio(model: nn.Module, example: torch.Tensor, ratio: float, labell
 
 
 def prune_to_macs(model: nn.Module, example: torch.Tensor, target: float, labelled: list | None = None,
-                  keep_output_width: bool = False, iterations: int = 9,
-                  log: Callable[[str], None] = print) -> tuple[nn.Module | None, float, str]:
+                  keep_output_width: bool = False, iterations: int = 9, log: Callable[[str], None] = print,
+                  round_to: int = 1) -> tuple[nn.Module | None, float, str]:
     """Torch-Pruning's result whose MACs are closest to ``target`` x the original's; (model, ratio, note)."""
-    return bisect_to_macs(lambda ratio: prune_at_ratio(model, example, ratio, labelled, keep_output_width),
+    return bisect_to_macs(lambda ratio: prune_at_ratio(model, example, ratio, labelled, keep_output_width, round_to),
                           model, (example,), target, iterations, log)
 
 

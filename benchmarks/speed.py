@@ -1,9 +1,11 @@
 """Real speedup on this CPU against the MACs cut, for fxprune and Torch-Pruning at equal MACs.
 
-For each model: the original, fxprune's graph with nothing removed (the cost of the graph itself), fxprune at
-a MACs target (widths as they fall, and rounded to multiples of 8 with ``round_to``), and Torch-Pruning's
-recipe at the same MACs (benchmarks/peer.py). Latency is the median of interleaved runs (every variant runs
-once per round, so drift hits all alike) at 2 threads, batch 1 / 8 / 32, eager and ``torch.compile``.
+For each model: the original, fxprune's graph with nothing removed (the cost of the graph itself), and fxprune
+and Torch-Pruning's recipe (benchmarks/peer.py) at the same MACs target, each at ``round_to`` 1 (widths as
+they fall) and 8 (kept widths rounded to multiples of 8: fxprune's ``round_to``, MetaPruner's ``round_to``).
+Every variant's name and JSON row say its ``round_to``. Latency is the median of interleaved runs (every
+variant runs once per round, so drift hits all alike) at 2 threads, batch 1 / 8 / 32, eager and
+``torch.compile``.
 Reported: speedup = latency_before / latency_after and efficiency = speedup / (MACs_before / MACs_after);
 1.0 means the wall clock falls as fast as the MACs.
 
@@ -27,9 +29,14 @@ import fxprune
 import peer
 
 RESULTS = Path(__file__).parent / "results"
-# torch.compile is slow to build on 2 cores: it runs the original, fxprune rounded and Torch-Pruning only
-COMPILED = lambda variant: variant == "original" or "round_to" in variant or variant.startswith("torch-pruning")  # noqa: E731
+ROUND_TO = (1, 8)
+# torch.compile is slow to build on 2 cores: it runs the original, fxprune at round_to 8 and Torch-Pruning only
+COMPILED = lambda variant: variant == "original" or variant.endswith("round_to 8") or variant.startswith("torch-pruning")  # noqa: E731
 MODELS = {"DeiT-S": ("deit_small_patch16_224", 224), "Swin-T": ("swin_tiny_patch4_window7_224", 224)}
+
+
+def variant_name(method: str, target: float, round_to: int) -> str:
+    return f"{method} {target:.0%} MACs, round_to {round_to}"
 
 
 def interleaved_latency(models: dict[str, torch.nn.Module], x: torch.Tensor | tuple, rounds: int,
@@ -48,22 +55,24 @@ def interleaved_latency(models: dict[str, torch.nn.Module], x: torch.Tensor | tu
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def variants(model: torch.nn.Module, example: torch.Tensor, target: float, log) -> tuple[dict, dict, dict]:
+def variants(model: torch.nn.Module, example: torch.Tensor, target: float, log) -> tuple[dict, dict, dict, dict]:
+    """(models, MACs, notes on Torch-Pruning's runs, round_to) by variant name."""
     analysis = fxprune.analyze(model, (example,))
     out = {"original": model,
            "fxprune graph, nothing removed": fxprune.apply(analysis, fxprune.plan(analysis, 0.0))}
-    for round_to in (1, 8):
+    round_tos: dict[str, int | None] = dict.fromkeys(out)
+    for round_to in ROUND_TO:
         plan = fxprune.plan(analysis, target_macs=target, round_to=round_to)
-        out[f"fxprune {target:.0%} MACs" + (f", round_to {round_to}" if round_to > 1 else "")] = \
-            fxprune.apply(analysis, plan)
+        name = variant_name("fxprune", target, round_to)
+        out[name], round_tos[name] = fxprune.apply(analysis, plan), round_to
     notes = {}
-    if peer.available():
-        pruned, _, note = peer.prune_to_macs(model, example, target, None, log=log)
-        notes["torch-pruning"] = note
+    for round_to in ROUND_TO if peer.available() else ():
+        name = variant_name("torch-pruning", target, round_to)
+        pruned, _, notes[name] = peer.prune_to_macs(model, example, target, None, log=log, round_to=round_to)
         if pruned is not None:
-            out[f"torch-pruning {target:.0%} MACs"] = pruned
+            out[name], round_tos[name] = pruned, round_to
     macs = {name: fxprune.count_macs(m, (example,)) for name, m in out.items()}
-    return out, macs, notes
+    return out, macs, notes, round_tos
 
 
 def compiled(models: dict[str, torch.nn.Module], x: torch.Tensor, log) -> dict[str, torch.nn.Module]:
@@ -98,7 +107,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = timm.create_model(name).eval()
         example = torch.randn(1, 3, size, size)
-        models, macs, notes = variants(model, example, args.target, log)
+        models, macs, notes, round_tos = variants(model, example, args.target, log)
         for note in notes.items():
             log(f"  {label}: {note[0]} {note[1]}")
         for batch in args.batches:
@@ -111,10 +120,11 @@ def main() -> None:
                 for variant, value in ms.items():
                     speedup = ms["original"] / value
                     macs_ratio = macs["original"] / macs[variant]
-                    rows.append({"model": label, "variant": variant, "batch": batch, "mode": mode, "ms": value,
+                    rows.append({"model": label, "variant": variant, "round_to": round_tos[variant],
+                                 "batch": batch, "mode": mode, "ms": value,
                                  "macs_g": macs[variant] / 1e9, "params_m": fxprune.count_params(models[variant]) / 1e6,
                                  "speedup": speedup, "macs_ratio": macs_ratio, "efficiency": speedup / macs_ratio})
-                    log(f"  {label} b{batch} {mode:7s} {variant:34s} {value:8.1f} ms  speedup {speedup:.2f}x  "
+                    log(f"  {label} b{batch} {mode:7s} {variant:40s} {value:8.1f} ms  speedup {speedup:.2f}x  "
                         f"MACs ratio {macs_ratio:.2f}  efficiency {speedup / macs_ratio:.2f}")
     Path(args.json).parent.mkdir(exist_ok=True)
     Path(args.json).write_text(json.dumps({"threads": args.threads, "target": args.target, "rows": rows,

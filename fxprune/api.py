@@ -200,8 +200,8 @@ def plan_of(gm: fx.GraphModule) -> Plan:
 
 
 def check_of(gm: fx.GraphModule):
-    """The self-check a pruned GraphModule passed (``CheckResult``: error, batch sizes, reference), or None
-    when it was made with ``verify=False``."""
+    """The self-check a pruned GraphModule passed (``CheckResult``: error, batch sizes, reference, seconds),
+    or None when it was made with ``verify=False``."""
     plan_of(gm)  # a clear error for modules fxprune did not make
     return gm.meta.get(meta.CHECK)
 

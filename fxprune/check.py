@@ -5,22 +5,24 @@ channels' weights zeroed. ``check_pruned`` runs both on the example inputs and o
 (so a size baked into the graph is caught), against the weight-masked original and, where zeroed weights are
 not what removal computes (FLatten's ReLU(x) + ε), the activation-masked one. On a mismatch it names the
 first graph node whose kept channels differ, and raises ``RewriteError`` instead of returning a wrong model.
+The weight-masked original zeroes most weights through activation masks rather than copies
+(``masked_reference.py``): the check costs two forward passes, not a copy of the model's weights besides.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.func import functional_call
 from torch.fx.interpreter import Interpreter
 from torch.utils._pytree import tree_leaves
 
 from . import meta
 from .errors import RewriteError
-from .analysis.shapes import kept_indices
+from .masked_reference import WeightMasked, weight_masked
 from .verify import relative_error, zeroed_activations
 
 
@@ -32,6 +34,7 @@ class CheckResult:
     batch_sizes: list[int]
     reference: str  # "weights" (zeroed weights) or "activations" (zeroed activations)
     notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # wall time the check took (what verify=False saves)
 
 
 def tolerance(gm: torch.nn.Module) -> float:
@@ -49,10 +52,11 @@ def check_pruned(analysis, removed: torch.Tensor, pruned: fx.GraphModule) -> Che
     weights are not what removal computes). Where the captured original itself cannot run at another
     batch size, only the example batch is checked.
     """
+    started = time.perf_counter()
     tol = tolerance(pruned)
     example = tuple(analysis.captured.example_inputs)
     grown = _other_batch(example)
-    masked = _weight_masked(analysis, removed)
+    masked = weight_masked(analysis, removed)
     notes: list[str] = []
     with torch.no_grad():
         actual, inputs = _run_grown(analysis, masked, pruned, example, grown, notes)
@@ -68,10 +72,11 @@ def check_pruned(analysis, removed: torch.Tensor, pruned: fx.GraphModule) -> Che
         where = first_divergence(analysis, removed, pruned, example, tol)
         raise RewriteError(f"fxprune: the pruned model differs from the masked original (relative error {error:.2e} "
                            f"> {tol:.0e}); {where}. This is a bug in fxprune: please report it with the model.")
-    return CheckResult(error, sorted({_batch_size(example), _batch_size(inputs)}), reference, notes)
+    return CheckResult(error, sorted({_batch_size(example), _batch_size(inputs)}), reference, notes,
+                       time.perf_counter() - started)
 
 
-def _run_grown(analysis, masked: dict, pruned: fx.GraphModule, example: tuple, grown: tuple | None,
+def _run_grown(analysis, masked: WeightMasked, pruned: fx.GraphModule, example: tuple, grown: tuple | None,
                notes: list[str]) -> tuple[Outputs, tuple]:
     """The pruned module's outputs at the grown batch (and that batch), or at the example batch where the
     captured original cannot change its batch size either (a note says so)."""
@@ -96,21 +101,6 @@ def _leading(actual: Outputs, expected: Outputs) -> Outputs:
 
     return ([cut(a, e) for a, e in zip(actual[0], expected[0])] + actual[0][len(expected[0]):],
             [cut(a, e) for a, e in zip(actual[1], expected[1])] + actual[1][len(expected[1]):])
-
-
-def _weight_masked(analysis, removed: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Copies of the captured graph's tensors that hold removed channels, with those channels zeroed."""
-    masked = {}
-    for name, dims in kept_indices(analysis, removed).items():
-        if name.rpartition(".")[2].startswith(meta.BUFFER_PREFIX):
-            continue  # a constant capture made (a window mask), not a weight of the model
-        tensor = analysis.tensor(name).detach()
-        keep = torch.ones((1,) * tensor.ndim, dtype=torch.bool)
-        for dim, kept in dims.items():
-            along = torch.zeros(tensor.shape[dim], dtype=torch.bool).index_fill_(0, kept, True)
-            keep = keep & along.reshape([-1 if d == dim else 1 for d in range(tensor.ndim)])
-        masked[name] = tensor.masked_fill(~keep, 0)
-    return masked
 
 
 def _other_batch(inputs: tuple) -> tuple | None:
@@ -141,15 +131,15 @@ _WATCHED = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNo
 Outputs = tuple[list[torch.Tensor], list[torch.Tensor]]  # the model's outputs, the norms' outputs
 
 
-def _outputs(gm: fx.GraphModule, inputs: tuple, params: dict | None = None) -> Outputs:
+def _outputs(gm: fx.GraphModule, inputs: tuple, masked: WeightMasked | None = None) -> Outputs:
     """The model's floating outputs, then the outputs of its norm modules in call order: the residual stream
     the norms read keeps its width, so they must match too (and they still differ where a zero-initialised
-    classifier hides a wrong model)."""
+    classifier hides a wrong model). With ``masked``, the weight-masked ``gm``."""
     watched: list[torch.Tensor] = []
     handles = [m.register_forward_hook(lambda _m, _i, out: watched.append(out))
                for m in gm.modules() if isinstance(m, _WATCHED)]
     try:
-        result = gm(*inputs) if params is None else functional_call(gm, params, inputs, strict=False)
+        result = gm(*inputs) if masked is None else masked.run(gm, inputs)
     finally:
         for handle in handles:
             handle.remove()

@@ -70,3 +70,20 @@ def test_torch_pruning_reaches_the_macs_target():
     fraction = fxprune.count_macs(pruned, (x[:1],)) / fxprune.count_macs(model, (x[:1],))
     assert abs(fraction - 0.6) < 0.02
     assert pruned(x[:2]).shape == (2, 10)
+
+
+def test_torch_pruning_rounds_widths_when_asked():
+    """benchmarks/speed.py compares fxprune and Torch-Pruning at equal round_to: peer.py must pass it through."""
+    pytest.importorskip("torch_pruning")
+    import peer
+
+    torch.manual_seed(0)
+    model = offline.create_tiny("tiny-deit").eval()
+    x, _ = offline.shapes(1, seed=1)
+
+    def widths(round_to):
+        pruned = peer.prune_at_ratio(model, x, 0.3, None, keep_output_width=False, round_to=round_to)
+        return [m.out_features for n, m in pruned.named_modules() if n.endswith(("attn.qkv", "mlp.fc1"))]
+
+    assert all(w % 8 == 0 for w in widths(8))
+    assert any(w % 8 for w in widths(1))

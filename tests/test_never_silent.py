@@ -8,8 +8,9 @@ import torch
 import fxprune
 import fxprune.rewrite as rewrite
 from fxprune import meta
+from fxprune.masked_reference import weight_masked
 from helpers import masked_error, small_vit
-from toy_models import Residual, UnknownOpMlp
+from toy_models import CatBiasAttention, ConvMlp, Residual, SharedDepthwiseOnV, UnknownOpMlp
 
 X = torch.randn(1, 3, 16, 16)
 
@@ -18,6 +19,7 @@ def test_the_self_check_runs_by_default_at_two_batch_sizes():
     pruned = fxprune.prune(small_vit(), 0.5, example_inputs=(X,), head_ratio=0.5)
     check = fxprune.check_of(pruned)
     assert check.batch_sizes == [1, 2] and check.reference == "weights" and check.error < 1e-5
+    assert check.seconds > 0
     assert fxprune.check_of(fxprune.prune(small_vit(), 0.5, example_inputs=(X,), verify=False)) is None
 
 
@@ -51,6 +53,57 @@ def test_a_model_that_only_runs_at_the_trace_batch_size_is_never_returned(monkey
         unchecked(torch.randn(2, 3, 16, 16))
     with pytest.raises(fxprune.RewriteError, match="fails at batch size 2"):
         fxprune.prune(model, 0.5, example_inputs=(X,))
+
+
+def _misalign_first_mlp(slice_parameters):
+    """A rewrite bug: fc1 of the first block keeps its hidden channels in reverse order, fc2 does not."""
+    def wrong(gm, keep):
+        keep = {name: dict(dims) for name, dims in keep.items()}
+        for name in ("blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias"):
+            keep[name][0] = keep[name][0].flip(0)
+        return slice_parameters(gm, keep)
+    return wrong
+
+
+def test_a_wrong_slice_is_caught(monkeypatch):
+    """The reference zeroes fc1/fc2 through activation masks, not copies: it must still see misaligned channels."""
+    monkeypatch.setattr(rewrite, "slice_parameters", _misalign_first_mlp(rewrite.slice_parameters))
+    model = small_vit()
+    unchecked = fxprune.prune(model, 0.5, example_inputs=(X,), verify=False)
+    analysis = fxprune.analyze(model, (X,))
+    assert masked_error(model, analysis, fxprune.plan_of(unchecked), unchecked, X) > 1e-3
+    with pytest.raises(fxprune.RewriteError, match="differs from the masked original"):
+        fxprune.prune(model, 0.5, example_inputs=(X,))
+
+
+def _conv_mlp() -> torch.nn.Module:
+    model = ConvMlp(8, 12)
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+@pytest.mark.filterwarnings("ignore::fxprune.PruningShortfallWarning")
+@pytest.mark.parametrize("model, x, copied", [
+    (small_vit(), X, set()),  # every masked weight belongs to a Linear: nothing is copied
+    # sigmoid(0) = 0.5: fc2 must ignore the removed channels by its zeroed columns (an input mask)
+    (Residual(torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Sigmoid(), torch.nn.Linear(12, 8)), 8).eval(),
+     torch.randn(2, 5, 8), set()),
+    (Residual(SharedDepthwiseOnV(16, 2), 16).eval(), torch.randn(2, 9, 16), set()),  # depthwise conv hooked too
+    (Residual(CatBiasAttention(16, 2), 16).eval(), torch.randn(2, 9, 16),  # F.linear reads qkv.weight: copied
+     {"block.qkv.weight", "block.q_bias", "block.v_bias"}),
+    (_conv_mlp(), torch.randn(2, 8, 5, 5), {"bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}),
+], ids=["vit", "sigmoid-mlp", "depthwise-conv", "f.linear", "conv-batchnorm"])
+def test_the_check_reference_is_the_weight_masked_model(model, x, copied):
+    """The self-check's reference (activation masks where a Linear or conv reads its weights whole, copies
+    elsewhere) computes what fxprune.mask's copy with zeroed weights computes."""
+    analysis = fxprune.analyze(model, (x,))
+    plan = fxprune.plan(analysis, 0.5)
+    reference = weight_masked(analysis, plan.removed_atoms(analysis))
+    assert set(reference.tensors) == copied
+    with torch.no_grad():
+        got, want = reference.run(analysis.gm, (x,)), fxprune.mask(model, plan, example_inputs=(x,))(x)
+        assert fxprune.relative_error(got, want) < 1e-6 < fxprune.relative_error(got, model(x))
 
 
 def test_unknown_kinds_are_errors():

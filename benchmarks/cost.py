@@ -5,6 +5,7 @@ share is its own wall time (``fxprune.check_of(pruned).seconds``) over the time 
     python benchmarks/cost.py                       # table + benchmarks/results/cost.json
     python benchmarks/cost.py --markdown --no-peer  # without Torch-Pruning (pip install torch-pruning)
     python benchmarks/cost.py --only ViT-S ViT-B --repeats 5
+    python benchmarks/cost.py --markdown --threads 1  # on a machine other jobs keep busy
 
 Timings are wall clock on this machine, after a warm-up: each cell is the fastest of ``--repeats`` runs (on
 a shared machine the least disturbed one; a median still swung by 2x with other jobs running), fxprune's and
@@ -90,8 +91,10 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--repeats", type=int, default=3, help="runs per model and tool (the fastest is reported)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads; 1 on a busy machine, where two threads stall on each other")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     fxprune_call(timm.create_model("vit_tiny_patch16_224", depth=1).eval())  # warm-up (imports, kernels)
     rows = []
     for label, (name, kwargs) in MODELS.items():
@@ -109,7 +112,8 @@ def main() -> None:
         del model
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "cost.json").write_text(json.dumps(rows, indent=1))
+    summary = {"threads": args.threads, "repeats": args.repeats, "rows": rows}
+    (out / "cost.json").write_text(json.dumps(summary, indent=1))
     if args.markdown:
         print("\n| model | params (M) | fxprune (s) | of which self-check | new peak RSS (MB) | Torch-Pruning (s) |")
         print("|---|---|---|---|---|---|")

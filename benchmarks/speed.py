@@ -76,6 +76,9 @@ def variants(model: torch.nn.Module, example: torch.Tensor, target: float, log) 
 
 
 def compiled(models: dict[str, torch.nn.Module], x: torch.Tensor, log) -> dict[str, torch.nn.Module]:
+    # timm models share one forward, which dynamo recompiles for every model and batch size; past its
+    # recompile limit (8) it silently runs eager, so each batch size starts from a clean cache
+    torch._dynamo.reset()
     out = {}
     for name, model in models.items():
         started = time.perf_counter()

@@ -132,7 +132,7 @@ def rule_getitem(ctx, call: OpCall) -> Any:
             ctx.freeze(block.ids, f"index {item!r} is not supported")
             ok = False
             break
-        if ok and new_dim is not None:
+        if ok and new_dim is not None and result.numel() > 0:  # an empty slice (x[..., d:] of width d) holds nothing
             out.append(block.moved(result, new_dim))
     return tuple(out)
 

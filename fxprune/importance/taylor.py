@@ -30,9 +30,8 @@ def main_output(output) -> torch.Tensor:
     """The first floating tensor of a model's output (a tensor, a tuple, or an output object / dict)."""
     from torch.utils._pytree import tree_leaves
 
-    values = output.values() if hasattr(output, "values") and not isinstance(output, torch.Tensor) else output
-    found = next((t for t in tree_leaves(list(values) if values is not output else output)
-                  if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+    # model output objects are pytrees (transformers registers them), as the self-check relies on too
+    found = next((t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
     if found is None:
         raise InvalidArgumentError(f"fxprune: the model's output ({type(output).__name__}) holds no floating tensor")
     return found

@@ -17,7 +17,7 @@ from .capture import capture
 from .errors import InvalidArgumentError, PlanError
 from .plan import Plan
 from . import meta
-from .rewrite import apply_plan
+from .rewrite import COMPENSATIONS, apply_plan
 from .verify import masked, masked_activations
 
 __version__ = "0.1.0"
@@ -134,19 +134,34 @@ def _inputs_from_plan(p: Plan) -> tuple | None:
 
 
 def apply(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequence | None = None,
-          reweight_data: Iterable | None = None, verify: bool = True) -> fx.GraphModule:
+          reweight_data: Iterable | None = None, verify: bool = True, compensation: str = "reweight") -> fx.GraphModule:
     """Carry out a plan: a physically smaller GraphModule that carries the plan (``fxprune.plan_of``).
 
-    With ``reweight_data`` (calibration input batches), every Linear whose inputs shrank gets a per-channel
-    scale and bias fitted to reproduce the unpruned layer (trainable; ``fold_reweights`` merges them).
+    With ``reweight_data`` (calibration input batches) the removed channels are compensated. ``compensation``:
+    "reweight" gives every Linear whose inputs shrank a per-channel scale and bias fitted to reproduce the
+    unpruned layer (graph nodes, trainable; ``fold_reweights`` merges them); "least_squares" re-solves the kept
+    weights and bias of those layers, and moves the removed k rows' share of each head's logits into its kept
+    k rows, folded into plain weights (``rewrite/compensate.py``); "sequential" does the same layer after layer
+    with each layer's inputs taken from the model pruned and compensated so far.
     ``verify`` (default on): run the result on the example inputs and on another batch size against the masked
     original and raise ``RewriteError`` (naming the first diverging node) rather than return a wrong model;
     ``fxprune.check_of(pruned)`` tells what was compared.
     """
     if not isinstance(p, Plan):
         raise InvalidArgumentError(f"fxprune: expected a Plan, got {type(p).__name__}")
+    _check_compensation(compensation, reweight_data)
     analysis = _replay_analysis(model, p, example_inputs)
-    return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data, verify=verify)
+    return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data, verify=verify,
+                      compensation=compensation)
+
+
+def _check_compensation(compensation: object, data: Iterable | None) -> str:
+    if compensation not in COMPENSATIONS:
+        raise InvalidArgumentError(f"fxprune: unknown compensation {compensation!r}; choose one of {list(COMPENSATIONS)}")
+    if compensation != "reweight" and data is None:
+        raise InvalidArgumentError(f"fxprune: compensation {compensation!r} fits on calibration batches: pass "
+                                   "reweight_data=[batch, ...]")
+    return compensation
 
 
 def _replay_analysis(model: torch.nn.Module | Analysis, p: Plan, example_inputs: Sequence | None) -> Analysis:
@@ -162,7 +177,7 @@ def _replay_analysis(model: torch.nn.Module | Analysis, p: Plan, example_inputs:
 
 
 _KNOWN_OPTIONS = {"kinds", "seed", "head_ratio", "untie_shared_convs", "target_macs", "target_params", "data",
-                  "min_head_width", "reweight_data", "ignored_layers", "round_to", "strict", "verify"}
+                  "min_head_width", "reweight_data", "ignored_layers", "round_to", "strict", "verify", "compensation"}
 
 
 def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs: Sequence | None = None,
@@ -175,7 +190,7 @@ def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs:
     ``head_ratio`` (fraction of every attention's heads to remove first, at least one stays),
     ``kinds`` (group kinds to prune, default qk, v, mlp), ``seed`` (for ``importance="random"``),
     ``untie_shared_convs`` (see ``plan``), ``ignored_layers``, ``round_to``, ``strict`` (see ``plan``: an error
-    instead of a warning when less is removed than asked), ``verify`` (see ``apply``; default on).
+    instead of a warning when less is removed than asked), ``verify`` and ``compensation`` (see ``apply``).
     """
     unknown = set(options) - _KNOWN_OPTIONS
     if unknown:
@@ -187,8 +202,10 @@ def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs:
     analysis = _analysis(model, example_inputs, bool(options.pop("untie_shared_convs", False)))
     reweight_data = options.pop("reweight_data", None)
     verify = options.pop("verify", True)
+    compensation = _check_compensation(options.pop("compensation", "reweight"), reweight_data)
     p = plan(analysis, ratio, importance=importance, **options)
-    return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data, verify=verify)
+    return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data, verify=verify,
+                      compensation=compensation)
 
 
 def plan_of(gm: fx.GraphModule) -> Plan:

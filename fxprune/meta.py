@@ -24,6 +24,7 @@ PLAN = "fxprune_plan"  # the Plan a pruned module was made with
 ARCHITECTURE = "fxprune_architecture"  # timm's architecture name, for save/load
 MODEL_ARGS = "fxprune_model_args"  # keyword arguments the architecture was built with, for save/load
 REWEIGHTED_NODES = "fxprune_reweighted_nodes"  # nodes that received reweight modules
+COMPENSATED = "fxprune_compensated"  # least-squares compensation: list of Fitted (calibration error before/after)
 CHECK = "fxprune_check"  # the self-check's CheckResult (what was compared, the error)
 
 # --- names fxprune gives to graph members ------------------------------------------------------------------

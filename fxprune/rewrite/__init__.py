@@ -8,9 +8,12 @@ Every pass takes the graph module (and what it needs from the analysis) and retu
                             values keep their original value
 3. ``keep_attention_scale`` SDPA keeps its original softmax scale
 4. ``gather_rows``          a table shared by all heads (rotary cos/sin) is read per head, by kept channel
-5. ``insert_reweights``     (with calibration data) per-channel scale and bias compensating removed channels
 then the graph is linted and recompiled, checked against the masked original (``check.py``; raises
-``RewriteError`` naming the first diverging node), and the plan is attached to the result.
+``RewriteError`` naming the first diverging node); with calibration data the removed channels are then
+compensated, which departs from the masked original on purpose:
+5. ``least_squares``        (compensation "least_squares" / "sequential") kept weights re-solved, folded in
+   ``insert_reweights``     (compensation "reweight") per-channel scale and bias nodes, trainable
+and the plan is attached to the result.
 """
 from __future__ import annotations
 
@@ -24,19 +27,26 @@ from ..check import check_pruned
 from ..plan import Plan
 from .attention_scale import keep_attention_scale
 from .fix_sizes import fix_sizes
+from .compensate import least_squares
 from .gather_rows import gather_rows
 from .reweight import consumers, fit_reweight, insert_reweights, record_inputs
 from .slice_parameters import slice_parameters
 
 
-def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, verify: bool = True) -> fx.GraphModule:
-    """A pruned copy of the analysed graph; with ``verify``, checked against the masked original first."""
+COMPENSATIONS = ("reweight", "least_squares", "sequential")
+
+
+def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, verify: bool = True,
+               compensation: str = "reweight") -> fx.GraphModule:
+    """A pruned copy of the analysed graph; with ``verify``, checked against the masked original first;
+    with ``reweight_data``, compensated as ``compensation`` says (one of ``COMPENSATIONS``)."""
     removed = plan.removed_atoms(analysis)
     keep = kept_indices(analysis, removed)
     # tensors about to be sliced are not copied first (slicing makes new ones): the copy costs what is kept
     sliced = {id(t): t for t in (analysis.tensor(name) for name, dims in keep.items() if dims)}
     gm = copy.deepcopy(analysis.gm, sliced)
-    fits = _fit_reweights(analysis, keep, reweight_data) if reweight_data is not None else {}
+    reweighting = reweight_data is not None and compensation == "reweight"
+    fits = _fit_reweights(analysis, keep, reweight_data) if reweighting else {}
     slice_parameters(gm, keep)
     shapes = new_shapes(gm, analysis.atoms.atom_of, removed)
     fix_sizes(gm, shapes)
@@ -47,6 +57,13 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, ve
     gm.recompile()
     if verify:  # before reweighting, which departs from the masked original on purpose
         gm.meta[meta.CHECK] = check_pruned(analysis, removed, gm)
+    if reweight_data is not None and compensation != "reweight":
+        from ..data import batches, input_names
+
+        data = batches(reweight_data, names=input_names(analysis.gm))
+        gm.meta[meta.COMPENSATED] = least_squares(gm, analysis, keep, removed, data,
+                                                  sequential=compensation == "sequential")
+        gm.recompile()
     if fits:
         insert_reweights(gm, fits)
         gm.meta[meta.REWEIGHTED_NODES] = sorted(fits)

@@ -1,0 +1,439 @@
+"""Pass: least-squares compensation of what the removed channels contributed, folded into the kept weights.
+
+Removing channels changes two kinds of computation, and both are re-fitted on calibration data:
+
+- **Layers whose inputs shrank** (an attention's output projection after v, an MLP's fc2 / down_proj): the
+  kept weight columns and the bias are solved so the layer reproduces the unpruned layer's output,
+  ``min ||X_K Vᵀ - Y||² + λ||V - [W_K b]||²``, from the accumulated statistics ``X_KᵀX_K`` and ``X_KᵀY``
+  (never the rows themselves). ``Y`` is the unpruned layer's output on the unpruned model; ``X_K`` the kept
+  inputs, read from the unpruned model (one shot) or from the pruned model compensated so far
+  (``sequential``: each later layer also corrects what earlier removals changed upstream, as layer-wise
+  reconstruction methods for large models do). The ridge pulls towards the uncompensated weights, so a
+  layer's calibration error never grows: ``V = [W_K b]`` is a candidate of the same objective.
+- **The q·kᵀ product of a head that lost q/k channels**: its logits lose ``Σ_removed q_r k_r``. Over
+  calibration queries the removed q channels are regressed on the kept ones, ``q_R ≈ Bᵀ q_K`` with
+  ``B = (Q_KK + λ)⁻¹ Q_KR`` (``Q`` the head's query Gram), and ``B k_R`` moves into the kept k rows, so that
+  ``q_K · (k_K + B k_R) ≈ q · k``. For keys independent of the queries this minimises the mean squared logit
+  error whatever the keys' distribution. It needs k to be a Linear's rows reaching the product through
+  layout ops only (no rotary embedding, no per-head norm); other products are left as they are. In
+  ``sequential`` mode the query statistics still come from the unpruned model.
+
+The result is a plain pruned model (no extra nodes); the diagonal reweight nodes (``reweight.py``) remain
+the trainable alternative. ``least_squares(...)`` returns what it fitted, per layer, for reports and tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.interpreter import Interpreter
+
+from .. import meta
+from ..analysis.labels import block_on
+from ..analysis.rules import ParamRef
+
+RIDGE = 1e-3  # relative to the mean diagonal of the Gram: enough to keep near-collinear inputs stable
+
+
+@dataclass
+class Layer:
+    """A Linear (or addmm) whose input features shrink, by the node name it has in both graphs."""
+
+    node: str
+    weight: str
+    bias: str | None
+    in_dim: int  # the weight dim that holds input features: 1 for Linear ([out, in]), 0 for addmm ([in, out])
+    input_position: int  # where the input sits among the node's args
+    kept: torch.Tensor  # kept input features (original numbering)
+
+
+@dataclass
+class QkSite:
+    """A q·kᵀ product whose k comes from a Linear's rows through layout ops only."""
+
+    node: str
+    query_position: int  # q's position among the product node's args
+    query_ids: torch.Tensor  # (rows, channels): channel ids of q, one row per head position of the product
+    query_layout: tuple[list[int], int]  # q's row dims and channel dim
+    weight: str  # the k Linear's weight
+    bias: str | None
+    out_dim: int  # the weight dim holding k's channels (0 for Linear, 1 for addmm)
+    key_rows: dict[tuple, torch.Tensor] = field(default_factory=dict)  # atoms of a head -> weight rows of k
+
+
+@dataclass
+class Fitted:
+    """What compensation changed in one place: calibration error before and after (sums of squares)."""
+
+    name: str
+    error_before: float
+    error_after: float
+
+
+def tensor_name(x: Any) -> str | None:
+    """The parameter or buffer a node argument names (a module's ParamRef or a get_attr node)."""
+    if isinstance(x, ParamRef):
+        return x.name
+    if isinstance(x, fx.Node) and x.op == "get_attr":
+        return str(x.target)
+    return None
+
+
+# --- finding what to compensate ----------------------------------------------------------------------------
+
+def shrinking_layers(analysis, keep: dict[str, dict[int, torch.Tensor]]) -> list[Layer]:
+    """Every Linear / addmm of the analysed graph whose input features lose channels, in graph order."""
+    found = []
+    for node in analysis.gm.graph.nodes:
+        call = node.meta.get(meta.OP)
+        if call is None or call.op not in ("linear", "addmm"):
+            continue
+        weight_arg, x_arg, in_dim = (call.args.get("weight"), call.args.get("input"), 1) if call.op == "linear" \
+            else (call.args.get("mat2"), call.args.get("mat1"), 0)
+        weight = tensor_name(weight_arg)
+        if weight is None or in_dim not in keep.get(weight, {}) or x_arg not in node.args:
+            continue
+        bias = tensor_name(call.args.get("bias"))
+        if call.args.get("bias") is not None and bias is None:
+            continue  # a bias computed in the graph: nothing to fold into
+        found.append(Layer(node.name, weight, bias, in_dim, node.args.index(x_arg), keep[weight][in_dim]))
+    return found
+
+
+_LAYOUT_OPS = {"reshape", "permute", "transpose", "expand", "getitem", "select", "slice", "unbind", "split", "chunk"}
+_SAME_VALUE = {"contiguous", "clone", "to", "type_as", "float", "half", "bfloat16", "detach", "dropout", "alias",
+               "_to_copy", "Dropout", "Identity"}
+
+
+def _base_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._opname
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _linear_source(gm: fx.GraphModule, node: Any) -> fx.Node | None:
+    """The Linear/addmm node whose rows reach ``node`` through layout ops and scalar factors only."""
+    while isinstance(node, fx.Node):
+        call = node.meta.get(meta.OP)
+        if call is None:
+            return None
+        if call.op in ("linear", "addmm"):
+            return node
+        if call.op in _LAYOUT_OPS or (call.op == "unary" and _base_name(gm, node) in _SAME_VALUE):
+            node = call.args.get("input")
+        elif call.op == "elementwise" and _base_name(gm, node) in ("mul", "truediv", "div") \
+                and len(call.args["operands"]) == 2 and isinstance(call.args["operands"][0], fx.Node) \
+                and isinstance(call.args["operands"][1], (int, float)):
+            node = call.args["operands"][0]
+        else:
+            return None
+    return None
+
+
+def _rows(block, ndim: int) -> tuple[torch.Tensor, list[int]]:
+    """(ids as rows x channels, the row dims) of a block on a tensor of ``ndim`` dims."""
+    ids = block.ids.reshape((1,) * (ndim - block.ids.ndim) + tuple(block.ids.shape))
+    row_dims = [d for d in range(ndim) if d != block.dim and ids.shape[d] > 1]
+    order = row_dims + [d for d in range(ndim) if d not in row_dims and d != block.dim] + [block.dim]
+    return ids.permute(order).reshape(-1, ids.shape[block.dim]), row_dims
+
+
+def qk_sites(analysis, removed: torch.Tensor) -> list[QkSite]:
+    """Every attention product whose q/k lose channels and whose k can take the removed rows' share."""
+    gm, atom_of = analysis.gm, analysis.atoms.atom_of
+    sites = []
+    for node in gm.graph.nodes:
+        call = node.meta.get(meta.OP)
+        if call is None or call.op not in ("matmul", "sdpa"):
+            continue
+        q, k = (call.args.get("query"), call.args.get("key")) if call.op == "sdpa" \
+            else (call.args.get("input"), call.args.get("other"))
+        if not (isinstance(q, fx.Node) and isinstance(k, fx.Node)) or q.meta.get(meta.CONST) or k.meta.get(meta.CONST):
+            continue
+        q_ndim, k_ndim = q.meta[meta.VALUE].ndim if hasattr(q.meta.get(meta.VALUE), "ndim") else 0, \
+            k.meta[meta.VALUE].ndim if hasattr(k.meta.get(meta.VALUE), "ndim") else 0
+        if q_ndim < 2 or k_ndim < 2:
+            continue
+        q_block = block_on(q.meta.get(meta.LABELS) or (), q_ndim - 1)
+        k_block = block_on(k.meta.get(meta.LABELS) or (), k_ndim - 1 if call.op == "sdpa" else k_ndim - 2)
+        source = _linear_source(gm, k)
+        if q_block is None or k_block is None or source is None:
+            continue
+        source_call = source.meta[meta.OP]
+        out_dim = 0 if source_call.op == "linear" else 1
+        weight = tensor_name(source_call.args.get("weight" if source_call.op == "linear" else "mat2"))
+        bias = tensor_name(source_call.args.get("bias"))
+        if weight is None or (source_call.args.get("bias") is not None and bias is None):
+            continue
+        space = _space(analysis, weight, out_dim)
+        if space is None:
+            continue
+        query_ids, q_rows = _rows(q_block, q_ndim)
+        key_ids, _ = _rows(k_block, k_ndim)
+        if not bool(((key_ids >= space.start) & (key_ids < space.start + space.size)).all()):
+            continue  # k's ids are not the Linear's rows (a union across ops): leave this product alone
+        if not bool(removed[atom_of[query_ids]].any()):
+            continue
+        key_rows = {tuple(atom_of[row].tolist()): row - space.start for row in key_ids}
+        if any(tuple(atom_of[row].tolist()) not in key_rows for row in query_ids):
+            continue
+        sites.append(QkSite(node.name, node.args.index(q) if q in node.args else -1, query_ids,
+                            (q_rows, q_block.dim if q_block.dim >= 0 else q_ndim + q_block.dim), weight, bias,
+                            out_dim, key_rows))
+    return [s for s in sites if s.query_position >= 0]
+
+
+def _space(analysis, param: str, dim: int):
+    return next((s for s in analysis.ids.param_spaces if s.param == param and s.dim == dim), None)
+
+
+# --- statistics --------------------------------------------------------------------------------------------
+
+class _Watcher(Interpreter):
+    """Runs a graph and hands named nodes' (args, output) to callbacks."""
+
+    def __init__(self, gm: fx.GraphModule, callbacks: dict[str, Callable[[tuple, Any], None]]) -> None:
+        super().__init__(gm)
+        self.callbacks = callbacks
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        callback = self.callbacks.get(n.name)
+        if callback is not None:
+            callback(tuple(self.env[a] if isinstance(a, fx.Node) else a for a in n.args), result)
+        return result
+
+
+def _watch(gm: fx.GraphModule, batches: list[tuple], callbacks: dict) -> None:
+    if callbacks:
+        with torch.no_grad():
+            for batch in batches:
+                _Watcher(gm, callbacks).run(*batch)
+
+
+class _LayerStatistics:
+    """Accumulates X_KᵀX_K and X_KᵀY for one layer (X_K with a ones column when the layer has a bias).
+
+    Each batch's products are float32 matrix products (the cost of compensation), summed in float64; the ones
+    column's blocks are column sums, not a wider product.
+    """
+
+    def __init__(self, layer: Layer) -> None:
+        self.layer = layer
+        self.xx: torch.Tensor | float = 0.0
+        self.xy: torch.Tensor | float = 0.0
+        self.yy: float = 0.0
+
+    def add(self, x_kept: torch.Tensor, y: torch.Tensor) -> None:
+        x = x_kept.detach().reshape(-1, x_kept.shape[-1]).float()
+        y = y.detach().reshape(-1, y.shape[-1]).float()
+        xx, xy = (x.T @ x).double(), (x.T @ y).double()
+        if self.layer.bias is not None:
+            x_sum, y_sum = x.sum(0).double(), y.sum(0).double()
+            xx = torch.cat([torch.cat([xx, x_sum[:, None]], 1),
+                            torch.cat([x_sum, x_sum.new_tensor([x.shape[0]])])[None]], 0)
+            xy = torch.cat([xy, y_sum[None]], 0)
+        self.xx = self.xx + xx
+        self.xy = self.xy + xy
+        self.yy += float(torch.linalg.vector_norm(y)) ** 2
+
+
+def _layer_callbacks(layer: Layer, statistics: _LayerStatistics, select_kept: bool) -> Callable:
+    def record(args: tuple, output: Any) -> None:
+        x = args[layer.input_position]
+        statistics.add(x.index_select(-1, layer.kept) if select_kept else x, output)
+    return record
+
+
+def _query_callback(site: QkSite, grams: dict[str, torch.Tensor]) -> Callable:
+    row_dims, channel_dim = site.query_layout
+
+    def record(args: tuple, output: Any) -> None:
+        q = args[site.query_position].detach().float()
+        order = row_dims + [d for d in range(q.ndim) if d not in row_dims and d != channel_dim] + [channel_dim]
+        rows = q.permute(order).reshape(site.query_ids.shape[0], -1, q.shape[channel_dim])
+        gram = (rows.transpose(1, 2) @ rows).double()
+        grams[site.node] = grams.get(site.node, 0) + gram
+    return record
+
+
+# --- solving and folding -----------------------------------------------------------------------------------
+
+def ridge_solve(xx: torch.Tensor, xy: torch.Tensor, prior: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """argmin_V ||X V - Y||² + λ||V - prior||² from XᵀX and XᵀY, λ = ridge x the mean diagonal of XᵀX."""
+    strength = ridge * xx.diagonal().mean().clamp_min(1e-12)
+    system = xx + strength * torch.eye(xx.shape[0], dtype=xx.dtype)
+    return torch.linalg.solve(system, xy + strength * prior)
+
+
+def _error(xx: torch.Tensor, xy: torch.Tensor, yy: float, v: torch.Tensor) -> float:
+    """||X V - Y||² from the statistics."""
+    return float((v * (xx @ v)).sum() - 2 * (v * xy).sum() + yy)
+
+
+def _set(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:
+    """Replace a parameter or buffer by a new tensor (never writes into one the user's model may share)."""
+    owner_path, _, attr = path.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    old = getattr(owner, attr)
+    value = value.to(old.dtype)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        owner._buffers[attr] = value
+
+
+def _get(gm: fx.GraphModule, path: str) -> torch.Tensor:
+    owner_path, _, attr = path.rpartition(".")
+    return getattr(gm.get_submodule(owner_path) if owner_path else gm, attr)
+
+
+def _original_rows(analysis, keep: dict, layer: Layer) -> torch.Tensor:
+    """The layer's unpruned kept inputs' weights and bias as (K [+1], out kept by the plan), float64."""
+    w = analysis.tensor(layer.weight).detach().to(torch.float64)
+    w = w if layer.in_dim == 0 else w.T  # (in, out)
+    out_kept = keep.get(layer.weight, {}).get(1 - layer.in_dim)
+    if out_kept is not None:
+        w = w.index_select(1, out_kept)
+    v = w.index_select(0, layer.kept)
+    if layer.bias is not None:
+        b = analysis.tensor(layer.bias).detach().to(torch.float64)
+        b = b.index_select(0, out_kept) if out_kept is not None else b
+        v = torch.cat([v, b[None]], 0)
+    return v
+
+
+def _fold_layer(gm: fx.GraphModule, layer: Layer, v: torch.Tensor) -> None:
+    k = len(layer.kept)
+    weight = v[:k] if layer.in_dim == 0 else v[:k].T
+    _set(gm, layer.weight, weight)
+    if layer.bias is not None:
+        _set(gm, layer.bias, v[k])
+
+
+def _solve_layer(gm, analysis, keep, layer: Layer, statistics: _LayerStatistics, ridge: float) -> Fitted:
+    prior = _original_rows(analysis, keep, layer)
+    v = ridge_solve(statistics.xx, statistics.xy, prior, ridge)  # Y was recorded at the kept outputs only
+    before, after = (_error(statistics.xx, statistics.xy, statistics.yy, m) for m in (prior, v))
+    _fold_layer(gm, layer, v)
+    return Fitted(layer.node, before, after)
+
+
+def _fold_keys(gm, analysis, keep, site: QkSite, gram: torch.Tensor, removed: torch.Tensor, ridge: float) -> list[Fitted]:
+    """Move every head's removed k rows, regressed through its queries, into its kept k rows."""
+    atom_of = analysis.atoms.atom_of
+    original = analysis.tensor(site.weight).detach().to(torch.float64)
+    original = original if site.out_dim == 0 else original.T  # (k channels, in)
+    in_kept = keep.get(site.weight, {}).get(1 - site.out_dim)
+    if in_kept is not None:
+        original = original.index_select(1, in_kept)
+    if site.bias is not None:  # the bias as one more input column: it moves with its row
+        original = torch.cat([original, analysis.tensor(site.bias).detach().to(torch.float64)[:, None]], 1)
+    pruned = _get(gm, site.weight).detach().to(torch.float64)
+    pruned = pruned if site.out_dim == 0 else pruned.T
+    if site.bias is not None:
+        pruned = torch.cat([pruned, _get(gm, site.bias).detach().to(torch.float64)[:, None]], 1)
+    rows_kept = keep.get(site.weight, {}).get(site.out_dim)
+    per_head: dict[tuple, torch.Tensor] = {}
+    for r, ids in enumerate(site.query_ids):  # q heads reading the same k (GQA) add up
+        key = tuple(atom_of[ids].tolist())
+        per_head[key] = per_head.get(key, 0) + gram[r]
+    fitted = []
+    for key, q_gram in per_head.items():
+        gone = removed[torch.tensor(key)]
+        if not gone.any() or gone.all():
+            continue
+        rows = site.key_rows[key]
+        kept_pos, gone_pos = torch.nonzero(~gone).flatten(), torch.nonzero(gone).flatten()
+        q_kk, q_kr = q_gram[kept_pos][:, kept_pos], q_gram[kept_pos][:, gone_pos]
+        b = ridge_solve(q_kk, q_kr, torch.zeros_like(q_kr), ridge)  # q_R ≈ bᵀ q_K
+        targets = rows[kept_pos]
+        where = torch.searchsorted(rows_kept, targets) if rows_kept is not None else targets
+        pruned[where] = original[targets] + b @ original[rows[gone_pos]]
+        # logits lose q_R·k_R; what of q_R the kept queries cannot explain, before and after (per unit key)
+        before = float(q_gram[gone_pos][:, gone_pos].trace())
+        fitted.append(Fitted(f"{site.node}:{site.weight}[{int(targets[0])}..]", before, before - float((q_kr * b).sum())))
+    if site.bias is not None:
+        _set(gm, site.bias, pruned[:, -1])
+        pruned = pruned[:, :-1]
+    _set(gm, site.weight, pruned if site.out_dim == 0 else pruned.T)
+    return fitted
+
+
+def least_squares(gm: fx.GraphModule, analysis, keep: dict, removed: torch.Tensor, batches: Iterable[tuple],
+                  sequential: bool = False, ridge: float = RIDGE) -> list[Fitted]:
+    """Pass: compensate ``gm`` (the pruned copy of ``analysis.gm``) in place; returns what was fitted."""
+    batches = list(batches)
+    layers = [layer for layer in shrinking_layers(analysis, keep) if _present(gm, layer.node)]
+    sites = qk_sites(analysis, removed)
+    grams: dict[str, torch.Tensor] = {}
+    statistics = {layer.node: _LayerStatistics(layer) for layer in layers}
+    callbacks = {site.node: _query_callback(site, grams) for site in sites}
+    out_kept = {layer.node: keep.get(layer.weight, {}).get(1 - layer.in_dim) for layer in layers}
+    if not sequential:
+        callbacks.update({layer.node: _layer_callbacks(layer, statistics[layer.node], True) for layer in layers})
+    _watch(analysis.gm, batches, {n: _kept_outputs(c, out_kept.get(n)) for n, c in callbacks.items()})
+    fitted = []
+    for site in sites:
+        if site.node in grams:
+            fitted += _fold_keys(gm, analysis, keep, site, grams[site.node], removed, ridge)
+    if sequential:
+        return fitted + _sequential(gm, analysis, keep, layers, statistics, out_kept, batches, ridge)
+    return fitted + [_solve_layer(gm, analysis, keep, layer, statistics[layer.node], ridge) for layer in layers]
+
+
+def _kept_outputs(callback: Callable, out_kept: torch.Tensor | None) -> Callable:
+    """A layer callback that sees only the output features the plan keeps."""
+    if out_kept is None:
+        return callback
+    return lambda args, output: callback(args, output.index_select(-1, out_kept))
+
+
+class _Runner(Interpreter):
+    """Runs a graph on one batch a stretch at a time, so later layers resume where earlier ones stopped."""
+
+    def __init__(self, gm: fx.GraphModule, batch: tuple) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.nodes, self.position = list(gm.graph.nodes), 0
+        self.args_iter = iter(batch)
+
+    def run_until(self, name: str, inclusive: bool) -> Any:
+        """Run the nodes before ``name`` (and ``name`` too when ``inclusive``); the args of ``name`` (or its output)."""
+        with torch.no_grad():
+            while self.position < len(self.nodes):
+                node = self.nodes[self.position]
+                if node.name == name and not inclusive:
+                    return tuple(self.env[a] if isinstance(a, fx.Node) else a for a in node.args)
+                self.position += 1
+                self.env[node] = self.run_node(node)
+                if node.name == name:
+                    return self.env[node]
+                for dead in self.user_to_last_uses.get(node, []):
+                    del self.env[dead]
+        raise KeyError(name)
+
+
+def _sequential(gm, analysis, keep, layers: list[Layer], statistics: dict, out_kept: dict, batches: list[tuple],
+                ridge: float) -> list[Fitted]:
+    """Layer after layer: X_K from the pruned model as compensated so far, Y from the unpruned model."""
+    originals = [_Runner(analysis.gm, batch) for batch in batches]
+    pruned = [_Runner(gm, batch) for batch in batches]
+    fitted = []
+    for layer in layers:
+        for original, current in zip(originals, pruned):
+            y = original.run_until(layer.node, inclusive=True)
+            x = current.run_until(layer.node, inclusive=False)[layer.input_position]
+            kept = out_kept[layer.node]
+            statistics[layer.node].add(x, y if kept is None else y.index_select(-1, kept))
+        fitted.append(_solve_layer(gm, analysis, keep, layer, statistics[layer.node], ridge))
+    return fitted
+
+
+def _present(gm: fx.GraphModule, name: str) -> bool:
+    return any(n.name == name for n in gm.graph.nodes)

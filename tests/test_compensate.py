@@ -1,0 +1,183 @@
+"""Least-squares compensation (rewrite/compensate.py): the solve, the logit fit, plain folded weights, sequential mode."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import fxprune
+from fxprune import meta
+from fxprune.analysis.shapes import kept_indices
+from fxprune.errors import InvalidArgumentError
+from fxprune.rewrite.compensate import RIDGE, ridge_solve
+from helpers import assert_unchanged, examples, small_vit, state_snapshot
+
+X = torch.randn(1, 3, 16, 16)
+DATA = [torch.randn(8, 3, 16, 16) for _ in range(3)]
+
+
+def _explicit_ridge(x, y, prior, strength):
+    """The same problem as an ordinary least-squares one: rows of sqrt(λ)·I pull towards the prior."""
+    n = x.shape[1]
+    design = torch.cat([x, strength ** 0.5 * torch.eye(n, dtype=x.dtype)])
+    target = torch.cat([y, strength ** 0.5 * prior])
+    return torch.linalg.lstsq(design, target).solution
+
+
+def test_ridge_solve_matches_an_explicit_solve():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 7, generator=generator, dtype=torch.float64)
+    x[:, 3] = x[:, 2] + 1e-3 * x[:, 3]  # nearly collinear inputs: where the ridge matters
+    y = torch.randn(60, 4, generator=generator, dtype=torch.float64)
+    prior = torch.randn(7, 4, generator=generator, dtype=torch.float64)
+    solved = ridge_solve(x.T @ x, x.T @ y, prior, ridge=0.05)
+    strength = 0.05 * float((x.T @ x).diagonal().mean())
+    assert torch.allclose(solved, _explicit_ridge(x, y, prior, strength), atol=1e-9)
+
+
+class Mlp(nn.Module):
+    """One residual MLP block: one layer (fc2) whose inputs shrink."""
+
+    def __init__(self, dim: int = 8, hidden: int = 24) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+TOKENS = [torch.randn(4, 6, 8) for _ in range(3)]
+
+
+def test_layer_weights_are_the_ridge_fit_of_the_unpruned_layer_folded_into_a_plain_graph():
+    model = Mlp().eval()
+    analysis = fxprune.analyze(model, (torch.randn(2, 5, 8),))
+    plan = fxprune.plan(analysis, 0.5)
+    plain = fxprune.apply(analysis, plan)
+    pruned = fxprune.apply(analysis, plan, reweight_data=TOKENS, compensation="least_squares")
+    kept = kept_indices(analysis, plan.removed_atoms(analysis))["fc2.weight"][1]
+    with torch.no_grad():
+        hidden = torch.cat([F.gelu(model.fc1(x)).reshape(-1, 24) for x in TOKENS]).double()
+        target = hidden @ model.fc2.weight.double().T + model.fc2.bias.double()
+    design = torch.cat([hidden[:, kept], torch.ones(len(hidden), 1, dtype=torch.float64)], 1)
+    prior = torch.cat([model.fc2.weight.double()[:, kept].T, model.fc2.bias.double()[None]])
+    strength = RIDGE * float((design.T @ design).diagonal().mean())
+    expected = _explicit_ridge(design, target, prior, strength)
+    assert torch.allclose(pruned.fc2.weight.double(), expected[:-1].T, atol=1e-5)
+    assert torch.allclose(pruned.fc2.bias.double(), expected[-1], atol=1e-5)
+    assert not torch.allclose(pruned.fc2.weight, plain.fc2.weight, atol=1e-3)  # it did change the layer
+    # folded: the same plain graph as without compensation, no extra nodes or parameters
+    assert [n.target for n in pruned.graph.nodes] == [n.target for n in plain.graph.nodes]
+    assert fxprune.count_params(pruned) == fxprune.count_params(plain)
+
+
+def test_sequential_equals_one_shot_when_one_layer_is_compensated():
+    model = Mlp().eval()
+    analysis = fxprune.analyze(model, (torch.randn(2, 5, 8),))
+    plan = fxprune.plan(analysis, 0.5)
+    one_shot = fxprune.apply(analysis, plan, reweight_data=TOKENS, compensation="least_squares")
+    sequential = fxprune.apply(analysis, plan, reweight_data=TOKENS, compensation="sequential")
+    for name, p in one_shot.named_parameters():
+        assert torch.allclose(p, sequential.get_parameter(name), atol=1e-6), name
+
+
+def _layer_error(weight, bias, x, y):
+    return float((x @ weight.T + bias - y).square().sum())
+
+
+def _fc2_records(model, data):
+    """The last block's fc2 inputs and outputs on the unpruned model."""
+    rows = []
+    hook = model.blocks[-1].mlp.fc2.register_forward_hook(lambda m, i, o: rows.append((i[0].flatten(0, 1), o.flatten(0, 1))))
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    hook.remove()
+    return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+
+@settings(max_examples=examples(6), deadline=None)
+@given(heads=st.integers(1, 3), per_head=st.integers(4, 8), depth=st.integers(1, 2), ratio=st.sampled_from([0.25, 0.5, 0.75]),
+       fused=st.booleans(), sequential=st.booleans())
+def test_compensation_never_increases_a_layers_calibration_error(heads, per_head, depth, ratio, fused, sequential):
+    model = small_vit(embed_per_head=per_head, num_heads=heads, depth=depth, fused_attn=fused)
+    snapshot = state_snapshot(model)
+    analysis = fxprune.analyze(model, (X,))
+    plan = fxprune.plan(analysis, ratio)
+    plain = fxprune.apply(analysis, plan)
+    pruned = fxprune.apply(analysis, plan, reweight_data=DATA, compensation="sequential" if sequential else "least_squares")
+    fitted = pruned.meta[meta.COMPENSATED]
+    assert fitted and all(f.error_after <= f.error_before * (1 + 1e-6) + 1e-9 for f in fitted)
+    assert sum(":" in f.name for f in fitted) > 0  # q/k products were compensated too (k rows of qkv)
+    if not sequential:  # the last fc2, recomputed independently from the unpruned model's activations
+        x, y = _fc2_records(model, DATA)
+        kept = kept_indices(analysis, plan.removed_atoms(analysis))["blocks.%d.mlp.fc2.weight" % (depth - 1)][1]
+        name = f"blocks.{depth - 1}.mlp.fc2"
+        before = _layer_error(plain.get_parameter(f"{name}.weight"), plain.get_parameter(f"{name}.bias"), x[:, kept], y)
+        after = _layer_error(pruned.get_parameter(f"{name}.weight"), pruned.get_parameter(f"{name}.bias"), x[:, kept], y)
+        assert after <= before * (1 + 1e-5)
+    with torch.no_grad():  # still a working model at another batch size
+        assert pruned(torch.randn(3, 3, 16, 16)).shape == (3, 5)
+    assert_unchanged(model, snapshot)
+
+
+class Attention(nn.Module):
+    """Separate q and k Linears (with bias), two heads, SDPA."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def split(self, t):
+        return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+
+    def forward(self, x):
+        out = F.scaled_dot_product_attention(self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x)))
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+def _logits(model, q_weight, q_bias, k_weight, k_bias, data, heads=2):
+    out = []
+    for x in data:
+        q = F.linear(x, q_weight, q_bias).view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+        k = F.linear(x, k_weight, k_bias).view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+        out.append(q @ k.transpose(-2, -1))
+    return torch.cat(out)
+
+
+def test_key_rows_absorb_removed_query_channels_that_kept_ones_explain():
+    """Where each removed q channel is a combination of its head's kept ones, compensated logits are exact."""
+    torch.manual_seed(0)
+    model = Attention().eval()
+    analysis = fxprune.analyze(model, (torch.randn(2, 5, 16),))
+    plan = fxprune.plan(analysis, 0.5, kinds=("qk",))
+    keep = kept_indices(analysis, plan.removed_atoms(analysis))
+    kept = keep["q.weight"][0]
+    gone = torch.tensor(sorted(set(range(16)) - set(kept.tolist())))
+    with torch.no_grad():  # make every removed q row a mix of its own head's kept rows (bias too)
+        for g in gone.tolist():
+            head_kept = kept[kept // 8 == g // 8]
+            mix = torch.randn(len(head_kept))
+            model.q.weight[g] = mix @ model.q.weight[head_kept]
+            model.q.bias[g] = mix @ model.q.bias[head_kept]
+    data = [torch.randn(4, 7, 16) for _ in range(3)]
+    plain = fxprune.apply(model, plan, example_inputs=(torch.randn(2, 5, 16),))
+    pruned = fxprune.apply(model, plan, example_inputs=(torch.randn(2, 5, 16),), reweight_data=data,
+                           compensation="least_squares")
+    with torch.no_grad():
+        full = _logits(model, model.q.weight, model.q.bias, model.k.weight, model.k.bias, data)
+        uncompensated = _logits(model, plain.q.weight, plain.q.bias, plain.k.weight, plain.k.bias, data)
+        compensated = _logits(model, pruned.q.weight, pruned.q.bias, pruned.k.weight, pruned.k.bias, data)
+    assert torch.equal(pruned.q.weight, plain.q.weight)  # q is what the product is regressed on: it stays
+    assert not torch.allclose(pruned.k.weight, plain.k.weight)
+    before, after = (float((logits - full).square().mean()) for logits in (uncompensated, compensated))
+    assert before > 1e-2 and after < 1e-3 * before
+
+
+def test_compensation_options_are_checked():
+    model = small_vit(depth=1)
+    with pytest.raises(InvalidArgumentError, match="compensation"):
+        fxprune.prune(model, 0.5, example_inputs=(X,), reweight_data=DATA, compensation="ols")
+    with pytest.raises(InvalidArgumentError, match="reweight_data"):
+        fxprune.prune(model, 0.5, example_inputs=(X,), compensation="least_squares")

@@ -17,7 +17,7 @@ from .capture import capture
 from .errors import InvalidArgumentError, PlanError
 from .plan import Plan
 from . import meta
-from .rewrite import COMPENSATIONS, apply_plan
+from .rewrite import apply_plan, check_compensation
 from .verify import masked, masked_activations
 
 __version__ = "0.1.0"
@@ -149,19 +149,10 @@ def apply(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequenc
     """
     if not isinstance(p, Plan):
         raise InvalidArgumentError(f"fxprune: expected a Plan, got {type(p).__name__}")
-    _check_compensation(compensation, reweight_data)
+    check_compensation(compensation, reweight_data)
     analysis = _replay_analysis(model, p, example_inputs)
     return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data, verify=verify,
                       compensation=compensation)
-
-
-def _check_compensation(compensation: object, data: Iterable | None) -> str:
-    if compensation not in COMPENSATIONS:
-        raise InvalidArgumentError(f"fxprune: unknown compensation {compensation!r}; choose one of {list(COMPENSATIONS)}")
-    if compensation != "reweight" and data is None:
-        raise InvalidArgumentError(f"fxprune: compensation {compensation!r} fits on calibration batches: pass "
-                                   "reweight_data=[batch, ...]")
-    return compensation
 
 
 def _replay_analysis(model: torch.nn.Module | Analysis, p: Plan, example_inputs: Sequence | None) -> Analysis:
@@ -202,7 +193,7 @@ def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs:
     analysis = _analysis(model, example_inputs, bool(options.pop("untie_shared_convs", False)))
     reweight_data = options.pop("reweight_data", None)
     verify = options.pop("verify", True)
-    compensation = _check_compensation(options.pop("compensation", "reweight"), reweight_data)
+    compensation = check_compensation(options.pop("compensation", "reweight"), reweight_data)
     p = plan(analysis, ratio, importance=importance, **options)
     return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data, verify=verify,
                       compensation=compensation)

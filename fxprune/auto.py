@@ -40,7 +40,7 @@ from .capture import capture
 from .errors import InvalidArgumentError
 from .gating import gated_graph
 from .data import batches
-from .rewrite import apply_plan
+from .rewrite import apply_plan, check_compensation
 
 
 def _prunable(analysis, kinds: tuple) -> list:
@@ -123,11 +123,15 @@ def _train_indicators(analysis, prunable: torch.Tensor, costs: torch.Tensor, the
 def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, steps: int = 100,
                example_inputs: Sequence | None = None, lr: float = 0.05, penalty: float = 50.0,
                similarity: bool = True, attention_init: bool = True, reweight: bool = True, equal_heads: bool = True,
-               kinds: Iterable[str] = DEFAULT_KINDS, seed: int = 0, progress: bool = True):
+               kinds: Iterable[str] = DEFAULT_KINDS, seed: int = 0, progress: bool = True,
+               compensation: str = "reweight"):
     """Prune ``model`` to ``target_macs`` (a fraction of its MACs) with the automatic method; returns the pruned,
-    reweighted GraphModule (its plan from ``fxprune.plan_of``, the trained indicators in the plan options)."""
+    reweighted GraphModule (its plan from ``fxprune.plan_of``, the trained indicators in the plan options).
+    With ``reweight``, the removed channels are compensated on ``data`` as ``compensation`` says (see
+    ``fxprune.apply``: "reweight" nodes, or "least_squares" / "sequential" weights)."""
     if not 0.0 < float(target_macs) <= 1.0:
         raise InvalidArgumentError(f"fxprune: target_macs must be in (0, 1], got {target_macs!r}")
+    check_compensation(compensation, data)
     kinds = tuple(kinds)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -155,10 +159,10 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
                              kinds, per_group_normalisation=False, per_row="mean" if equal_heads else "min",
                              options={"importance": "auto", "steps": steps, "similarity": similarity,
                                       "attention_init": attention_init, "reweight": reweight, "seed": seed,
-                                      "equal_heads": equal_heads,
+                                      "equal_heads": equal_heads, "compensation": compensation,
                                       "input_shapes": [list(t.shape) for t in captured.example_inputs]})
         pruned = apply_plan(analysis, plan, train=captured.was_training,
-                            reweight_data=calibration if reweight else None)
+                            reweight_data=calibration if reweight else None, compensation=compensation)
         plan.options["indicators"] = {g.name: [[round(float(scores[a]), 4) for a in row] for row in g.rows] for g in groups}
         return pruned
     finally:

@@ -181,3 +181,28 @@ def test_compensation_options_are_checked():
         fxprune.prune(model, 0.5, example_inputs=(X,), reweight_data=DATA, compensation="ols")
     with pytest.raises(InvalidArgumentError, match="reweight_data"):
         fxprune.prune(model, 0.5, example_inputs=(X,), compensation="least_squares")
+
+
+@pytest.mark.parametrize("family, products", [("GPT-2", 1), ("Llama", 0), ("BERT", 1)])
+def test_hugging_face_layers_are_compensated(family, products):
+    """GPT-2's Conv1D (addmm, weight [in, out]); Llama's rotary q/k are left alone (k is not a Linear's rows)."""
+    pytest.importorskip("transformers")
+    import hf_models
+
+    generator = torch.Generator().manual_seed(0)
+    model = hf_models.build(family, attention="sdpa")
+    snapshot = state_snapshot(model)
+    analysis = fxprune.analyze(model, hf_models.inputs(family, 2, 8, generator))
+    plan = fxprune.plan(analysis, 0.5)
+    data = [hf_models.inputs(family, 4, 8, generator) for _ in range(2)]
+    pruned = fxprune.apply(analysis, plan, reweight_data=data, compensation="least_squares")
+    fitted = pruned.meta[meta.COMPENSATED]
+    layers = [f for f in fitted if ":" not in f.name]
+    heads = [f for f in fitted if ":" in f.name]
+    assert len(layers) == 2 * hf_models.Arch().layers  # the attention output and the MLP's last projection
+    assert bool(heads) == bool(products)
+    assert all(f.error_after <= f.error_before * (1 + 1e-6) + 1e-9 for f in fitted)
+    assert sum(f.error_after for f in layers) < 0.9 * sum(f.error_before for f in layers)
+    with torch.no_grad():
+        pruned(*hf_models.inputs(family, 3, 5, generator))
+    assert_unchanged(model, snapshot)

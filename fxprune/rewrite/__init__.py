@@ -36,6 +36,18 @@ from .slice_parameters import slice_parameters
 COMPENSATIONS = ("reweight", "least_squares", "sequential")
 
 
+def check_compensation(compensation: object, data) -> str:
+    """``compensation`` if it is one of ``COMPENSATIONS`` and has data to fit on (the default needs none)."""
+    from ..errors import InvalidArgumentError
+
+    if compensation not in COMPENSATIONS:
+        raise InvalidArgumentError(f"fxprune: unknown compensation {compensation!r}; choose one of {list(COMPENSATIONS)}")
+    if compensation != "reweight" and data is None:
+        raise InvalidArgumentError(f"fxprune: compensation {compensation!r} fits on calibration batches: pass "
+                                   "reweight_data=[batch, ...]")
+    return compensation
+
+
 def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, verify: bool = True,
                compensation: str = "reweight") -> fx.GraphModule:
     """A pruned copy of the analysed graph; with ``verify``, checked against the masked original first;

@@ -23,45 +23,34 @@ the trainable alternative. ``least_squares(...)`` returns what it fitted, per la
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.interpreter import Interpreter
 
-from .. import meta
-from ..analysis.labels import block_on
-from ..analysis.rules import ParamRef
+from ..statistics import LinearCall, Product, Runner, attention_products, linear_calls, watch
 
 RIDGE = 1e-3  # relative to the mean diagonal of the Gram: enough to keep near-collinear inputs stable
 
 
 @dataclass
-class Layer:
-    """A Linear (or addmm) whose input features shrink, by the node name it has in both graphs."""
+class Layer(LinearCall):
+    """A Linear (or addmm) whose input features shrink."""
 
-    node: str
-    weight: str
-    bias: str | None
-    in_dim: int  # the weight dim that holds input features: 1 for Linear ([out, in]), 0 for addmm ([in, out])
-    input_position: int  # where the input sits among the node's args
-    kept: torch.Tensor  # kept input features (original numbering)
+    kept: torch.Tensor = None  # kept input features (original numbering)
 
 
 @dataclass
 class QkSite:
-    """A q·kᵀ product whose k comes from a Linear's rows through layout ops only."""
+    """An attention product whose k comes from a Linear's rows through layout ops only."""
 
-    node: str
-    query_position: int  # q's position among the product node's args
-    query_ids: torch.Tensor  # (rows, channels): channel ids of q, one row per head position of the product
-    query_layout: tuple[list[int], int]  # q's row dims and channel dim
+    product: Product
     weight: str  # the k Linear's weight
     bias: str | None
     out_dim: int  # the weight dim holding k's channels (0 for Linear, 1 for addmm)
-    key_rows: dict[tuple, torch.Tensor] = field(default_factory=dict)  # atoms of a head -> weight rows of k
+    key_rows: dict[tuple, torch.Tensor]  # a head's atoms -> the weight rows of its k channels
 
 
 @dataclass
@@ -73,148 +62,30 @@ class Fitted:
     error_after: float
 
 
-def tensor_name(x: Any) -> str | None:
-    """The parameter or buffer a node argument names (a module's ParamRef or a get_attr node)."""
-    if isinstance(x, ParamRef):
-        return x.name
-    if isinstance(x, fx.Node) and x.op == "get_attr":
-        return str(x.target)
-    return None
-
-
-# --- finding what to compensate ----------------------------------------------------------------------------
-
 def shrinking_layers(analysis, keep: dict[str, dict[int, torch.Tensor]]) -> list[Layer]:
     """Every Linear / addmm of the analysed graph whose input features lose channels, in graph order."""
-    found = []
-    for node in analysis.gm.graph.nodes:
-        call = node.meta.get(meta.OP)
-        if call is None or call.op not in ("linear", "addmm"):
-            continue
-        weight_arg, x_arg, in_dim = (call.args.get("weight"), call.args.get("input"), 1) if call.op == "linear" \
-            else (call.args.get("mat2"), call.args.get("mat1"), 0)
-        weight = tensor_name(weight_arg)
-        if weight is None or in_dim not in keep.get(weight, {}) or x_arg not in node.args:
-            continue
-        bias = tensor_name(call.args.get("bias"))
-        if call.args.get("bias") is not None and bias is None:
-            continue  # a bias computed in the graph: nothing to fold into
-        found.append(Layer(node.name, weight, bias, in_dim, node.args.index(x_arg), keep[weight][in_dim]))
-    return found
-
-
-_LAYOUT_OPS = {"reshape", "permute", "transpose", "expand", "getitem", "select", "slice", "unbind", "split", "chunk"}
-_SAME_VALUE = {"contiguous", "clone", "to", "type_as", "float", "half", "bfloat16", "detach", "dropout", "alias",
-               "_to_copy", "Dropout", "Identity"}
-
-
-def _base_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target))).__name__
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target._opname
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
-
-
-def _linear_source(gm: fx.GraphModule, node: Any) -> fx.Node | None:
-    """The Linear/addmm node whose rows reach ``node`` through layout ops and scalar factors only."""
-    while isinstance(node, fx.Node):
-        call = node.meta.get(meta.OP)
-        if call is None:
-            return None
-        if call.op in ("linear", "addmm"):
-            return node
-        if call.op in _LAYOUT_OPS or (call.op == "unary" and _base_name(gm, node) in _SAME_VALUE):
-            node = call.args.get("input")
-        elif call.op == "elementwise" and _base_name(gm, node) in ("mul", "truediv", "div") \
-                and len(call.args["operands"]) == 2 and isinstance(call.args["operands"][0], fx.Node) \
-                and isinstance(call.args["operands"][1], (int, float)):
-            node = call.args["operands"][0]
-        else:
-            return None
-    return None
-
-
-def _rows(block, ndim: int) -> tuple[torch.Tensor, list[int]]:
-    """(ids as rows x channels, the row dims) of a block on a tensor of ``ndim`` dims."""
-    ids = block.ids.reshape((1,) * (ndim - block.ids.ndim) + tuple(block.ids.shape))
-    row_dims = [d for d in range(ndim) if d != block.dim and ids.shape[d] > 1]
-    order = row_dims + [d for d in range(ndim) if d not in row_dims and d != block.dim] + [block.dim]
-    return ids.permute(order).reshape(-1, ids.shape[block.dim]), row_dims
+    return [Layer(**vars(call), kept=keep[call.weight][call.in_dim]) for call in linear_calls(analysis)
+            if call.in_dim in keep.get(call.weight, {})]
 
 
 def qk_sites(analysis, removed: torch.Tensor) -> list[QkSite]:
     """Every attention product whose q/k lose channels and whose k can take the removed rows' share."""
-    gm, atom_of = analysis.gm, analysis.atoms.atom_of
+    atom_of = analysis.atoms.atom_of
+    calls = {call.node: call for call in linear_calls(analysis)}
     sites = []
-    for node in gm.graph.nodes:
-        call = node.meta.get(meta.OP)
-        if call is None or call.op not in ("matmul", "sdpa"):
+    for product in attention_products(analysis):
+        source = calls.get(product.key_source)
+        if source is None or not bool(removed[atom_of[product.query.ids]].any()):
             continue
-        q, k = (call.args.get("query"), call.args.get("key")) if call.op == "sdpa" \
-            else (call.args.get("input"), call.args.get("other"))
-        if not (isinstance(q, fx.Node) and isinstance(k, fx.Node)) or q.meta.get(meta.CONST) or k.meta.get(meta.CONST):
-            continue
-        q_ndim, k_ndim = q.meta[meta.VALUE].ndim if hasattr(q.meta.get(meta.VALUE), "ndim") else 0, \
-            k.meta[meta.VALUE].ndim if hasattr(k.meta.get(meta.VALUE), "ndim") else 0
-        if q_ndim < 2 or k_ndim < 2:
-            continue
-        q_block = block_on(q.meta.get(meta.LABELS) or (), q_ndim - 1)
-        k_block = block_on(k.meta.get(meta.LABELS) or (), k_ndim - 1 if call.op == "sdpa" else k_ndim - 2)
-        source = _linear_source(gm, k)
-        if q_block is None or k_block is None or source is None:
-            continue
-        source_call = source.meta[meta.OP]
-        out_dim = 0 if source_call.op == "linear" else 1
-        weight = tensor_name(source_call.args.get("weight" if source_call.op == "linear" else "mat2"))
-        bias = tensor_name(source_call.args.get("bias"))
-        if weight is None or (source_call.args.get("bias") is not None and bias is None):
-            continue
-        space = _space(analysis, weight, out_dim)
-        if space is None:
-            continue
-        query_ids, q_rows = _rows(q_block, q_ndim)
-        key_ids, _ = _rows(k_block, k_ndim)
-        if not bool(((key_ids >= space.start) & (key_ids < space.start + space.size)).all()):
-            continue  # k's ids are not the Linear's rows (a union across ops): leave this product alone
-        if not bool(removed[atom_of[query_ids]].any()):
-            continue
+        out_dim = 1 - source.in_dim
+        space = next((s for s in analysis.ids.param_spaces if s.param == source.weight and s.dim == out_dim), None)
+        key_ids = product.key.ids
+        if space is None or not bool(((key_ids >= space.start) & (key_ids < space.start + space.size)).all()):
+            continue  # k's ids are not that Linear's rows: leave this product alone
         key_rows = {tuple(atom_of[row].tolist()): row - space.start for row in key_ids}
-        if any(tuple(atom_of[row].tolist()) not in key_rows for row in query_ids):
-            continue
-        sites.append(QkSite(node.name, node.args.index(q) if q in node.args else -1, query_ids,
-                            (q_rows, q_block.dim if q_block.dim >= 0 else q_ndim + q_block.dim), weight, bias,
-                            out_dim, key_rows))
-    return [s for s in sites if s.query_position >= 0]
-
-
-def _space(analysis, param: str, dim: int):
-    return next((s for s in analysis.ids.param_spaces if s.param == param and s.dim == dim), None)
-
-
-# --- statistics --------------------------------------------------------------------------------------------
-
-class _Watcher(Interpreter):
-    """Runs a graph and hands named nodes' (args, output) to callbacks."""
-
-    def __init__(self, gm: fx.GraphModule, callbacks: dict[str, Callable[[tuple, Any], None]]) -> None:
-        super().__init__(gm)
-        self.callbacks = callbacks
-
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
-        callback = self.callbacks.get(n.name)
-        if callback is not None:
-            callback(tuple(self.env[a] if isinstance(a, fx.Node) else a for a in n.args), result)
-        return result
-
-
-def _watch(gm: fx.GraphModule, batches: list[tuple], callbacks: dict) -> None:
-    if callbacks:
-        with torch.no_grad():
-            for batch in batches:
-                _Watcher(gm, callbacks).run(*batch)
+        if all(tuple(atom_of[row].tolist()) in key_rows for row in product.query.ids):
+            sites.append(QkSite(product, source.weight, source.bias, out_dim, key_rows))
+    return sites
 
 
 class _LayerStatistics:
@@ -252,14 +123,9 @@ def _layer_callbacks(layer: Layer, statistics: _LayerStatistics, select_kept: bo
 
 
 def _query_callback(site: QkSite, grams: dict[str, torch.Tensor]) -> Callable:
-    row_dims, channel_dim = site.query_layout
-
     def record(args: tuple, output: Any) -> None:
-        q = args[site.query_position].detach().float()
-        order = row_dims + [d for d in range(q.ndim) if d not in row_dims and d != channel_dim] + [channel_dim]
-        rows = q.permute(order).reshape(site.query_ids.shape[0], -1, q.shape[channel_dim])
-        gram = (rows.transpose(1, 2) @ rows).double()
-        grams[site.node] = grams.get(site.node, 0) + gram
+        rows = site.product.query.rows(args[site.product.query.position].detach().float())
+        grams[site.product.node] = grams.get(site.product.node, 0) + (rows.transpose(1, 2) @ rows).double()
     return record
 
 
@@ -341,7 +207,7 @@ def _fold_keys(gm, analysis, keep, site: QkSite, gram: torch.Tensor, removed: to
         pruned = torch.cat([pruned, _get(gm, site.bias).detach().to(torch.float64)[:, None]], 1)
     rows_kept = keep.get(site.weight, {}).get(site.out_dim)
     per_head: dict[tuple, torch.Tensor] = {}
-    for r, ids in enumerate(site.query_ids):  # q heads reading the same k (GQA) add up
+    for r, ids in enumerate(site.product.query.ids):  # q heads reading the same k (GQA) add up
         key = tuple(atom_of[ids].tolist())
         per_head[key] = per_head.get(key, 0) + gram[r]
     fitted = []
@@ -358,7 +224,7 @@ def _fold_keys(gm, analysis, keep, site: QkSite, gram: torch.Tensor, removed: to
         pruned[where] = original[targets] + b @ original[rows[gone_pos]]
         # logits lose q_R·k_R; what of q_R the kept queries cannot explain, before and after (per unit key)
         before = float(q_gram[gone_pos][:, gone_pos].trace())
-        fitted.append(Fitted(f"{site.node}:{site.weight}[{int(targets[0])}..]", before, before - float((q_kr * b).sum())))
+        fitted.append(Fitted(f"{site.product.node}:{site.weight}[{int(targets[0])}..]", before, before - float((q_kr * b).sum())))
     if site.bias is not None:
         _set(gm, site.bias, pruned[:, -1])
         pruned = pruned[:, :-1]
@@ -374,15 +240,15 @@ def least_squares(gm: fx.GraphModule, analysis, keep: dict, removed: torch.Tenso
     sites = qk_sites(analysis, removed)
     grams: dict[str, torch.Tensor] = {}
     statistics = {layer.node: _LayerStatistics(layer) for layer in layers}
-    callbacks = {site.node: _query_callback(site, grams) for site in sites}
+    callbacks = {site.product.node: _query_callback(site, grams) for site in sites}
     out_kept = {layer.node: keep.get(layer.weight, {}).get(1 - layer.in_dim) for layer in layers}
     if not sequential:
         callbacks.update({layer.node: _layer_callbacks(layer, statistics[layer.node], True) for layer in layers})
-    _watch(analysis.gm, batches, {n: _kept_outputs(c, out_kept.get(n)) for n, c in callbacks.items()})
+    watch(analysis.gm, batches, {n: _kept_outputs(c, out_kept.get(n)) for n, c in callbacks.items()})
     fitted = []
     for site in sites:
-        if site.node in grams:
-            fitted += _fold_keys(gm, analysis, keep, site, grams[site.node], removed, ridge)
+        if site.product.node in grams:
+            fitted += _fold_keys(gm, analysis, keep, site, grams[site.product.node], removed, ridge)
     if sequential:
         return fitted + _sequential(gm, analysis, keep, layers, statistics, out_kept, batches, ridge)
     return fitted + [_solve_layer(gm, analysis, keep, layer, statistics[layer.node], ridge) for layer in layers]
@@ -395,35 +261,11 @@ def _kept_outputs(callback: Callable, out_kept: torch.Tensor | None) -> Callable
     return lambda args, output: callback(args, output.index_select(-1, out_kept))
 
 
-class _Runner(Interpreter):
-    """Runs a graph on one batch a stretch at a time, so later layers resume where earlier ones stopped."""
-
-    def __init__(self, gm: fx.GraphModule, batch: tuple) -> None:
-        super().__init__(gm, garbage_collect_values=True)
-        self.nodes, self.position = list(gm.graph.nodes), 0
-        self.args_iter = iter(batch)
-
-    def run_until(self, name: str, inclusive: bool) -> Any:
-        """Run the nodes before ``name`` (and ``name`` too when ``inclusive``); the args of ``name`` (or its output)."""
-        with torch.no_grad():
-            while self.position < len(self.nodes):
-                node = self.nodes[self.position]
-                if node.name == name and not inclusive:
-                    return tuple(self.env[a] if isinstance(a, fx.Node) else a for a in node.args)
-                self.position += 1
-                self.env[node] = self.run_node(node)
-                if node.name == name:
-                    return self.env[node]
-                for dead in self.user_to_last_uses.get(node, []):
-                    del self.env[dead]
-        raise KeyError(name)
-
-
 def _sequential(gm, analysis, keep, layers: list[Layer], statistics: dict, out_kept: dict, batches: list[tuple],
                 ridge: float) -> list[Fitted]:
     """Layer after layer: X_K from the pruned model as compensated so far, Y from the unpruned model."""
-    originals = [_Runner(analysis.gm, batch) for batch in batches]
-    pruned = [_Runner(gm, batch) for batch in batches]
+    originals = [Runner(analysis.gm, batch) for batch in batches]
+    pruned = [Runner(gm, batch) for batch in batches]
     fitted = []
     for layer in layers:
         for original, current in zip(originals, pruned):

@@ -1,0 +1,193 @@
+"""Calibration statistics: where the layers and attention products are, and running graphs to read them.
+
+Compensation (``rewrite/compensate.py``) and the reconstruction criterion (``importance/reconstruction.py``)
+both accumulate second moments of activations on calibration batches: of every Linear's inputs, and of every
+attention product's queries and keys, head by head. This module finds those places in an analysed graph
+(with the channel ids the analysis gave their operands) and runs graphs to hand their values over.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch.fx.interpreter import Interpreter
+
+from . import meta
+from .analysis.labels import block_on
+from .analysis.rules import ParamRef
+
+
+def tensor_name(x: Any) -> str | None:
+    """The parameter or buffer a node argument names (a module's ParamRef or a get_attr node)."""
+    if isinstance(x, ParamRef):
+        return x.name
+    if isinstance(x, fx.Node) and x.op == "get_attr":
+        return str(x.target)
+    return None
+
+
+@dataclass
+class LinearCall:
+    """A Linear (or addmm: a weight stored [in, out]) by its node name, the same in a pruned copy."""
+
+    node: str
+    weight: str
+    bias: str | None  # None: no bias
+    in_dim: int  # the weight dim holding input features: 1 for Linear ([out, in]), 0 for addmm
+    input_position: int  # where the input sits among the node's args
+
+
+def linear_calls(analysis) -> list[LinearCall]:
+    """Every Linear / addmm whose weight and bias are parameters (not computed in the graph), in graph order."""
+    found = []
+    for node in analysis.gm.graph.nodes:
+        call = node.meta.get(meta.OP)
+        if call is None or call.op not in ("linear", "addmm"):
+            continue
+        weight_arg, x_arg, in_dim = (call.args.get("weight"), call.args.get("input"), 1) if call.op == "linear" \
+            else (call.args.get("mat2"), call.args.get("mat1"), 0)
+        weight, bias = tensor_name(weight_arg), tensor_name(call.args.get("bias"))
+        if weight is None or x_arg not in node.args or (call.args.get("bias") is not None and bias is None):
+            continue
+        found.append(LinearCall(node.name, weight, bias, in_dim, node.args.index(x_arg)))
+    return found
+
+
+_LAYOUT_OPS = {"reshape", "permute", "transpose", "expand", "getitem", "select", "slice", "unbind", "split", "chunk"}
+_SAME_VALUE = {"contiguous", "clone", "to", "type_as", "float", "half", "bfloat16", "detach", "dropout", "alias",
+               "_to_copy", "Dropout", "Identity"}
+
+
+def _base_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._opname
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def linear_source(gm: fx.GraphModule, node: Any) -> fx.Node | None:
+    """The Linear/addmm node whose output reaches ``node`` through layout ops and scalar factors only."""
+    while isinstance(node, fx.Node):
+        call = node.meta.get(meta.OP)
+        if call is None:
+            return None
+        if call.op in ("linear", "addmm"):
+            return node
+        if call.op in _LAYOUT_OPS or (call.op == "unary" and _base_name(gm, node) in _SAME_VALUE):
+            node = call.args.get("input")
+        elif call.op == "elementwise" and _base_name(gm, node) in ("mul", "truediv", "div") \
+                and len(call.args["operands"]) == 2 and isinstance(call.args["operands"][0], fx.Node) \
+                and isinstance(call.args["operands"][1], (int, float)):
+            node = call.args["operands"][0]
+        else:
+            return None
+    return None
+
+
+@dataclass
+class Operand:
+    """One side of an attention product: where it sits among the node's args and its channel ids per head."""
+
+    position: int
+    ids: torch.Tensor  # (rows, channels): one row per head position of the product
+    row_dims: list[int]
+    channel_dim: int
+
+    def rows(self, value: torch.Tensor) -> torch.Tensor:
+        """The operand's value as (rows, positions, channels), rows in the order of ``ids``."""
+        order = self.row_dims + [d for d in range(value.ndim) if d not in self.row_dims and d != self.channel_dim]
+        return value.permute(order + [self.channel_dim]).reshape(self.ids.shape[0], -1, value.shape[self.channel_dim])
+
+
+@dataclass
+class Product:
+    """An attention product q·kᵀ (matmul or SDPA) between two activations with channel ids."""
+
+    node: str
+    query: Operand
+    key: Operand
+    key_source: str | None  # the Linear node k comes from through layout ops only (None: another path)
+
+
+def _operand(node: fx.Node, x: Any, channel_dim_from_end: int) -> Operand | None:
+    value = x.meta.get(meta.VALUE) if isinstance(x, fx.Node) else None
+    ndim = getattr(value, "ndim", 0)
+    if ndim < 2 or x.meta.get(meta.CONST) or x not in node.args:
+        return None
+    block = block_on(x.meta.get(meta.LABELS) or (), ndim - channel_dim_from_end)
+    if block is None:
+        return None
+    ids = block.ids.reshape((1,) * (ndim - block.ids.ndim) + tuple(block.ids.shape))
+    row_dims = [d for d in range(ndim) if d != block.dim and ids.shape[d] > 1]
+    order = row_dims + [d for d in range(ndim) if d not in row_dims and d != block.dim] + [block.dim]
+    return Operand(node.args.index(x), ids.permute(order).reshape(-1, ids.shape[block.dim]), row_dims, block.dim)
+
+
+def attention_products(analysis) -> list[Product]:
+    """Every q·kᵀ of the analysed graph whose operands both carry channel ids."""
+    found = []
+    for node in analysis.gm.graph.nodes:
+        call = node.meta.get(meta.OP)
+        if call is None or call.op not in ("matmul", "sdpa"):
+            continue
+        q, k = (call.args.get("query"), call.args.get("key")) if call.op == "sdpa" \
+            else (call.args.get("input"), call.args.get("other"))
+        query, key = _operand(node, q, 1), _operand(node, k, 1 if call.op == "sdpa" else 2)
+        if query is None or key is None:
+            continue
+        source = linear_source(analysis.gm, k)
+        found.append(Product(node.name, query, key, source.name if source is not None else None))
+    return found
+
+
+class _Watcher(Interpreter):
+    """Runs a graph and hands named nodes' (args, output) to callbacks."""
+
+    def __init__(self, gm: fx.GraphModule, callbacks: dict[str, Callable[[tuple, Any], None]]) -> None:
+        super().__init__(gm)
+        self.callbacks = callbacks
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        callback = self.callbacks.get(n.name)
+        if callback is not None:
+            callback(tuple(self.env[a] if isinstance(a, fx.Node) else a for a in n.args), result)
+        return result
+
+
+def watch(gm: fx.GraphModule, batches: Iterable[tuple], callbacks: dict[str, Callable[[tuple, Any], None]]) -> None:
+    """Run ``gm`` on every batch; after each named node runs, call its callback with (args, output)."""
+    if callbacks:
+        with torch.no_grad():
+            for batch in batches:
+                _Watcher(gm, callbacks).run(*batch)
+
+
+class Runner(Interpreter):
+    """Runs a graph on one batch a stretch at a time, so that later stretches resume where earlier ones stopped."""
+
+    def __init__(self, gm: fx.GraphModule, batch: tuple) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.nodes, self.position = list(gm.graph.nodes), 0
+        self.args_iter = iter(batch)
+
+    def run_until(self, name: str, inclusive: bool) -> Any:
+        """Run the nodes before ``name`` (and ``name`` too when ``inclusive``); the args of ``name`` (or its output).
+
+        Parameters are read as each node runs, so what changed since the last stretch counts from here on."""
+        with torch.no_grad():
+            while self.position < len(self.nodes):
+                node = self.nodes[self.position]
+                if node.name == name and not inclusive:
+                    return tuple(self.env[a] if isinstance(a, fx.Node) else a for a in node.args)
+                self.position += 1
+                self.env[node] = self.run_node(node)
+                for dead in self.user_to_last_uses.get(node, []):
+                    del self.env[dead]
+                if node.name == name:
+                    return self.env[node]
+        raise KeyError(name)

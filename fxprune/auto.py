@@ -124,14 +124,16 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
                example_inputs: Sequence | None = None, lr: float = 0.05, penalty: float = 50.0,
                similarity: bool = True, attention_init: bool = True, reweight: bool = True, equal_heads: bool = True,
                kinds: Iterable[str] = DEFAULT_KINDS, seed: int = 0, progress: bool = True,
-               compensation: str = "reweight"):
+               compensation: str = "reweight", init_importance: str = "attention"):
     """Prune ``model`` to ``target_macs`` (a fraction of its MACs) with the automatic method; returns the pruned,
     reweighted GraphModule (its plan from ``fxprune.plan_of``, the trained indicators in the plan options).
     With ``reweight``, the removed channels are compensated on ``data`` as ``compensation`` says (see
-    ``fxprune.apply``: "reweight" nodes, or "least_squares" / "sequential" weights)."""
+    ``fxprune.apply``: "reweight" nodes, or "least_squares" / "sequential" weights). With ``attention_init`` the
+    indicators start from the ``init_importance`` criterion (e.g. "reconstruction" instead of "attention")."""
     if not 0.0 < float(target_macs) <= 1.0:
         raise InvalidArgumentError(f"fxprune: target_macs must be in (0, 1], got {target_macs!r}")
     check_compensation(compensation, data)
+    importance_.criterion(init_importance)  # an unknown name fails before any work
     kinds = tuple(kinds)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -150,7 +152,7 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
         costs = channel_costs(analysis, groups)
         if similarity:
             costs = costs * (1 + redundancy(analysis, groups))
-        init = importance_.score(analysis, "attention", data=calibration, seed=seed) if attention_init else None
+        init = importance_.score(analysis, init_importance, data=calibration, seed=seed) if attention_init else None
         theta = _initial_logits(analysis, groups, init).to(torch.float32).requires_grad_(True)
 
         scores = _train_indicators(analysis, prunable, costs, theta, calibration, target_macs, steps=steps, lr=lr,
@@ -160,6 +162,7 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
                              options={"importance": "auto", "steps": steps, "similarity": similarity,
                                       "attention_init": attention_init, "reweight": reweight, "seed": seed,
                                       "equal_heads": equal_heads, "compensation": compensation,
+                                      "init_importance": init_importance,
                                       "input_shapes": [list(t.shape) for t in captured.example_inputs]})
         pruned = apply_plan(analysis, plan, train=captured.was_training,
                             reweight_data=calibration if reweight else None, compensation=compensation)

@@ -18,6 +18,9 @@ from . import meta
 from .analysis.labels import block_on
 from .analysis.rules import ParamRef
 
+# ridge of the least-squares solves, relative to the mean diagonal of the Gram: keeps near-collinear inputs stable
+RIDGE = 1e-3
+
 
 def tensor_name(x: Any) -> str | None:
     """The parameter or buffer a node argument names (a module's ParamRef or a get_attr node)."""

@@ -9,7 +9,8 @@ import fxprune
 from fxprune import meta
 from fxprune.analysis.shapes import kept_indices
 from fxprune.errors import InvalidArgumentError
-from fxprune.rewrite.compensate import RIDGE, ridge_solve
+from fxprune.rewrite.compensate import ridge_solve
+from fxprune.statistics import RIDGE
 from helpers import assert_unchanged, examples, small_vit, state_snapshot
 
 X = torch.randn(1, 3, 16, 16)
@@ -206,3 +207,78 @@ def test_hugging_face_layers_are_compensated(family, products):
     with torch.no_grad():
         pruned(*hf_models.inputs(family, 3, 5, generator))
     assert_unchanged(model, snapshot)
+
+
+# --- the reconstruction criterion (importance/reconstruction.py) ---------------------------------------------
+
+def test_reconstruction_score_is_the_layers_error_increase_when_one_input_goes():
+    from fxprune.importance.reconstruction import reconstruction
+
+    model = Mlp().eval()
+    analysis = fxprune.analyze(model, (torch.randn(2, 5, 8),))
+    scores = reconstruction(analysis, data=TOKENS, ridge=1e-12)
+    group = next(g for g in analysis.groups if g.kind == "mlp")
+    with torch.no_grad():
+        hidden = torch.cat([F.gelu(model.fc1(x)).reshape(-1, 24) for x in TOKENS]).double()
+        design = torch.cat([hidden, torch.ones(len(hidden), 1, dtype=torch.float64)], 1)
+        target = hidden @ model.fc2.weight.double().T + model.fc2.bias.double()
+    start = next(s.start for s in analysis.ids.spaces if s.param == "fc2.weight" and s.dim == 1)
+    for atom in group.atoms:
+        column = next(c for c in range(24) if int(analysis.atoms.atom_of[start + c]) == atom)
+        others = design[:, [c for c in range(25) if c != column]]
+        residual = target - others @ torch.linalg.lstsq(others, target).solution
+        assert float(scores[atom]) == pytest.approx(float(residual.square().sum()), rel=1e-4)
+
+
+def test_reconstruction_removes_the_query_channel_its_head_can_rebuild():
+    """Each head has one q channel that is twice another (large, so magnitude keeps it): reconstruction removes
+    one of the pair, and compensation then restores the logits exactly."""
+    torch.manual_seed(0)
+    model = Attention().eval()
+    with torch.no_grad():
+        for head in range(2):
+            model.q.weight[8 * head + 5] = 2 * model.q.weight[8 * head + 1]
+            model.q.bias[8 * head + 5] = 2 * model.q.bias[8 * head + 1]
+    data = [torch.randn(4, 7, 16) for _ in range(3)]
+    analysis = fxprune.analyze(model, (torch.randn(2, 5, 16),))
+    for importance, expected in (("reconstruction", True), ("l2", False)):
+        plan = fxprune.plan(analysis, 1 / 8, kinds=("qk",), importance=importance, data=data)
+        kept = set(kept_indices(analysis, plan.removed_atoms(analysis))["q.weight"][0].tolist())
+        removed = set(range(16)) - kept
+        assert (removed <= {1, 5, 9, 13}) == expected, (importance, removed)
+    pruned = fxprune.apply(analysis, plan_for(analysis, data), reweight_data=data, compensation="least_squares")
+    with torch.no_grad():
+        full = _logits(model, model.q.weight, model.q.bias, model.k.weight, model.k.bias, data)
+        compensated = _logits(model, pruned.q.weight, pruned.q.bias, pruned.k.weight, pruned.k.bias, data)
+    assert float((compensated - full).square().mean()) < 1e-6 * float(full.square().mean())
+
+
+def plan_for(analysis, data):
+    return fxprune.plan(analysis, 1 / 8, kinds=("qk",), importance="reconstruction", data=data)
+
+
+def test_reconstruction_serves_budgets_and_falls_back_to_magnitude_where_no_linear_reads_a_group():
+    from toy_models import ConvMlp
+
+    model = small_vit(depth=2)
+    analysis = fxprune.analyze(model, (X,))
+    plan = fxprune.plan(analysis, target_macs=0.7, importance="reconstruction", data=DATA)
+    pruned = fxprune.apply(analysis, plan)
+    assert fxprune.count_macs(pruned, (X,)) <= 0.71 * fxprune.count_macs(model, (X,))
+    conv = ConvMlp().eval()
+    analysis = fxprune.analyze(conv, (torch.randn(1, 8, 4, 4),))
+    scores = fxprune.importance.score(analysis, "reconstruction", data=[torch.randn(2, 8, 4, 4)])
+    hidden = torch.tensor(next(g for g in analysis.groups if g.kind == "mlp").atoms)
+    assert torch.equal(scores[hidden], fxprune.importance.score(analysis, "l2")[hidden])
+
+
+def test_auto_prune_starts_from_reconstruction_and_compensates_by_least_squares():
+    model = small_vit(depth=2)
+    pruned = fxprune.auto_prune(model, DATA, 0.7, example_inputs=(X,), steps=6, progress=False,
+                                init_importance="reconstruction", compensation="least_squares")
+    options = fxprune.plan_of(pruned).options
+    assert options["init_importance"] == "reconstruction" and options["compensation"] == "least_squares"
+    assert pruned.meta[meta.COMPENSATED]
+    assert fxprune.count_macs(pruned, (X,)) <= 0.71 * fxprune.count_macs(model, (X,))
+    with pytest.raises(InvalidArgumentError, match="unknown importance"):
+        fxprune.auto_prune(model, DATA, 0.7, example_inputs=(X,), steps=1, progress=False, init_importance="obs?")

@@ -69,4 +69,4 @@ def score(analysis, name: str, **options) -> torch.Tensor:
     return scores
 
 
-from . import attention, dimap, magnitude, random, taylor  # noqa: E402,F401  (registers the built-in criteria)
+from . import attention, dimap, magnitude, random, reconstruction, taylor  # noqa: E402,F401  (registers the built-in criteria)

@@ -30,9 +30,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..statistics import LinearCall, Product, Runner, attention_products, linear_calls, watch
+from ..statistics import RIDGE, LinearCall, Product, Runner, attention_products, linear_calls, watch
 
-RIDGE = 1e-3  # relative to the mean diagonal of the Gram: enough to keep near-collinear inputs stable
 
 
 @dataclass

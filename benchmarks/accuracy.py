@@ -12,8 +12,11 @@ the pruned features to the original's on the held-out images.
     python benchmarks/accuracy.py --models tiny-swin --methods l2 taylor --targets 0.6
     python benchmarks/accuracy.py --markdown                # README tables
 
-Methods: l2, dimap (data-free), taylor, attention (calibration batches), auto (fxprune.auto_prune, the
-automatic method), torch-pruning (benchmarks/peer.py; needs `pip install torch-pruning`).
+Methods: l2, dimap (data-free), taylor, attention, reconstruction (calibration batches), auto
+(fxprune.auto_prune, the automatic method), torch-pruning (benchmarks/peer.py; needs `pip install torch-pruning`).
+Every fxprune row is also compensated by least squares (one shot and sequential, folded into the weights) from
+the same calibration batches; those columns are before fine-tuning, which starts from the reweighted model as
+before.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ import peer
 
 RESULTS = Path(__file__).parent / "results"
 DOCS = Path(__file__).parent.parent / "docs"
-METHODS = ("l2", "dimap", "taylor", "attention", "auto", "torch-pruning")
+METHODS = ("l2", "dimap", "taylor", "attention", "reconstruction", "auto", "torch-pruning")
+COMPENSATIONS = ("least_squares", "sequential")  # evaluated besides the reweight nodes, before fine-tuning
 TARGETS = (0.8, 0.6, 0.4)
 AUTO_STEPS = 60  # auto_prune's indicator-training steps (its default is 100; fewer keep the run under 20 min)
 
@@ -161,6 +165,12 @@ def run_method(task: Task, analysis, method: str, target: float, log) -> dict:
     row["pruned"] = task.evaluate(pruned)
     if reweighted is not None:
         row["reweighted"] = task.evaluate(reweighted)
+        for compensation in COMPENSATIONS:  # the same plan, compensated by least squares instead
+            started = time.perf_counter()
+            compensated = fxprune.apply(analysis, fxprune.plan_of(reweighted), reweight_data=task.calibration,
+                                        compensation=compensation, verify=False)
+            row[f"{compensation}_s"] = time.perf_counter() - started
+            row[compensation] = task.evaluate(compensated)
     started = time.perf_counter()
     row["finetuned"] = _finetune(task, reweighted if reweighted is not None else pruned)
     row["finetune_s"] = time.perf_counter() - started
@@ -178,17 +188,19 @@ def markdown(rows: list[dict], originals: dict) -> str:
         mine = [r for r in rows if r["model"] == model]
         has_cosine = "cosine" in originals[model]
         lines += [f"\n**{model}**: unpruned top-1 {100 * originals[model]['top1']:.1f}%\n",
-                  "| MACs target | method | MACs kept | params kept | top-1 pruned | reweighted | fine-tuned |"
-                  + (" cosine pruned / reweighted / fine-tuned |" if has_cosine else ""),
-                  "|---|---|---|---|---|---|---|" + ("---|" if has_cosine else "")]
+                  "| MACs target | method | MACs kept | params kept | top-1 pruned | reweighted | least squares | "
+                  "sequential LS | fine-tuned |"
+                  + (" cosine pruned / reweighted / LS / seq. LS / fine-tuned |" if has_cosine else ""),
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|" if has_cosine else "")]
         for r in mine:
             if "macs" not in r:
-                lines.append(f"| {r['target']:.0%} | {r['method']} | {r.get('note', '-')} | | | | |"
+                lines.append(f"| {r['target']:.0%} | {r['method']} | {r.get('note', '-')} | | | | | | |"
                              + (" |" if has_cosine else ""))
                 continue
-            cosine = " / ".join(_cell(r, s, "cosine") for s in ("pruned", "reweighted", "finetuned"))
+            stages = ("pruned", "reweighted", *COMPENSATIONS, "finetuned")
+            cosine = " / ".join(_cell(r, s, "cosine") for s in stages)
             lines.append(f"| {r['target']:.0%} | {r['method']} | {r['macs']:.1%} | {r['params']:.1%} | "
-                         f"{_cell(r, 'pruned')} | {_cell(r, 'reweighted')} | {_cell(r, 'finetuned')} |"
+                         + " | ".join(_cell(r, s) for s in stages) + " |"
                          + (f" {cosine} |" if has_cosine else ""))
     return "\n".join(lines)
 
@@ -278,7 +290,8 @@ def main() -> None:
                 row = run_method(task, analysis, method, target, log)
                 rows.append(row)
                 if "macs" in row:
-                    stages = "  ".join(f"{s} {_cell(row, s)}" for s in ("pruned", "reweighted", "finetuned"))
+                    stages = "  ".join(f"{s} {_cell(row, s)}" for s in ("pruned", "reweighted", *COMPENSATIONS,
+                                                                         "finetuned"))
                     summary = f"{stages}  MACs {row['macs']:.3f}"
                 else:
                     summary = row.get("note", "")

@@ -93,10 +93,27 @@ def _initial_logits(analysis, groups: list, scores: torch.Tensor | None) -> torc
     return theta
 
 
+SETTLE_EVERY = 10  # steps between two looks at the selection the indicators make
+SETTLE_CHECKS = 2  # looks in a row at which it must hold still
+
+
+def _selection(indicators: torch.Tensor, costs: torch.Tensor, prunable: torch.Tensor, to_remove: float) -> torch.Tensor:
+    """The atoms removed first if the budget were spent now: lowest indicators until their cost reaches ``to_remove``."""
+    order = torch.argsort(indicators.masked_fill(~prunable, float("inf")))
+    count = int(torch.searchsorted(costs[order].cumsum(0), torch.tensor(to_remove, dtype=costs.dtype))) + 1
+    chosen = torch.zeros_like(prunable)
+    chosen[order[:min(count, int(prunable.sum()))]] = True
+    return chosen
+
+
 def _train_indicators(analysis, prunable: torch.Tensor, costs: torch.Tensor, theta: torch.Tensor, calibration: list,
-                      target_macs: float, *, steps: int, lr: float, penalty: float, progress: bool) -> torch.Tensor:
+                      target_macs: float, *, steps: int, lr: float, penalty: float, progress: bool,
+                      settle: float | None = None) -> tuple[torch.Tensor, int]:
     """Train the indicator logits ``theta``: distil the unpruned model's output through soft gates
-    (sigmoid(theta)) under a MACs penalty. Returns the indicators (float64), one per atom."""
+    (sigmoid(theta)) under a MACs penalty. Returns the indicators (float64), one per atom, and the steps run.
+
+    With ``settle``, training stops early once the channels the budget would remove (the lowest indicators
+    worth the MACs to save) change by at most that fraction between looks, ``SETTLE_CHECKS`` looks in a row."""
     from tqdm.auto import tqdm
 
     full = float(budget.macs(analysis, torch.zeros(analysis.atoms.count, dtype=torch.bool)))
@@ -108,7 +125,17 @@ def _train_indicators(analysis, prunable: torch.Tensor, costs: torch.Tensor, the
     optimiser = torch.optim.Adam([theta], lr=lr)
     weights = costs.to(torch.float32)
     mask = prunable.to(torch.float32)
+    to_remove = (1 - target_macs) * full
+    previous, still = None, 0
     for step in tqdm(range(steps), desc="fxprune auto_prune", disable=not progress):
+        if settle is not None and step and step % SETTLE_EVERY == 0:
+            chosen = _selection(theta.detach().to(torch.float64), costs, prunable, to_remove)
+            if previous is not None:
+                moved = int((chosen ^ previous).sum()) / max(int(chosen.sum()), 1)
+                still = still + 1 if moved <= settle else 0
+                if still >= SETTLE_CHECKS:
+                    return torch.sigmoid(theta.detach()).to(torch.float64), step
+            previous = chosen
         x, teacher = calibration[step % len(calibration)], teachers[step % len(calibration)]
         indicators = torch.sigmoid(theta) * mask + (1 - mask)
         distill = F.mse_loss(gm(indicators, *x), teacher) / teacher.var().clamp_min(1e-12)
@@ -117,19 +144,22 @@ def _train_indicators(analysis, prunable: torch.Tensor, costs: torch.Tensor, the
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    return torch.sigmoid(theta.detach()).to(torch.float64)
+    return torch.sigmoid(theta.detach()).to(torch.float64), steps
 
 
 def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, steps: int = 100,
                example_inputs: Sequence | None = None, lr: float = 0.05, penalty: float = 50.0,
                similarity: bool = True, attention_init: bool = True, reweight: bool = True, equal_heads: bool = True,
                kinds: Iterable[str] = DEFAULT_KINDS, seed: int = 0, progress: bool = True,
-               compensation: str = "reweight", init_importance: str = "attention"):
+               compensation: str = "reweight", init_importance: str = "attention", settle: float | None = 0.02):
     """Prune ``model`` to ``target_macs`` (a fraction of its MACs) with the automatic method; returns the pruned,
     reweighted GraphModule (its plan from ``fxprune.plan_of``, the trained indicators in the plan options).
     With ``reweight``, the removed channels are compensated on ``data`` as ``compensation`` says (see
     ``fxprune.apply``: "reweight" nodes, or "least_squares" / "sequential" weights). With ``attention_init`` the
-    indicators start from the ``init_importance`` criterion (e.g. "reconstruction" instead of "attention")."""
+    indicators start from the ``init_importance`` criterion (e.g. "reconstruction" instead of "attention").
+    ``steps`` is the most indicator-training steps; with ``settle`` (a fraction) training stops once the
+    channels the budget would remove change by at most that fraction between looks ten steps apart, twice in
+    a row (``None``: every step runs). The plan records the steps run in ``options["steps_run"]``."""
     if not 0.0 < float(target_macs) <= 1.0:
         raise InvalidArgumentError(f"fxprune: target_macs must be in (0, 1], got {target_macs!r}")
     check_compensation(compensation, data)
@@ -155,14 +185,14 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
         init = importance_.score(analysis, init_importance, data=calibration, seed=seed) if attention_init else None
         theta = _initial_logits(analysis, groups, init).to(torch.float32).requires_grad_(True)
 
-        scores = _train_indicators(analysis, prunable, costs, theta, calibration, target_macs, steps=steps, lr=lr,
-                                   penalty=penalty, progress=progress)
+        scores, steps_run = _train_indicators(analysis, prunable, costs, theta, calibration, target_macs, steps=steps,
+                                              lr=lr, penalty=penalty, progress=progress, settle=settle)
         plan = global_budget(analysis, scores, lambda removed: budget.macs(analysis, removed), float(target_macs),
                              kinds, per_group_normalisation=False, per_row="mean" if equal_heads else "min",
                              options={"importance": "auto", "steps": steps, "similarity": similarity,
                                       "attention_init": attention_init, "reweight": reweight, "seed": seed,
                                       "equal_heads": equal_heads, "compensation": compensation,
-                                      "init_importance": init_importance,
+                                      "init_importance": init_importance, "settle": settle, "steps_run": steps_run,
                                       "input_shapes": [list(t.shape) for t in captured.example_inputs]})
         pruned = apply_plan(analysis, plan, train=captured.was_training,
                             reweight_data=calibration if reweight else None, compensation=compensation)

@@ -211,3 +211,12 @@ def test_auto_prune_on_swin_and_flatten():
                                   depths=(2, 2), num_heads=(2, 4), fused_attn=True))):
         pruned = fxprune.auto_prune(model, data, target_macs=0.6, steps=10, progress=False)
         assert abs(fxprune.count_macs(pruned, (x,)) / fxprune.count_macs(model, (x,)) - 0.6) <= 0.02
+
+
+def test_training_stops_when_the_selection_settles(runs):
+    every_step = fxprune.plan_of(runs(settle=None)).options["steps_run"]
+    loose = fxprune.plan_of(runs(settle=0.2)).options["steps_run"]
+    strict = fxprune.plan_of(runs(settle=0.0)).options["steps_run"]
+    assert every_step == 60
+    assert loose < 60 and loose % 10 == 0  # it stopped at a look, before the last step
+    assert strict >= loose  # a stricter bar never stops sooner

@@ -134,22 +134,23 @@ def _inputs_from_plan(p: Plan) -> tuple | None:
 
 
 def apply(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequence | None = None,
-          reweight_data: Iterable | None = None, verify: bool = True, compensation: str = "reweight") -> fx.GraphModule:
+          reweight_data: Iterable | None = None, verify: bool = True, compensation: str | None = None) -> fx.GraphModule:
     """Carry out a plan: a physically smaller GraphModule that carries the plan (``fxprune.plan_of``).
 
     With ``reweight_data`` (calibration input batches) the removed channels are compensated. ``compensation``:
-    "reweight" gives every Linear whose inputs shrank a per-channel scale and bias fitted to reproduce the
-    unpruned layer (graph nodes, trainable; ``fold_reweights`` merges them); "least_squares" re-solves the kept
-    weights and bias of those layers, and moves the removed k rows' share of each head's logits into its kept
-    k rows, folded into plain weights (``rewrite/compensate.py``); "sequential" does the same layer after layer
-    with each layer's inputs taken from the model pruned and compensated so far.
+    "least_squares" (the default) re-solves the kept weights and bias of every Linear whose inputs shrank, and
+    moves the removed k rows' share of each head's logits into its kept k rows, folded into plain weights
+    (``rewrite/compensate.py``); "sequential" does the same layer after layer with each layer's inputs taken
+    from the model pruned and compensated so far; "reweight" gives every Linear whose inputs shrank a
+    per-channel scale and bias fitted to reproduce the unpruned layer (graph nodes, trainable;
+    ``fold_reweights`` merges them).
     ``verify`` (default on): run the result on the example inputs and on another batch size against the masked
     original and raise ``RewriteError`` (naming the first diverging node) rather than return a wrong model;
     ``fxprune.check_of(pruned)`` tells what was compared.
     """
     if not isinstance(p, Plan):
         raise InvalidArgumentError(f"fxprune: expected a Plan, got {type(p).__name__}")
-    check_compensation(compensation, reweight_data)
+    compensation = check_compensation(compensation, reweight_data)
     analysis = _replay_analysis(model, p, example_inputs)
     return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data, verify=verify,
                       compensation=compensation)
@@ -193,7 +194,7 @@ def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs:
     analysis = _analysis(model, example_inputs, bool(options.pop("untie_shared_convs", False)))
     reweight_data = options.pop("reweight_data", None)
     verify = options.pop("verify", True)
-    compensation = check_compensation(options.pop("compensation", "reweight"), reweight_data)
+    compensation = check_compensation(options.pop("compensation", None), reweight_data)
     p = plan(analysis, ratio, importance=importance, **options)
     return apply_plan(analysis, p, train=analysis.captured.was_training, reweight_data=reweight_data, verify=verify,
                       compensation=compensation)

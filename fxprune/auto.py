@@ -18,9 +18,11 @@ Only the paper's abstract is public; this is fxprune's formulation of its five p
 4. **attention-difference initialisation** (``attention_init=True``): θ starts from the "attention"
    criterion (first-order change of the attention outputs without each channel), as quantiles within each
    group mapped to logits in [−1, 3]; otherwise θ = 3 everywhere.
-5. **reweight module** (``reweight=True``): after removal, per-channel scale and bias nodes in front of each
-   projection whose inputs shrank, fitted by least squares (``fxprune.apply(..., reweight_data=...)``),
-   trainable, folded away by ``fxprune.fold_reweights``.
+5. **reweight module** (``reweight=True``): after removal, what the removed channels contributed is fitted
+   back on the calibration data (``fxprune.apply(..., reweight_data=...)``): by default the kept weights of
+   every projection whose inputs shrank are re-solved by least squares and folded in
+   (``compensation="least_squares"``); ``compensation="reweight"`` is the paper's module, per-channel scale
+   and bias nodes in front of those projections, trainable, folded away by ``fxprune.fold_reweights``.
 
 The final selection meets the MACs target within the global-budget search (``fxprune.plan(target_macs=)``)
 using the trained indicators as importance. Deterministic under ``seed``.
@@ -151,18 +153,19 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
                example_inputs: Sequence | None = None, lr: float = 0.05, penalty: float = 50.0,
                similarity: bool = True, attention_init: bool = True, reweight: bool = True, equal_heads: bool = True,
                kinds: Iterable[str] = DEFAULT_KINDS, seed: int = 0, progress: bool = True,
-               compensation: str = "reweight", init_importance: str = "attention", settle: float | None = 0.02):
+               compensation: str | None = None, init_importance: str = "attention", settle: float | None = 0.02):
     """Prune ``model`` to ``target_macs`` (a fraction of its MACs) with the automatic method; returns the pruned,
     reweighted GraphModule (its plan from ``fxprune.plan_of``, the trained indicators in the plan options).
     With ``reweight``, the removed channels are compensated on ``data`` as ``compensation`` says (see
-    ``fxprune.apply``: "reweight" nodes, or "least_squares" / "sequential" weights). With ``attention_init`` the
+    ``fxprune.apply``: "least_squares" (default) / "sequential" weights, or trainable "reweight" nodes).
+    With ``attention_init`` the
     indicators start from the ``init_importance`` criterion (e.g. "reconstruction" instead of "attention").
     ``steps`` is the most indicator-training steps; with ``settle`` (a fraction) training stops once the
     channels the budget would remove change by at most that fraction between looks ten steps apart, twice in
     a row (``None``: every step runs). The plan records the steps run in ``options["steps_run"]``."""
     if not 0.0 < float(target_macs) <= 1.0:
         raise InvalidArgumentError(f"fxprune: target_macs must be in (0, 1], got {target_macs!r}")
-    check_compensation(compensation, data)
+    compensation = check_compensation(compensation, data)
     importance_.criterion(init_importance)  # an unknown name fails before any work
     kinds = tuple(kinds)
     generator_state = torch.random.get_rng_state()

@@ -27,8 +27,9 @@ def _flatten():
 
 
 @pytest.mark.parametrize("build,options", [(_deit, dict(head_ratio=0.34)), (_swin, dict(head_ratio=0.5)),
-                                           (_flatten, dict(head_ratio=0.5, untie_shared_convs=True))],
-                         ids=["deit", "swin", "flatten"])
+                                           (_flatten, dict(head_ratio=0.5, untie_shared_convs=True)),
+                                           (_deit, dict(head_ratio=0.34, compensation="reweight"))],
+                         ids=["deit", "swin", "flatten", "deit-reweight-nodes"])
 def test_round_trip_is_bit_identical(tmp_path, build, options):
     model = build()
     x = torch.randn(1, 3, 32, 32)

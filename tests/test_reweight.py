@@ -32,7 +32,7 @@ def test_reweights_compensate_and_fold_exactly():
     analysis = fxprune.analyze(model, (X,))
     plan = fxprune.plan(analysis, 0.5)
     plain = fxprune.apply(analysis, plan)
-    reweighted = fxprune.apply(analysis, plan, reweight_data=DATA)
+    reweighted = fxprune.apply(analysis, plan, reweight_data=DATA, compensation="reweight")
     names = [n for n, _ in reweighted.named_parameters() if n.startswith(PREFIX)]
     assert len(names) == 2 * 2 * 2  # proj and fc2 of both blocks: a scale and a bias each
     assert _output_error(model, reweighted, DATA) < _output_error(model, plain, DATA)
@@ -47,7 +47,7 @@ def test_reweights_compensate_and_fold_exactly():
 
 def test_reweighted_model_trains_and_prunes_again():
     model = small_vit(num_heads=2, embed_per_head=8, depth=1)
-    reweighted = fxprune.prune(model, 0.25, example_inputs=(X,), reweight_data=DATA)
+    reweighted = fxprune.prune(model, 0.25, example_inputs=(X,), reweight_data=DATA, compensation="reweight")
     loss = reweighted(torch.randn(2, 3, 16, 16)).square().mean()
     loss.backward()
     assert all(p.grad is not None for n, p in reweighted.named_parameters() if n.startswith(PREFIX))

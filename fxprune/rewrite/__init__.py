@@ -33,23 +33,26 @@ from .reweight import consumers, fit_reweight, insert_reweights, record_inputs
 from .slice_parameters import slice_parameters
 
 
-COMPENSATIONS = ("reweight", "least_squares", "sequential")
+COMPENSATIONS = ("least_squares", "sequential", "reweight")
+DEFAULT_COMPENSATION = "least_squares"
 
 
 def check_compensation(compensation: object, data) -> str:
-    """``compensation`` if it is one of ``COMPENSATIONS`` and has data to fit on (the default needs none)."""
+    """``compensation`` (None: the default) if it is one of ``COMPENSATIONS``; asked for by name, it needs data."""
     from ..errors import InvalidArgumentError
 
+    if compensation is None:
+        return DEFAULT_COMPENSATION
     if compensation not in COMPENSATIONS:
         raise InvalidArgumentError(f"fxprune: unknown compensation {compensation!r}; choose one of {list(COMPENSATIONS)}")
-    if compensation != "reweight" and data is None:
+    if data is None:
         raise InvalidArgumentError(f"fxprune: compensation {compensation!r} fits on calibration batches: pass "
                                    "reweight_data=[batch, ...]")
     return compensation
 
 
 def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, verify: bool = True,
-               compensation: str = "reweight") -> fx.GraphModule:
+               compensation: str = DEFAULT_COMPENSATION) -> fx.GraphModule:
     """A pruned copy of the analysed graph; with ``verify``, checked against the masked original first;
     with ``reweight_data``, compensated as ``compensation`` says (one of ``COMPENSATIONS``)."""
     removed = plan.removed_atoms(analysis)

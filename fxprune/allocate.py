@@ -133,37 +133,47 @@ def _threshold_plan(analysis, scores: torch.Tensor, quantile: dict[int, float], 
 def global_budget(analysis, scores: torch.Tensor, measure, target: float, kinds: Iterable[str] = DEFAULT_KINDS,
                   per_group_normalisation: bool = True, min_head_width: int = 1, head_ratio: float = 0.0,
                   options: dict | None = None, steps: int = 40, per_row: str = "mean",
-                  ignored: tuple[str, ...] = (), round_to: int = 1) -> Plan:
+                  ignored: tuple[str, ...] = (), round_to: int = 1, branch_scores: dict[str, float] | None = None) -> Plan:
     """Remove the least important channels model-wide until ``measure(removed) / measure(nothing)`` reaches
     ``target`` (MACs or parameters): one threshold on within-kind quantiles, head-aligned per group.
 
     ``per_row``: how many channels every head of a group removes: the mean over heads of the channels below
     the threshold ("mean": each head gives up the same share), or the fewest any head has below it ("min":
     the channels are chosen without regard to heads, and a head shrinks only as far as every head can).
+    ``branch_scores`` (residual branch name -> score): branches removable whole, one more kind under the same
+    threshold on their quantile; ``measure`` then takes the removed branch names as a second argument.
     """
     kinds = tuple(kinds)
+    ranked = sorted(branch_scores or {}, key=lambda name: branch_scores[name])
+    branch_quantile = {name: (rank + 0.5) / len(ranked) for rank, name in enumerate(ranked)}
     base = uniform(analysis, scores, 0.0, kinds, head_ratio=head_ratio, ignored=ignored).removed if head_ratio > 0 else {}
-    full = measure(torch.zeros(analysis.atoms.count, dtype=torch.bool))
+    nothing = torch.zeros(analysis.atoms.count, dtype=torch.bool)
+    full = measure(nothing, []) if branch_quantile else measure(nothing)
     quantile = _quantiles_within_kind(analysis, scores, per_group_normalisation)
 
-    def fraction(threshold: float) -> tuple[float, dict]:
+    def fraction(threshold: float) -> tuple[float, dict, list[str]]:
         removed = _threshold_plan(analysis, scores, quantile, threshold, kinds, min_head_width, base, per_row,
                                   ignored, round_to)
-        return measure(Plan(removed).removed_atoms(analysis)) / full, removed
+        atoms = Plan(removed).removed_atoms(analysis)
+        if not branch_quantile:
+            return measure(atoms) / full, removed, []
+        branches = [name for name in ranked if branch_quantile[name] < threshold]
+        return measure(atoms, branches) / full, removed, branches
 
     low, high = 0.0, 1.0
     best = fraction(0.0)
     if best[0] <= target:
-        return Plan(best[1], dict(options or {}, target=target, reached=best[0], kinds=list(kinds)))
+        return Plan(best[1], dict(options or {}, target=target, reached=best[0], kinds=list(kinds)), best[2])
     for _ in range(steps):
         middle = (low + high) / 2
-        reached, removed = fraction(middle)
+        reached, removed, branches = fraction(middle)
         if abs(reached - target) < abs(best[0] - target):
-            best = (reached, removed)
+            best = (reached, removed, branches)
         if reached > target:
             low = middle
         else:
             high = middle
         if abs(best[0] - target) < 0.002:
             break
-    return Plan(best[1], dict(options or {}, target=target, reached=best[0], head_ratio=head_ratio, kinds=list(kinds)))
+    return Plan(best[1], dict(options or {}, target=target, reached=best[0], head_ratio=head_ratio, kinds=list(kinds)),
+                best[2])

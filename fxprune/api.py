@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 from . import importance as importance_
-from . import budget
+from . import budget, depth
 from .allocate import DEFAULT_KINDS, global_budget, uniform
 from . import coverage
 from .analysis import KINDS, Analysis, analyze_captured
@@ -59,6 +59,9 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     why (``plan.options["coverage"]`` holds the numbers); ``strict=True`` raises ``PlanError`` instead.
     ``untie_shared_convs`` first gives every head its own copy of a depthwise conv the heads share (FLatten's
     DWC on V; numerically identical), so heads may choose their own channels and be removed whole.
+    ``kinds`` may include "depth": whole residual branches (a block's attention or MLP) are removed too,
+    scored by how much they change their input on ``data`` (or the example inputs): ``ratio`` of them, or
+    under a target the same threshold on their quantile as on the channels' (``plan.branches``).
     """
     targets = [t for t in (ratio, target_macs, target_params) if t is not None]
     if len(targets) > 1:
@@ -86,31 +89,60 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
                     if isinstance(t, torch.Tensor)]
     options = {"importance": importance, "seed": seed, "input_shapes": input_shapes, "input_dtypes": input_dtypes,
                "untie_shared_convs": analysis.captured.untied}
+    branches = depth.find_branches(analysis) if "depth" in kinds else []
+    branch_scores = _branch_scores(analysis, branches, data) if branches else None
     if target_macs is not None or target_params is not None:
         target = _check_budget(target_macs if target_macs is not None else target_params,
                                "target_macs" if target_macs is not None else "target_params")
-        measure = (lambda removed: budget.macs(analysis, removed)) if target_macs is not None \
-            else (lambda removed: budget.params(analysis, removed))
+        measure = _measure(analysis, "macs" if target_macs is not None else "params", branches)
         options["budget"] = "macs" if target_macs is not None else "params"
         p = global_budget(analysis, scores, measure, target, kinds,
                           per_group_normalisation=not criterion.comparable_across_groups,
                           min_head_width=min_head_width, head_ratio=head_ratio, options=options,
-                          ignored=ignored, round_to=round_to)
+                          ignored=ignored, round_to=round_to, branch_scores=branch_scores)
         asked, what = target, options["budget"]
     else:
         asked, what = _check_ratio(ratio), "channels"
         p = uniform(analysis, scores, asked, kinds, head_ratio=head_ratio, options=options, ignored=ignored,
                     round_to=round_to)
+        if branch_scores:  # the same share of the residual branches, the least important first
+            p.branches = sorted(branch_scores, key=branch_scores.get)[:int(round(asked * len(branch_scores)))]
+    if branch_scores:
+        p.options["branch_scores"] = {name: round(score, 6) for name, score in branch_scores.items()}
     p.options["coverage"] = coverage.assess(analysis, p, kinds, asked, what)
     coverage.enforce(p.options["coverage"], strict)
     return p
 
 
+def _branch_scores(analysis: Analysis, branches: list, data: Iterable | None) -> dict[str, float]:
+    """Scores of residual branches on the calibration batches (on the example inputs without them)."""
+    from .data import batches, input_names
+
+    calibration = list(batches(data, 8, input_names(analysis.gm))) if data is not None \
+        else [tuple(analysis.captured.example_inputs)]
+    return depth.branch_scores(analysis, branches, calibration)
+
+
+def _measure(analysis: Analysis, what: str, branches: list):
+    """MACs or parameters of (removed atoms, removed branch names)."""
+    by_name = {b.name: b for b in branches}
+
+    def measure(removed: torch.Tensor, names: Sequence[str] = ()) -> int:
+        chosen = [by_name[n] for n in names]
+        if what == "macs":
+            return budget.macs(analysis, removed, depth.dropped_nodes(chosen))
+        return budget.params(analysis, removed, set().union(*(b.parameters for b in chosen)) if chosen else set())
+    return measure
+
+
+KINDS_ASKED = (*KINDS, "depth")  # channel group kinds, and whole residual branches
+
+
 def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k not in KINDS_ASKED]
     if unknown:
-        raise InvalidArgumentError(f"fxprune: unknown kind(s) {unknown}; kinds are {list(KINDS)} "
+        raise InvalidArgumentError(f"fxprune: unknown kind(s) {unknown}; kinds are {list(KINDS_ASKED)} "
                                    "(whole heads go with head_ratio)")
     return kinds
 

@@ -16,8 +16,9 @@ from .analysis.rules import ParamRef, spec_of
 from .analysis.shapes import kept_indices, new_shapes
 
 
-def macs(analysis, removed: torch.Tensor) -> int:
-    """MACs of one forward pass at the example input size after removing ``removed`` atoms."""
+def macs(analysis, removed: torch.Tensor, dropped: frozenset[str] | set[str] = frozenset()) -> int:
+    """MACs of one forward pass at the example input size after removing ``removed`` atoms and the nodes of
+    residual branches removed whole (``dropped``, node names)."""
     shapes = new_shapes(analysis.gm, analysis.atoms.atom_of, removed)
 
     def shape_of(x: Any) -> tuple | None:
@@ -31,16 +32,19 @@ def macs(analysis, removed: torch.Tensor) -> int:
         call = node.meta.get(meta.OP)
         spec = spec_of(call)
         out = shapes.get(node.name)
-        if spec is not None and spec.macs is not None and isinstance(out, tuple):
+        if spec is not None and spec.macs is not None and isinstance(out, tuple) and node.name not in dropped:
             total += spec.macs(call, out, shape_of)
     return total
 
 
-def params(analysis, removed: torch.Tensor) -> int:
-    """Parameter count after removing ``removed`` atoms (every parameter of the captured model)."""
+def params(analysis, removed: torch.Tensor, dropped: frozenset[str] | set[str] = frozenset()) -> int:
+    """Parameter count after removing ``removed`` atoms (every parameter of the captured model) and the
+    parameters only removed residual branches read (``dropped``, parameter names)."""
     keep = kept_indices(analysis, removed)
     total = 0
     for name, tensor in analysis.gm.named_parameters():
+        if name in dropped:
+            continue
         if name in keep:
             total += math.prod(len(keep[name][d]) if d in keep[name] else n for d, n in enumerate(tensor.shape))
         else:

@@ -81,7 +81,11 @@ def assess(analysis, plan, kinds: Iterable[str], asked: float, measure: str) -> 
     ``measure``: "channels" (``asked`` is a ratio removed), "macs" or "params" (``asked`` is a fraction kept).
     """
     kinds = tuple(kinds)
-    if measure == "channels":
+    if measure == "channels" and set(kinds) <= {"depth"}:  # only whole residual branches were asked for
+        count = len(plan.options.get("branch_scores", {}))
+        reached = len(plan.branches) / count if count else 0.0
+        short = reached < asked - max(SLACK, 0.5 / max(count, 1))  # a share of a few branches rounds
+    elif measure == "channels":
         reached = channel_fraction(analysis, plan, kinds)
         short = reached < asked - SLACK
     else:

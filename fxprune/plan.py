@@ -14,13 +14,16 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Plan:
-    """``removed[group][row]`` lists the positions (within that head's row) of removed channels."""
+    """``removed[group][row]`` lists the positions (within that head's row) of removed channels;
+    ``branches`` names the residual branches removed whole (``depth.py``)."""
 
     removed: dict[str, list[list[int]]]
     options: dict[str, Any] = field(default_factory=dict)
+    branches: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, "options": self.options, "removed": self.removed}
+        record = {"format": FORMAT_VERSION, "options": self.options, "removed": self.removed}
+        return {**record, "branches": list(self.branches)} if self.branches else record
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
@@ -29,7 +32,8 @@ class Plan:
     def from_dict(data: dict[str, Any]) -> "Plan":
         if data.get("format") != FORMAT_VERSION:
             raise PlanError(f"fxprune: plan format {data.get('format')!r} is not supported (expected {FORMAT_VERSION})")
-        return Plan({k: [list(map(int, r)) for r in v] for k, v in data["removed"].items()}, dict(data.get("options", {})))
+        return Plan({k: [list(map(int, r)) for r in v] for k, v in data["removed"].items()}, dict(data.get("options", {})),
+                    [str(b) for b in data.get("branches", [])])
 
     @staticmethod
     def from_json(text: str) -> "Plan":

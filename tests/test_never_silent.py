@@ -107,8 +107,8 @@ def test_the_check_reference_is_the_weight_masked_model(model, x, copied):
 
 
 def test_unknown_kinds_are_errors():
-    with pytest.raises(fxprune.InvalidArgumentError, match="unknown kind.*'depth'"):
-        fxprune.prune(small_vit(), target_macs=0.92, example_inputs=(X,), kinds=("depth",))
+    with pytest.raises(fxprune.InvalidArgumentError, match="unknown kind.*'width'"):
+        fxprune.prune(small_vit(), target_macs=0.92, example_inputs=(X,), kinds=("depth", "width"))
     with pytest.raises(fxprune.InvalidArgumentError, match="min_head_width"):
         fxprune.plan(small_vit(), target_macs=0.9, example_inputs=(X,), min_head_width=0)
 

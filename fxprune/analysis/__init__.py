@@ -45,6 +45,12 @@ class Analysis:
                 "frozen": frozen_reasons(self, kinds),
                 "unknown_ops": sorted({op.target for op in self.unknown_ops if op.touched_channels})}
 
+    def branches(self) -> list:
+        """The residual branches (a block's attention or MLP) that ``kinds=("depth",)`` may remove whole."""
+        from ..depth import find_branches
+
+        return find_branches(self)
+
     def tensor(self, name: str) -> torch.Tensor:
         return _get_tensor(self.gm, name)
 
@@ -96,6 +102,11 @@ class Analysis:
         summary = {k: sum(1 for g in self.groups if g.kind == k and g.prunable) for k in KINDS}
         lines.append("")
         lines.append("prunable groups: " + ", ".join(f"{k}={n}" for k, n in summary.items()))
+        branches = self.branches()
+        if branches:
+            count = {k: sum(1 for b in branches if b.kind == k) for k in ("attention", "mlp")}
+            lines.append(f"residual branches removable whole (kinds=('depth',)): {len(branches)} "
+                         f"({count['attention']} attention, {count['mlp']} mlp)")
         touching = [op for op in self.unknown_ops if op.touched_channels]
         if touching:
             lines.append("ops without a rule (channels through them are frozen):")

@@ -8,6 +8,7 @@ Every pass takes the graph module (and what it needs from the analysis) and retu
                             values keep their original value
 3. ``keep_attention_scale`` SDPA keeps its original softmax scale
 4. ``gather_rows``          a table shared by all heads (rotary cos/sin) is read per head, by kept channel
+   ``drop_branches``        residual branches the plan removes whole: add(x, f(x)) -> x (``depth.py``)
 then the graph is linted and recompiled, checked against the masked original (``check.py``; raises
 ``RewriteError`` naming the first diverging node); with calibration data the removed channels are then
 compensated, which departs from the masked original on purpose:
@@ -18,16 +19,19 @@ and the plan is attached to the result.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch.fx as fx
 
 from .. import meta
 from ..analysis.shapes import kept_indices, new_shapes
 from ..check import check_pruned
+from ..depth import by_name
 from ..plan import Plan
 from .attention_scale import keep_attention_scale
 from .fix_sizes import fix_sizes
 from .compensate import least_squares
+from .drop_branches import drop_branches
 from .gather_rows import gather_rows
 from .reweight import consumers, fit_reweight, insert_reweights, record_inputs
 from .slice_parameters import slice_parameters
@@ -67,11 +71,13 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, ve
     fix_sizes(gm, shapes)
     keep_attention_scale(gm, shapes)
     gather_rows(gm, analysis.atoms.atom_of, removed)
+    branches = by_name(analysis, plan.branches) if plan.branches else []
+    drop_branches(gm, branches)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     if verify:  # before reweighting, which departs from the masked original on purpose
-        gm.meta[meta.CHECK] = check_pruned(analysis, removed, gm)
+        gm.meta[meta.CHECK] = check_pruned(_without(analysis, branches), removed, gm)
     if reweight_data is not None and compensation != "reweight":
         from ..data import batches, input_names
 
@@ -86,6 +92,23 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, ve
     gm.meta[meta.ARCHITECTURE] = analysis.captured.architecture
     gm.train(train)
     return gm
+
+
+def _without(analysis, branches: list):
+    """The analysis with its graph's removed residual branches dropped (sharing the modules): the reference
+    the self-check compares with is the original with those branches' outputs zeroed."""
+    if not branches:
+        return analysis
+    reference = fx.GraphModule(analysis.gm, copy.deepcopy(analysis.gm.graph))
+    reference.meta = dict(analysis.gm.meta)
+    adds = {b.add: b for b in branches}
+    for node in list(reference.graph.nodes):
+        if node.name in adds:
+            node.replace_all_uses_with(node.args[adds[node.name].skip])
+            reference.graph.erase_node(node)
+    reference.graph.eliminate_dead_code()
+    reference.recompile()
+    return dataclasses.replace(analysis, captured=dataclasses.replace(analysis.captured, gm=reference))
 
 
 def _fit_reweights(analysis, keep, data) -> dict:

@@ -1,6 +1,11 @@
 """Capture: a model and example inputs become a torch.fx GraphModule with every node's shape known.
 
-The user's model is deep-copied first, so nothing done later can reach it.
+The user's model is copied first (its modules, buffers and configuration), so nothing done later can reach it.
+Its parameters are shared, not copied: a copy of a 1B-parameter model's weights cost gigabytes and seconds.
+Nothing in fxprune writes into the captured graph's parameters (the rewrite slices into new tensors, the
+weight-masked reference masks activations or copies, importance reads or differentiates a deep copy), so
+the user's weights stay untouched; a parameter the user changes in place after capture changes in the
+captured graph too.
 """
 from __future__ import annotations
 
@@ -69,7 +74,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None, meth
                                    "verification need real weights: materialise the model first (e.g. to_empty + load)")
     inputs = resolve_example_inputs(model, example_inputs)
     was_training = model.training
-    model_copy = copy.deepcopy(model).eval()  # python-level `if self.training` branches are traced as in eval
+    model_copy = copy_sharing_parameters(model).eval()  # `if self.training` branches are traced as in eval
     if isinstance(model_copy, fx.GraphModule):
         gm = model_copy
         record_values(gm, inputs, type(model).__name__)
@@ -86,6 +91,17 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None, meth
     if architecture is None and isinstance(model, fx.GraphModule):
         architecture = model.meta.get(meta.ARCHITECTURE)
     return Captured(gm=gm, example_inputs=inputs, was_training=was_training, architecture=architecture)
+
+
+def copy_sharing_parameters(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` whose parameters are the model's own ``Parameter`` objects (not copies).
+
+    Modules, buffers (a model may update those in its forward) and plain attributes (a Hugging Face config,
+    whose cache setting capture turns off) are copied as before; only the parameters, the bulk of the
+    memory, are shared. The copy's module tree and attributes can be changed freely; its parameters must
+    only ever be read or replaced, never written in place."""
+    memo = {id(p): p for _, p in model.named_parameters(remove_duplicate=False)}
+    return copy.deepcopy(model, memo)
 
 
 def _symbolic_or_export(model: torch.nn.Module, model_copy: torch.nn.Module, inputs: tuple,

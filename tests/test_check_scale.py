@@ -90,3 +90,32 @@ def test_a_wrong_slice_in_an_exported_decoder_is_caught(monkeypatch):
     model = _llama(layers=1)
     with pytest.raises(fxprune.RewriteError, match="differs from the masked original"):
         fxprune.prune(model, 0.5, example_inputs=_ids())
+
+
+def test_capture_records_an_exported_graphs_values_without_running_it(monkeypatch):
+    """An exported graph's shapes are recorded on fake tensors (no forward pass): the same values a real run
+    records."""
+    import fxprune.capture
+    from fxprune import meta
+    from fxprune.capture import record_values
+
+    def real_run(*args):
+        raise AssertionError("capture ran the exported graph on real tensors")
+
+    model, x = _llama(), _ids()
+    with monkeypatch.context() as patch:
+        patch.setattr(fxprune.capture, "record_values", real_run)
+        captured = capture(model, x)
+    assert captured.gm.meta[meta.CAPTURE_METHOD] == "torch.export"
+    recorded = {n.name: n.meta.get(meta.VALUE) for n in captured.gm.graph.nodes}
+    record_values(captured.gm, x, "Llama")
+    assert {n.name: n.meta.get(meta.VALUE) for n in captured.gm.graph.nodes} == recorded
+    assert sum(1 for v in recorded.values() if v is not None) > 100
+
+
+def test_example_inputs_the_model_cannot_run_are_a_capture_error():
+    """Fake tensors do not read values: token ids beyond the vocabulary get through capture, and the self-check
+    (the first real run) says the inputs are at fault, not the rewrite."""
+    bad = (torch.full((1, 6), 10_000),)
+    with pytest.raises(fxprune.CaptureError, match="example inputs failed.*IndexError"):
+        fxprune.prune(_llama(layers=1), 0.5, example_inputs=bad)

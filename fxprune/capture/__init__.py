@@ -85,7 +85,10 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None, meth
 
     for normalise in (make_attention_visible, unpack_stacked_heads):
         if normalise(gm).modified:
-            record_values(gm, inputs, type(model).__name__)
+            if gm.meta.get(meta.CAPTURE_METHOD) == "torch.export":
+                _record_exported_values(gm, inputs, type(model).__name__)
+            else:
+                record_values(gm, inputs, type(model).__name__)
     cfg = getattr(model, "pretrained_cfg", None)
     architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
     if architecture is None and isinstance(model, fx.GraphModule):
@@ -158,8 +161,24 @@ def _export(model_copy: torch.nn.Module, inputs: tuple, name: str) -> fx.GraphMo
         gm.meta[meta.STATIC_SHAPES] = static
     _constants_as_buffers(gm)
     gm.meta[meta.CAPTURE_METHOD] = "torch.export"
-    record_values(gm, inputs, name)
+    _record_exported_values(gm, inputs, name)
     return gm
+
+
+def _record_exported_values(gm: fx.GraphModule, inputs: tuple, name: str) -> None:
+    """``record_values`` on fake tensors (shapes and dtypes without computing anything: a real forward of a
+    1B-parameter decoder took seconds), falling back to the real forward wherever fake propagation fails
+    (an op without a fake kernel, a value the graph reads from data). torch.export traced this graph with
+    fake tensors already, so it propagates; the shapes a fake tensor carries are the real ones."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .values import _ValueRecorder
+
+    try:
+        with torch.no_grad():
+            _ValueRecorder(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+    except Exception:  # noqa: BLE001 - the real forward records them (and reports what fails)
+        record_values(gm, inputs, name)
 
 
 def _export_dynamic(model_copy: torch.nn.Module, inputs: tuple) -> tuple[Any, str | None]:

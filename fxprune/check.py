@@ -21,6 +21,7 @@ from torch.fx.interpreter import Interpreter
 from torch.utils._pytree import tree_leaves
 
 from . import meta
+from .capture import paused_gc
 from .errors import CaptureError, RewriteError
 from .masked_reference import WeightMasked, weight_masked
 from .verify import relative_error, zeroed_activations
@@ -52,6 +53,11 @@ def check_pruned(analysis, removed: torch.Tensor, pruned: fx.GraphModule) -> Che
     weights are not what removal computes). Where the captured original itself cannot run at another
     batch size, only the example batch is checked.
     """
+    with paused_gc():
+        return _check_pruned(analysis, removed, pruned)
+
+
+def _check_pruned(analysis, removed: torch.Tensor, pruned: fx.GraphModule) -> CheckResult:
     started = time.perf_counter()
     tol = tolerance(pruned)
     example = tuple(analysis.captured.example_inputs)

@@ -119,3 +119,25 @@ def test_example_inputs_the_model_cannot_run_are_a_capture_error():
     bad = (torch.full((1, 6), 10_000),)
     with pytest.raises(fxprune.CaptureError, match="example inputs failed.*IndexError"):
         fxprune.prune(_llama(layers=1), 0.5, example_inputs=bad)
+
+
+def test_the_garbage_collector_is_paused_within_a_step_only():
+    import gc
+
+    from fxprune.capture import paused_gc
+
+    with pytest.raises(ValueError):
+        with paused_gc():
+            assert not gc.isenabled()
+            raise ValueError
+    assert gc.isenabled()
+    with pytest.raises(fxprune.CaptureError):  # a capture that fails leaves it on too
+        fxprune.analyze(_llama(layers=1), (torch.randn(1, 3, 8, 8),))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()  # a caller's choice stands
+    finally:
+        gc.enable()

@@ -4,10 +4,10 @@ The model is a Hugging Face ``LlamaForCausalLM`` of Llama 3.2 1B's shape with a 
 16 layers, 32 query heads and 8 key/value heads (GQA), gated MLP of 5632, RoPE; about 0.85B parameters.
 It is built, pruned and measured in a fresh subprocess, so that its peak resident memory belongs to this job
 alone. The phases are the calls ``fxprune.prune(model, 0.5, example_inputs=(input_ids,))`` makes, one by one:
-capture (trace a copy), analyze (channel groups), plan, rewrite (``apply`` without the self-check) and
-self-check (``check_pruned``: the pruned model against the masked original). Each phase's wall time, and the
-process's peak resident set during it (VmHWM, reset before each phase), as a multiple of the model's size
-(parameter and buffer bytes). Goals (not tests): the whole call within 30 s, the peak within 2.5x the model.
+capture (trace a copy sharing the weights), analyze (channel groups), plan (importance and allocation),
+rewrite (``apply`` without the self-check) and self-check (``check_pruned``: the pruned model against the
+masked original). Each phase's wall time, and the process's peak resident set during it (VmHWM, reset before
+each phase), as a multiple of the model's size (parameter and buffer bytes). Goals (not tests): the whole call within 30 s, the peak within 2.5x the model.
 
 What was pruned is reported with the numbers: the parameters of every projection (q, k, v, o, gate, up, down)
 before and after, and per group kind (qk, v, mlp, heads) how many groups are prunable and how many channels
@@ -16,12 +16,14 @@ the plan removed, so the timings stay comparable as fxprune learns to prune more
     python benchmarks/llama_scale.py --markdown     # table + benchmarks/results/llama_scale.json
     python benchmarks/llama_scale.py --layers 4     # a smaller model
 
-Wall times are on this machine (2 threads); compare within one run only.
+Wall times are on this machine (2 threads); compare within one run only, and mind the machine's load (the
+table prints the load average before and after: a busy machine slows every phase, small torch ops most).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -142,9 +144,11 @@ def child(args) -> dict:
         f"{args.dtype}) in {time.perf_counter() - started:.0f}s")
     inputs = (torch.randint(0, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(0)),)
     with_model = resident()
+    load_before = os.getloadavg()[0]
     phases, state = run_phases(model, inputs, args.ratio, log)
     result = {"model_bytes": size, "rss_interpreter_bytes": interpreter, "rss_with_model_bytes": with_model,
-              "phases": phases, "params_before": params_by_projection(model)}
+              "phases": phases, "params_before": params_by_projection(model),
+              "load_average": [load_before, os.getloadavg()[0]], "cpus": os.cpu_count()}
     if "pruned" in state:
         result["params_after"] = params_by_projection(state["pruned"])
     if "plan" in state:
@@ -198,7 +202,10 @@ def markdown(result: dict, args) -> str:
               f"**{_gb(top)}** | **{top / size:.2f}x** (goal {GOAL_MEMORY}x: {verdict(top <= GOAL_MEMORY * size)}) |",
               f"\nResident before building the model {_gb(result['rss_interpreter_bytes'])} GB (interpreter, torch, "
               f"transformers), with the model {_gb(result['rss_with_model_bytes'])} GB; peak above the interpreter "
-              f"{(top - result['rss_interpreter_bytes']) / size:.2f}x the model size.\n",
+              f"{(top - result['rss_interpreter_bytes']) / size:.2f}x the model size."
+              + (f" Load average (1 min) {result['load_average'][0]:.1f} before the phases and "
+                 f"{result['load_average'][1]:.1f} after, on {result['cpus']} CPUs." if "load_average" in result else "")
+              + "\n",
               "| parameters | before | after | kept |", "|---|---|---|---|"]
     for name in sorted(before, key=lambda n: -before[n]):
         kept = f"{after[name] / before[name]:.1%}" if name in after else "-"

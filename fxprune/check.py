@@ -21,7 +21,8 @@ from torch.fx.interpreter import Interpreter
 from torch.utils._pytree import tree_leaves
 
 from . import meta
-from .errors import RewriteError
+from .capture import paused_gc
+from .errors import CaptureError, RewriteError
 from .masked_reference import WeightMasked, weight_masked
 from .verify import relative_error, zeroed_activations
 
@@ -52,6 +53,11 @@ def check_pruned(analysis, removed: torch.Tensor, pruned: fx.GraphModule) -> Che
     weights are not what removal computes). Where the captured original itself cannot run at another
     batch size, only the example batch is checked.
     """
+    with paused_gc():
+        return _check_pruned(analysis, removed, pruned)
+
+
+def _check_pruned(analysis, removed: torch.Tensor, pruned: fx.GraphModule) -> CheckResult:
     started = time.perf_counter()
     tol = tolerance(pruned)
     example = tuple(analysis.captured.example_inputs)
@@ -81,7 +87,7 @@ def _run_grown(analysis, masked: WeightMasked, pruned: fx.GraphModule, example: 
     """The pruned module's outputs at the grown batch (and that batch), or at the example batch where the
     captured original cannot change its batch size either (a note says so)."""
     if grown is None:
-        return _run_pruned(pruned, example), example
+        return _run_pruned(pruned, example, analysis), example
     try:
         return _outputs(pruned, grown), grown
     except Exception as exc:  # noqa: BLE001 - decided below: the original's failure or the rewrite's
@@ -90,7 +96,7 @@ def _run_grown(analysis, masked: WeightMasked, pruned: fx.GraphModule, example: 
         except Exception as original_exc:  # noqa: BLE001 - the original cannot run there either
             notes.append(f"checked at the example batch size only: the captured original does not run at batch "
                          f"{_batch_size(grown)} ({type(original_exc).__name__}: {str(original_exc).splitlines()[0][:120]})")
-            return _run_pruned(pruned, example), example
+            return _run_pruned(pruned, example, analysis), example
         raise _unrunnable(grown, exc) from exc
 
 
@@ -146,10 +152,18 @@ def _outputs(gm: fx.GraphModule, inputs: tuple, masked: WeightMasked | None = No
     return [t for t in tree_leaves(result) if isinstance(t, torch.Tensor) and t.is_floating_point()], watched
 
 
-def _run_pruned(pruned: fx.GraphModule, inputs: tuple) -> Outputs:
+def _run_pruned(pruned: fx.GraphModule, inputs: tuple, analysis) -> Outputs:
     try:
         return _outputs(pruned, inputs)
     except Exception as exc:  # noqa: BLE001 - a pruned model that cannot run must never be returned
+        try:
+            analysis.gm(*inputs)
+        except Exception as original_exc:  # noqa: BLE001 - the example inputs are at fault, not the rewrite
+            raise CaptureError(  # capture records an exported graph's shapes on fake tensors: this is the first run
+                f"fxprune: running the captured model on the example inputs failed: "
+                f"{type(original_exc).__name__}: {str(original_exc).splitlines()[0] if str(original_exc) else ''}. "
+                "Check that example_inputs are inputs the model accepts (shapes, token ids within the vocabulary)."
+            ) from original_exc
         raise _unrunnable(inputs, exc) from exc
 
 

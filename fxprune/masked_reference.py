@@ -6,7 +6,13 @@ self-check on a loaded machine: hundreds of megabytes allocated, written and fre
 or convolution reads its weights only through its own call, zeroing them is the same as zeroing activations:
 zeroed output rows (with their bias) give zeroed output channels, and zeroed input columns multiply zeroed
 input channels. So those modules get forward hooks that zero activations (small at the example batch), and
-only the remaining tensors (norms, biases read by other ops, tied or ``get_attr``-read weights) are copied.
+only the remaining tensors (norms, biases read by other ops, tied weights) are copied.
+
+A graph from torch.export has no Linear modules: its projections are ``aten.linear`` calls on weights read
+by ``get_attr`` nodes (a symbolic trace has such ``F.linear`` calls too). Where such a call is the only
+reader of its weight (and of its bias, if any, also a ``get_attr``), the same activation masks apply to
+its input and output, through a torch function mode that recognises the weight tensor while the graph
+runs. Without that, the check of a 1B-parameter decoder copied nearly all of its weights.
 """
 from __future__ import annotations
 
@@ -18,12 +24,15 @@ from typing import Iterator
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 from . import meta
 from .analysis.shapes import kept_indices
 
 _HOOKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LINEAR_FUNCTIONS = (torch.ops.aten.linear.default, F.linear)  # F.linear is torch._C._nn.linear
 
 
 @dataclass
@@ -45,11 +54,19 @@ class WeightMasked:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: dict[str, ChannelMask] = field(default_factory=dict)  # module name -> its output's kept channels
     inputs: dict[str, ChannelMask] = field(default_factory=dict)  # module name -> its input's kept channels
+    # weight name -> (output mask, input mask) of the one linear call (aten.linear, F.linear) reading it
+    linear_calls: dict[str, tuple[ChannelMask | None, ChannelMask | None]] = field(default_factory=dict)
 
     def run(self, gm: nn.Module, inputs: tuple):
         """``gm(*inputs)`` with the removed channels' weights zeroed."""
-        with self._hooked(gm):
+        with self._hooked(gm), self._masking_linear_calls(gm):
             return functional_call(gm, self.tensors, inputs, strict=False) if self.tensors else gm(*inputs)
+
+    def _masking_linear_calls(self, gm: nn.Module) -> contextlib.AbstractContextManager:
+        if not self.linear_calls:
+            return contextlib.nullcontext()
+        return _MaskedLinearCalls({id(weight): (weight, masks) for weight, masks in
+                                   ((_tensor(gm, name), masks) for name, masks in self.linear_calls.items())})
 
     @contextlib.contextmanager
     def _hooked(self, gm: nn.Module) -> Iterator[None]:
@@ -63,6 +80,31 @@ class WeightMasked:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+class _MaskedLinearCalls(TorchFunctionMode):
+    """Masks the input and output of every linear call on one of the given weights (by identity)."""
+
+    def __init__(self, by_weight: dict[int, tuple[torch.Tensor, tuple[ChannelMask | None, ChannelMask | None]]]):
+        super().__init__()
+        self.by_weight = by_weight
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _LINEAR_FUNCTIONS:
+            return func(*args, **kwargs)
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        weight_and_masks = self.by_weight.get(id(weight))
+        if weight_and_masks is None or weight_and_masks[0] is not weight:
+            return func(*args, **kwargs)
+        output, input_ = weight_and_masks[1]
+        if input_ is not None:
+            if args:
+                args = (input_.apply(args[0]), *args[1:])
+            else:
+                kwargs = {**kwargs, "input": input_.apply(kwargs["input"])}
+        result = func(*args, **kwargs)
+        return result if output is None else output.apply(result)
 
 
 def _masking_input(mask: ChannelMask):
@@ -90,6 +132,16 @@ def weight_masked(analysis, removed: torch.Tensor) -> WeightMasked:
             result.inputs[name] = input_
         keep.pop(f"{name}.weight", None)
         keep.pop(f"{name}.bias", None)
+    for weight, bias in _maskable_linear_calls(analysis.gm).items():
+        if weight not in keep:
+            continue  # keeps all its channels: nothing to mask
+        masks = _masks(analysis.tensor(weight), None if bias is None else analysis.tensor(bias),
+                       keep[weight], keep.get(bias, {}) if bias is not None else {})
+        if masks is None:
+            continue  # copied below
+        result.linear_calls[weight] = masks
+        keep.pop(weight, None)
+        keep.pop(bias, None)
     for name, dims in keep.items():
         result.tensors[name] = _masked_copy(analysis.tensor(name).detach(), dims)
     return result
@@ -114,6 +166,47 @@ def _hookable_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
     return hookable
 
 
+def _maskable_linear_calls(gm: fx.GraphModule) -> dict[str, str | None]:
+    """Weight name -> bias name (or None) of each linear call (``aten.linear``, ``F.linear``) whose weight, and
+    bias if any, come from ``get_attr`` nodes that only it reads: no other node, no called module, and no
+    other name of the same tensor. Zeroing those tensors' removed channels is zeroing the call's activations."""
+    nodes = list(gm.graph.nodes)
+    reads = Counter(n.target for n in nodes if n.op == "get_attr")
+    called = {n.target for n in nodes if n.op == "call_module"}
+    owners = Counter(id(t) for _, t in list(gm.named_parameters(remove_duplicate=False))
+                     + list(gm.named_buffers(remove_duplicate=False)))
+
+    def only_reader(attr: object, call: fx.Node) -> bool:
+        if not (isinstance(attr, fx.Node) and attr.op == "get_attr" and reads[attr.target] == 1
+                and set(attr.users) == {call}):
+            return False
+        owner = str(attr.target).rpartition(".")[0]
+        if owner and (owner in called or any(a in called for a in _ancestors(owner))):
+            return False  # a module the graph calls reads it too
+        tensor = _tensor(gm, str(attr.target))
+        return isinstance(tensor, torch.Tensor) and owners[id(tensor)] <= 1
+
+    found: dict[str, str | None] = {}
+    for n in nodes:
+        if n.op != "call_function" or n.target not in _LINEAR_FUNCTIONS:
+            continue
+        named = dict(zip(("input", "weight", "bias"), n.args)) | dict(n.kwargs)
+        x, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
+        if x is weight or (bias is not None and bias in (x, weight)):
+            continue
+        if not only_reader(weight, n) or (bias is not None and not only_reader(bias, n)):
+            continue
+        if _tensor(gm, str(weight.target)).ndim != 2:
+            continue
+        found[str(weight.target)] = None if bias is None else str(bias.target)
+    return found
+
+
+def _tensor(gm: nn.Module, name: str) -> torch.Tensor:
+    path, _, attr = name.rpartition(".")
+    return getattr(gm.get_submodule(path) if path else gm, attr)
+
+
 def _ancestors(name: str) -> Iterator[str]:
     """'a.b.c' -> 'a', 'a.b'."""
     parts = name.split(".")
@@ -125,16 +218,22 @@ def _activation_masks(module: nn.Module, weight: dict[int, torch.Tensor], bias: 
     """(output mask, input mask) equal to zeroing ``module``'s removed weight rows, bias and weight columns,
     or None where activation masks cannot say the same (other dims, a bias masked unlike the rows,
     grouped input channels)."""
+    if 1 in weight and getattr(module, "groups", 1) != 1:
+        return None  # a grouped convolution's weight columns index channels within each group
+    return _masks(module.weight, module.bias, weight, bias)
+
+
+def _masks(weight_tensor: torch.Tensor, bias_tensor: torch.Tensor | None, weight: dict[int, torch.Tensor],
+           bias: dict[int, torch.Tensor]) -> tuple[ChannelMask | None, ChannelMask | None] | None:
+    """(output mask, input mask) of a linear map or ungrouped convolution with these weights, or None."""
     if set(weight) - {0, 1} or set(bias) - {0}:
         return None
     rows, bias_rows = weight.get(0), bias.get(0)
-    if module.bias is not None and not _same(rows, bias_rows):
+    if bias_tensor is not None and not _same(rows, bias_rows):
         return None  # zeroed rows with a kept bias give the bias, not zero
-    if 1 in weight and getattr(module, "groups", 1) != 1:
-        return None  # a grouped convolution's weight columns index channels within each group
-    trailing = module.weight.ndim - 2  # a convolution's spatial dims follow its channels
-    output = None if rows is None else _mask(rows, module.weight.shape[0], trailing)
-    input_ = None if 1 not in weight else _mask(weight[1], module.weight.shape[1], trailing)
+    trailing = weight_tensor.ndim - 2  # a convolution's spatial dims follow its channels
+    output = None if rows is None else _mask(rows, weight_tensor.shape[0], trailing)
+    input_ = None if 1 not in weight else _mask(weight[1], weight_tensor.shape[1], trailing)
     return output, input_
 
 

@@ -83,27 +83,70 @@ def _conv_mlp() -> torch.nn.Module:
     return model.eval()
 
 
+class FunctionalMlp(torch.nn.Module):
+    """An MLP of F.linear calls on its own parameters (get_attr nodes in the trace), as an exported graph has
+    aten.linear calls; sigmoid(0) = 0.5, so the second call must ignore removed channels by its input mask.
+    With ``tied``, the first weight is read by a second call (a gate), so it must be copied instead."""
+
+    def __init__(self, dim: int = 8, hidden: int = 12, tied: bool = False) -> None:
+        super().__init__()
+        self.w1, self.b1 = torch.nn.Parameter(torch.randn(hidden, dim)), torch.nn.Parameter(torch.randn(hidden))
+        self.w2 = torch.nn.Parameter(torch.randn(dim, hidden) / hidden ** 0.5)
+        self.tied = tied
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.sigmoid(torch.nn.functional.linear(x, self.w1, self.b1))
+        if self.tied:
+            h = h * torch.nn.functional.linear(x, self.w1)
+        return torch.nn.functional.linear(h, self.w2)
+
+
 @pytest.mark.filterwarnings("ignore::fxprune.PruningShortfallWarning")
-@pytest.mark.parametrize("model, x, copied", [
-    (small_vit(), X, set()),  # every masked weight belongs to a Linear: nothing is copied
+@pytest.mark.parametrize("model, x, copied, calls", [
+    (small_vit(), X, set(), set()),  # every masked weight belongs to a Linear: nothing is copied
     # sigmoid(0) = 0.5: fc2 must ignore the removed channels by its zeroed columns (an input mask)
     (Residual(torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Sigmoid(), torch.nn.Linear(12, 8)), 8).eval(),
-     torch.randn(2, 5, 8), set()),
-    (Residual(SharedDepthwiseOnV(16, 2), 16).eval(), torch.randn(2, 9, 16), set()),  # depthwise conv hooked too
-    (Residual(CatBiasAttention(16, 2), 16).eval(), torch.randn(2, 9, 16),  # F.linear reads qkv.weight: copied
-     {"block.qkv.weight", "block.q_bias", "block.v_bias"}),
-    (_conv_mlp(), torch.randn(2, 8, 5, 5), {"bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}),
-], ids=["vit", "sigmoid-mlp", "depthwise-conv", "f.linear", "conv-batchnorm"])
-def test_the_check_reference_is_the_weight_masked_model(model, x, copied):
-    """The self-check's reference (activation masks where a Linear or conv reads its weights whole, copies
-    elsewhere) computes what fxprune.mask's copy with zeroed weights computes."""
+     torch.randn(2, 5, 8), set(), set()),
+    (Residual(SharedDepthwiseOnV(16, 2), 16).eval(), torch.randn(2, 9, 16), set(), set()),  # depthwise conv too
+    (Residual(CatBiasAttention(16, 2), 16).eval(), torch.randn(2, 9, 16),  # its bias is computed: copied
+     {"block.qkv.weight", "block.q_bias", "block.v_bias"}, set()),
+    (_conv_mlp(), torch.randn(2, 8, 5, 5), {"bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}, set()),
+    # F.linear on get_attr weights and bias, each read by that call alone: masked activations, nothing copied
+    (Residual(FunctionalMlp(), 8).eval(), torch.randn(2, 5, 8), set(), {"block.w1", "block.w2"}),
+    # w1 is read by two calls: it (and b1, the bias of one of them) are copied; w2 is still masked by its call
+    (Residual(FunctionalMlp(tied=True), 8).eval(), torch.randn(2, 5, 8), {"block.w1", "block.b1"}, {"block.w2"}),
+], ids=["vit", "sigmoid-mlp", "depthwise-conv", "f.linear-cat-bias", "conv-batchnorm", "f.linear", "f.linear-tied"])
+def test_the_check_reference_is_the_weight_masked_model(model, x, copied, calls):
+    """The self-check's reference (activation masks where a Linear, conv or linear call reads its weights
+    whole, copies elsewhere) computes what fxprune.mask's copy with zeroed weights computes."""
     analysis = fxprune.analyze(model, (x,))
     plan = fxprune.plan(analysis, 0.5)
     reference = weight_masked(analysis, plan.removed_atoms(analysis))
-    assert set(reference.tensors) == copied
+    assert set(reference.tensors) == copied and set(reference.linear_calls) == calls
     with torch.no_grad():
         got, want = reference.run(analysis.gm, (x,)), fxprune.mask(model, plan, example_inputs=(x,))(x)
         assert fxprune.relative_error(got, want) < 1e-6 < fxprune.relative_error(got, model(x))
+
+
+def _misalign_w1(slice_parameters):
+    """A rewrite bug: w1 (and b1) keep their hidden channels in reverse order, w2 does not."""
+    def wrong(gm, keep):
+        keep = {name: dict(dims) for name, dims in keep.items()}
+        for name in ("block.w1", "block.b1"):
+            keep[name][0] = keep[name][0].flip(0)
+        return slice_parameters(gm, keep)
+    return wrong
+
+
+def test_a_wrong_slice_behind_a_linear_call_is_caught(monkeypatch):
+    """The reference zeroes F.linear's weights through activation masks: it must still see misaligned channels."""
+    monkeypatch.setattr(rewrite, "slice_parameters", _misalign_w1(rewrite.slice_parameters))
+    model, x = Residual(FunctionalMlp(), 8).eval(), torch.randn(2, 5, 8)
+    unchecked = fxprune.prune(model, 0.5, example_inputs=(x,), verify=False)
+    analysis = fxprune.analyze(model, (x,))
+    assert masked_error(model, analysis, fxprune.plan_of(unchecked), unchecked, x) > 1e-3
+    with pytest.raises(fxprune.RewriteError, match="differs from the masked original"):
+        fxprune.prune(model, 0.5, example_inputs=(x,))
 
 
 def test_unknown_kinds_are_errors():

@@ -11,7 +11,7 @@ from typing import Sequence
 import networkx as nx
 import torch
 
-from ..capture import Captured, capture
+from ..capture import Captured, capture, paused_gc
 from .channels import Atoms, ChannelIds
 from .groups import KINDS, Group, build_groups
 from .. import meta
@@ -150,6 +150,11 @@ def _activation_blocks(gm) -> list:
 
 def analyze_captured(captured: Captured, untie_shared_convs: bool = False) -> Analysis:
     """Analyse a captured graph; with ``untie_shared_convs``, depthwise convs shared by heads are untied first."""
+    with paused_gc():
+        return _analyze_captured(captured, untie_shared_convs)
+
+
+def _analyze_captured(captured: Captured, untie_shared_convs: bool) -> Analysis:
     if untie_shared_convs:
         from ..capture import record_values
         from ..capture.untie import untie_shared_convs as untie

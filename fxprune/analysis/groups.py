@@ -59,6 +59,7 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
     n = atoms.ids.size
     first_id = torch.full((atoms.count,), n, dtype=torch.long).scatter_reduce(0, atoms.atom_of, torch.arange(n), "amin")
     ordered, group_of = _atoms_by_signature(atoms, first_id)
+    first_id = first_id.tolist()  # read atom by atom below: a list is much faster to index than a tensor
     layouts, irregular = _head_layouts(atoms, group_of)
     whole_reasons: dict[int, set[str]] = defaultdict(set)
     for atom_set, reason in atoms.whole_sets:
@@ -72,11 +73,11 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
         member_spaces = [spaces[s] for s in sig if not spaces[s].virtual]
         frozen = sorted({r for a in members for r in atoms.frozen.get(a, [])})
         if any(spaces[s].virtual and spaces[s].param.startswith(HEAD_SPACE) for s in sig):
-            rows = [sorted(members, key=lambda a: int(first_id[a]))]
+            rows = [sorted(members, key=first_id.__getitem__)]
             groups.append(Group("", "heads", rows, len(members), 1, False, member_spaces, frozen))
             head_groups.append((g, members))
             continue
-        roles = set().union(*(atoms.roles.get(a, set()) for a in members))
+        roles = set().union(*(atoms.roles[a] for a in members if a in atoms.roles))
         kind = _kind(roles, member_spaces, param_ndim)
         rows, heads, head_dim, shared, problem, per_atom = _head_rows(members, layouts.get(g, []), first_id)
         frozen += sorted({r for a in members for r in whole_reasons.get(a, ())})
@@ -96,18 +97,34 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
 
 
 def _atoms_by_signature(atoms: Atoms, first_id: torch.Tensor) -> tuple[list[tuple[tuple[int, ...], list[int]]], torch.Tensor]:
-    """Active atoms keyed by the channel spaces they cut, in graph order; and each atom's group index (-1: none)."""
+    """Active atoms keyed by the channel spaces they cut, in graph order; and each atom's group index (-1: none).
+
+    Vectorised: atoms cutting equally many spaces are rows of one matrix (their spaces, ascending), and equal
+    rows are found by ``torch.unique(dim=0)``; a Python loop over every (atom, space) pair cost seconds at 1B."""
     spaces = atoms.ids.spaces
     space_of = _space_index(spaces, atoms.ids.size)
-    pairs = torch.unique(atoms.atom_of * len(spaces) + space_of)
-    signature: dict[int, list[int]] = defaultdict(list)
-    for atom, space in zip((pairs // len(spaces)).tolist(), (pairs % len(spaces)).tolist()):
-        signature[atom].append(space)
-    by_signature: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for atom in torch.nonzero(atoms.active).flatten().tolist():  # parameter-only dims are no channels
-        by_signature[tuple(signature[atom])].append(atom)
+    pairs = torch.unique(atoms.atom_of * len(spaces) + space_of)  # by atom, then space
+    pair_atom, pair_space = pairs // len(spaces), pairs % len(spaces)
+    active = torch.nonzero(atoms.active).flatten()  # parameter-only dims are no channels
+    counts = torch.bincount(pair_atom, minlength=atoms.count)
+    pair_count = counts[pair_atom]
+    found: list[tuple[tuple[int, ...], list[int]]] = []
+    for length in torch.unique(counts[active]).tolist():
+        members = active[counts[active] == length]  # ascending
+        if length == 0:
+            found.append(((), members.tolist()))
+            continue
+        rows = pair_space[(pair_count == length) & atoms.active[pair_atom]].reshape(-1, length)
+        inverse = torch.zeros(len(rows), dtype=torch.long)
+        for column in rows.unbind(1):  # equal rows, column by column (torch.unique(dim=0) is slow)
+            inverse = torch.unique(inverse * len(spaces) + column, return_inverse=True)[1]
+        order = torch.argsort(inverse, stable=True)  # members of each signature, still ascending
+        sizes = torch.bincount(inverse).tolist()
+        for group in members[order].split(sizes):
+            found.append((tuple(rows[int(torch.searchsorted(members, group[0]))].tolist()), group.tolist()))
+    first = first_id.tolist()
+    ordered = sorted(found, key=lambda kv: first[kv[1][0]])
     group_of = torch.full((atoms.count,), -1, dtype=torch.long)
-    ordered = sorted(by_signature.items(), key=lambda kv: int(first_id[kv[1][0]]))
     for g, (_, members) in enumerate(ordered):
         group_of[torch.tensor(members)] = g
     return ordered, group_of
@@ -204,13 +221,13 @@ def _name(kind: str, spaces: list[Space], param_ndim: dict[str, int], used: set[
     return name
 
 
-def _head_rows(members: list[int], layouts: list[torch.Tensor], first_id: torch.Tensor):
+def _head_rows(members: list[int], layouts: list[torch.Tensor], first_id: list[int]):
     """Distinct head rows of a group, its heads × head_dim layout, whether heads share offsets, what is wrong
     with the layout (or None) and how many channels of a head each atom holds.
 
     A head may hold an atom more than once (a rotary embedding couples channel i with its rotation partner):
     allowed when every atom of every row appears equally often; rows then list each atom once."""
-    whole = [sorted(members, key=lambda a: int(first_id[a]))]
+    whole = [sorted(members, key=first_id.__getitem__)]
     if not layouts:
         return whole, 1, len(members), False, None, 1
     distinct: dict[frozenset, list[int]] = {}

@@ -1,10 +1,17 @@
 """Capture: a model and example inputs become a torch.fx GraphModule with every node's shape known.
 
-The user's model is deep-copied first, so nothing done later can reach it.
+The user's model is copied first (its modules, buffers and configuration), so nothing done later can reach it.
+Its parameters are shared, not copied: a copy of a 1B-parameter model's weights cost gigabytes and seconds.
+Nothing in fxprune writes into the captured graph's parameters (the rewrite slices into new tensors, the
+weight-masked reference masks activations or copies, importance reads or differentiates a deep copy), so
+the user's weights stay untouched; a parameter the user changes in place after capture changes in the
+captured graph too.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -56,7 +63,7 @@ def resolve_example_inputs(model: torch.nn.Module, example_inputs: Sequence | No
 
 
 def capture(model: torch.nn.Module, example_inputs: Sequence | None = None, method: str = "auto") -> Captured:
-    """Trace a deep copy of ``model`` and record every node's example output shape.
+    """Trace a copy of ``model`` (sharing its parameters) and record every node's example output shape.
 
     ``method``: "auto" (symbolic tracing, torch.export where that fails), "symbolic" or "export"."""
     if method not in ("auto", "symbolic", "export"):
@@ -67,9 +74,14 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None, meth
     if on_meta:
         raise InvalidArgumentError(f"fxprune: '{on_meta[0]}' is on the meta device (no values); importance and "
                                    "verification need real weights: materialise the model first (e.g. to_empty + load)")
+    with paused_gc():
+        return _capture(model, example_inputs, method)
+
+
+def _capture(model: torch.nn.Module, example_inputs: Sequence | None, method: str) -> Captured:
     inputs = resolve_example_inputs(model, example_inputs)
     was_training = model.training
-    model_copy = copy.deepcopy(model).eval()  # python-level `if self.training` branches are traced as in eval
+    model_copy = copy_sharing_parameters(model).eval()  # `if self.training` branches are traced as in eval
     if isinstance(model_copy, fx.GraphModule):
         gm = model_copy
         record_values(gm, inputs, type(model).__name__)
@@ -80,12 +92,43 @@ def capture(model: torch.nn.Module, example_inputs: Sequence | None = None, meth
 
     for normalise in (make_attention_visible, unpack_stacked_heads):
         if normalise(gm).modified:
-            record_values(gm, inputs, type(model).__name__)
+            if gm.meta.get(meta.CAPTURE_METHOD) == "torch.export":
+                _record_exported_values(gm, inputs, type(model).__name__)
+            else:
+                record_values(gm, inputs, type(model).__name__)
     cfg = getattr(model, "pretrained_cfg", None)
     architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
     if architecture is None and isinstance(model, fx.GraphModule):
         architecture = model.meta.get(meta.ARCHITECTURE)
     return Captured(gm=gm, example_inputs=inputs, was_training=was_training, architecture=architecture)
+
+
+@contextlib.contextmanager
+def paused_gc():
+    """Python's cyclic garbage collector paused for a bulk computation, then one collection of the young
+    objects made meanwhile. Building hundreds of thousands of small objects (torch.export's graph and fake
+    tensors, the analysis' per-atom lists and sets) otherwise sets off full collections over the whole heap
+    again and again: at 1B parameters they were more than half of the analysis' time."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect(0)
+
+
+def copy_sharing_parameters(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` whose parameters are the model's own ``Parameter`` objects (not copies).
+
+    Modules, buffers (a model may update those in its forward) and plain attributes (a Hugging Face config,
+    whose cache setting capture turns off) are copied as before; only the parameters, the bulk of the
+    memory, are shared. The copy's module tree and attributes can be changed freely; its parameters must
+    only ever be read or replaced, never written in place."""
+    memo = {id(p): p for _, p in model.named_parameters(remove_duplicate=False)}
+    return copy.deepcopy(model, memo)
 
 
 def _symbolic_or_export(model: torch.nn.Module, model_copy: torch.nn.Module, inputs: tuple,
@@ -142,8 +185,24 @@ def _export(model_copy: torch.nn.Module, inputs: tuple, name: str) -> fx.GraphMo
         gm.meta[meta.STATIC_SHAPES] = static
     _constants_as_buffers(gm)
     gm.meta[meta.CAPTURE_METHOD] = "torch.export"
-    record_values(gm, inputs, name)
+    _record_exported_values(gm, inputs, name)
     return gm
+
+
+def _record_exported_values(gm: fx.GraphModule, inputs: tuple, name: str) -> None:
+    """``record_values`` on fake tensors (shapes and dtypes without computing anything: a real forward of a
+    1B-parameter decoder took seconds), falling back to the real forward wherever fake propagation fails
+    (an op without a fake kernel, a value the graph reads from data). torch.export traced this graph with
+    fake tensors already, so it propagates; the shapes a fake tensor carries are the real ones."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .values import _ValueRecorder
+
+    try:
+        with torch.no_grad():
+            _ValueRecorder(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+    except Exception:  # noqa: BLE001 - the real forward records them (and reports what fails)
+        record_values(gm, inputs, name)
 
 
 def _export_dynamic(model_copy: torch.nn.Module, inputs: tuple) -> tuple[Any, str | None]:

@@ -7,8 +7,19 @@ from . import heads_from_channels, register
 
 
 def _atom_sums(analysis, power: float) -> torch.Tensor:
+    """Per atom, the sum of |w| ** power over every weight slice coupled to it; only atoms of prunable groups
+    are scored (the others stay 0: nothing reads them). Skipping the spaces of frozen groups (a decoder's
+    residual stream: every projection's input columns, the embedding and the head) saves the slowest
+    reductions, across rows, which took most of the plan's 10-20 s at 1B."""
+    scored = torch.zeros(analysis.atoms.count, dtype=torch.bool)
+    for group in analysis.groups:
+        if group.prunable:
+            scored[torch.tensor(group.atoms, dtype=torch.long)] = True
     scores = torch.zeros(analysis.atoms.count, dtype=torch.float64)
     for space in analysis.ids.param_spaces:
+        atoms = analysis.atoms.atom_of[space.start:space.start + space.size]
+        if not bool(scored[atoms].any()):
+            continue
         tensor = analysis.tensor(space.param).detach()
         if not tensor.is_floating_point():  # index buffers coupled to channels (LeViT's attention_bias_idxs)
             tensor = tensor.to(torch.float64)
@@ -16,8 +27,7 @@ def _atom_sums(analysis, power: float) -> torch.Tensor:
         # one reduction in the weights' own dtype, without copies (the float64 copy of ViT-B's weights cost ~1 s)
         norms = torch.linalg.vector_norm(tensor, ord=power, dim=others) if others else tensor.abs()
         per_index = norms.to(torch.float64) ** power
-        ids = torch.arange(space.start, space.start + space.size)
-        scores.index_add_(0, analysis.atoms.atom_of[ids], per_index)
+        scores.index_add_(0, atoms, per_index)
     return heads_from_channels(analysis, scores)  # a head weighs what its channels weigh
 
 

@@ -86,7 +86,7 @@ def cmd_prune(args) -> int:
     started = time.perf_counter()
     pruned = fxprune.prune(model, args.ratio, example_inputs=inputs, importance=args.importance,
                            head_ratio=args.head_ratio, target_macs=args.target_macs,
-                           untie_shared_convs=args.untie)
+                           untie_shared_convs=args.untie, kinds=tuple(args.kinds))
     seconds = time.perf_counter() - started
     rows = [fxprune.report.measure("original", model, {1: inputs[0]}, repeats=args.repeats),
             fxprune.report.measure("pruned", pruned, {1: inputs[0]}, repeats=args.repeats, prune_s=seconds)]
@@ -125,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--head-ratio", type=float, default=0.0, help="fraction of every attention's heads to remove")
     prune.add_argument("--target-macs", type=float, help="MACs to keep, as a fraction (instead of --ratio)")
     prune.add_argument("--importance", default="l2", help="l2, l1, dimap, random (data-free criteria)")
+    prune.add_argument("--kinds", nargs="+", default=["qk", "v", "mlp"],
+                       help="what to prune: qk, v, mlp (channels), depth (whole residual branches)")
     prune.add_argument("--checkpoint", help="weights (.pth state_dict or .safetensors) to load first")
     prune.add_argument("--untie", action="store_true", help="untie depthwise convs shared by heads")
     prune.add_argument("--out", help="directory to save the pruned model to")

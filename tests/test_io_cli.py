@@ -99,6 +99,11 @@ def test_cli_prune_inspect_bench(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "blocks.1.attn.qkv:heads" in printed and "share of the MACs" in printed
     assert "of the MACs can be removed (qk, v, mlp)" in printed
+    deep = tmp_path / "depth"  # whole residual branches from the command line, saved and benchmarked back
+    assert cli(["prune", "deit_tiny_patch16_224", *args, "--ratio", "0.5", "--kinds", "depth", "mlp",
+                "--out", str(deep), "--repeats", "1"]) == 0
+    assert json.loads((deep / "plan.json").read_text())["plan"]["branches"]
+    assert cli(["bench", str(deep), "--batches", "1", "--repeats", "1"]) == 0
     assert cli(["prune", "no_such_model", "--ratio", "0.5"]) == 2
     assert "neither a saved fxprune directory" in capsys.readouterr().err
     assert cli(["prune", "deit_tiny_patch16_224", *args, "--ratio", "1.5"]) == 2

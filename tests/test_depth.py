@@ -92,3 +92,18 @@ def test_plans_with_branches_round_trip_and_are_checked(tmp_path):
     with pytest.raises(PlanError, match="residual branches"):
         fxprune.apply(model, Plan({}, branches=["blocks.9:mlp"]), example_inputs=(x,))
     assert "residual branches removable whole" in str(fxprune.analyze(model, (x,)))
+
+
+@pytest.mark.parametrize("compensation", ["least_squares", "sequential"])
+def test_compensation_after_removing_branches(compensation):
+    """The layers left are fitted to the unpruned model's outputs, which the removed branches still shaped."""
+    model = small_vit(depth=2)
+    data = [torch.randn(8, 3, 16, 16) for _ in range(3)]
+    analysis = fxprune.analyze(model, (torch.randn(1, 3, 16, 16),))
+    plan = fxprune.plan(analysis, 0.5)
+    plan.branches = ["blocks.1:attention"]  # its q/k lost channels too: nothing left to compensate there
+    plain = fxprune.apply(analysis, plan)
+    compensated = fxprune.apply(analysis, plan, reweight_data=data, compensation=compensation)
+    fitted = compensated.meta[fxprune.meta.COMPENSATED]
+    assert fitted and all(f.error_after <= f.error_before * (1 + 1e-6) + 1e-9 for f in fitted)
+    assert fxprune.count_params(compensated) == fxprune.count_params(plain)

@@ -236,7 +236,7 @@ def least_squares(gm: fx.GraphModule, analysis, keep: dict, removed: torch.Tenso
     """Pass: compensate ``gm`` (the pruned copy of ``analysis.gm``) in place; returns what was fitted."""
     batches = list(batches)
     layers = [layer for layer in shrinking_layers(analysis, keep) if _present(gm, layer.node)]
-    sites = qk_sites(analysis, removed)
+    sites = [site for site in qk_sites(analysis, removed) if _present(gm, site.product.node)]
     grams: dict[str, torch.Tensor] = {}
     statistics = {layer.node: _LayerStatistics(layer) for layer in layers}
     callbacks = {site.product.node: _query_callback(site, grams) for site in sites}

@@ -44,7 +44,7 @@ FAMILIES = {  # family -> (timm name, constructor arguments keeping it small); t
     "FLatten-Swin": ("flatten_swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)}),
 }
 MORE_FAMILIES = {  # the rest of timm's families with attention (one per timm.models module), run by the benchmark
-    "FastViT": ("fastvit_t8", {}),
+    "FastViT": ("fastvit_sa12", {"layers": (1, 1, 1, 1)}),  # the t/s variants have no attention
     "CoaT": ("coat_lite_tiny", {}),
     "MaxViT": ("maxvit_tiny_tf_224", {"depths": (1, 1, 1, 1)}),
     "MViT-v2": ("mvitv2_tiny", {}),
@@ -69,7 +69,7 @@ MORE_FAMILIES = {  # the rest of timm's families with attention (one per timm.mo
     "EfficientFormer-v2": ("efficientformerv2_s0", {}),
     "Swin-v2-CR": ("swinv2_cr_tiny_224", {"depths": (1, 1, 1, 1)}),
     "CoAtNet": ("coatnet_0_224", {"depths": (1, 1, 1, 1)}),
-    "CAFormer": ("caformer_s18", {"depths": (1, 1, 1, 1)}),
+    "CAFormer": ("caformer_s18", {}),  # caformer_s18 fixes depths itself
     "NextViT": ("nextvit_small", {}),
     "Visformer": ("visformer_tiny", {}),
     "BoTNet": ("botnet26t_256", {}),
@@ -77,7 +77,7 @@ MORE_FAMILIES = {  # the rest of timm's families with attention (one per timm.mo
     "LambdaNet": ("lambda_resnet26t", {}),
     "SwiftFormer": ("swiftformer_xs", {}),
     "SHViT": ("shvit_s1", {}),
-    "ViTamin": ("vitamin_small_224", {"depth": (1, 1, 2)}),
+    "ViTamin": ("vitamin_small_224", {"depth": 2}),
     "Hiera-SAM2": ("sam2_hiera_tiny", {}),
     "NaFlexViT": ("naflexvit_base_patch16_gap", {"depth": 2}),
     "MobileNetV5": ("mobilenetv5_300m", {}),

@@ -82,7 +82,9 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
         rows, heads, head_dim, shared, problem, per_atom = _head_rows(members, layouts.get(g, []), first_id)
         frozen += sorted({r for a in members for r in whole_reasons.get(a, ())})
         frozen += [extra for extra in (irregular.get(g), problem) if extra]
-        name = _name(kind, member_spaces, param_ndim, used_names)
+        if not member_spaces:  # only copies made in the graph (expand_as, zeros_like): nothing to cut
+            frozen.append("no parameter holds these channels (copies made in the graph)")
+        name = _name(kind, member_spaces or [spaces[s] for s in sig], param_ndim, used_names)
         groups.append(Group(name, kind, rows, heads, head_dim, shared, member_spaces, frozen, per_atom))
     owners: dict[int, set[int]] = defaultdict(set)  # channel atom -> head atoms that own it
     for head, channels in atoms.head_links.items():
@@ -136,8 +138,14 @@ def _head_layouts(atoms: Atoms, group_of: torch.Tensor) -> tuple[dict[int, list[
     irregular: dict[int, str] = {}
     for rows in atoms.rows:
         owners = torch.unique(group_of[rows]).tolist()
+        row_owner = group_of[rows[:, 0]] if rows.numel() else group_of[rows.reshape(-1)]
         if len(owners) == 1 and owners[0] >= 0:
             layouts[owners[0]].append(rows)
+        elif rows.numel() and bool((group_of[rows] == row_owner[:, None]).all()) and bool((row_owner >= 0).all()):
+            # each row (head) lies in one group, the groups differ between heads (CoaT: heads split between
+            # convolutions of several kernel sizes): each group gets its heads' rows
+            for g in owners:
+                layouts[g].append(rows[row_owner == g])
         else:
             for g in owners:
                 if g >= 0:
@@ -161,6 +169,13 @@ def _describe_heads(group: Group, members: list[int], atoms: Atoms, owners: dict
         for reason in atoms.frozen.get(c, []):
             if reason not in group.frozen:
                 group.frozen.append(reason)
+    for head in members:  # removing a head must take whole rows of every channel group it reaches
+        channels = atoms.head_links.get(head, set())
+        for g in sorted({int(group_of[c]) for c in channels if int(group_of[c]) >= 0}):
+            if any(0 < sum(1 for a in row if a in channels) < len(row) for row in groups[g].rows):
+                why = f"a head owns only part of a row of '{groups[g].name}' (its channels are tied to other heads)"
+                if why not in group.frozen:
+                    group.frozen.append(why)
     anchors = sorted({groups[int(group_of[c])].name.split(":")[0] for c in linked if int(group_of[c]) >= 0})
     anchor = anchors[0] if anchors else "attention"
     name, k = f"{anchor}:heads", 2

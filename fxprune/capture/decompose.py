@@ -260,9 +260,59 @@ def inline_helpers(gm: fx.GraphModule) -> int:
     return count
 
 
+def _autocast_off_regions(gm: fx.GraphModule):
+    """(node, subgraph module, operands) of every export region run with autocast disabled."""
+    wrap = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
+    for node in list(gm.graph.nodes):
+        if wrap is None or node.op != "call_function" or node.target is not wrap or len(node.args) < 5:
+            continue
+        enabled, body = node.args[2], node.args[4]
+        if enabled is not False or not isinstance(body, fx.Node) or body.op != "get_attr":
+            continue
+        sub = getattr(gm, str(body.target), None)
+        if not isinstance(sub, fx.GraphModule) or any(n.op in ("get_attr", "call_module") for n in sub.graph.nodes):
+            continue
+        if not all(u.op == "call_function" and u.target is operator.getitem for u in node.users):
+            continue
+        yield node, body, sub, node.args[5:]
+
+
+def inline_autocast_off(gm: fx.GraphModule) -> int:
+    """torch.export wraps ``with torch.autocast(..., enabled=False)`` blocks (EfficientViT's linear attention) in
+    a higher-order op whose body the op rules cannot see. Disabling autocast changes nothing where no autocast is
+    active (the graph computes in the model's own dtype, as the self-check runs it), so the body is inlined."""
+    count = 0
+    for node, body, sub, operands in list(_autocast_off_regions(gm)):
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(operands):
+            continue
+        env: dict[fx.Node, Any] = dict(zip(placeholders, operands))
+        outputs = None
+        with gm.graph.inserting_before(node):
+            for inner in sub.graph.nodes:
+                if inner.op == "placeholder":
+                    continue
+                if inner.op == "output":
+                    outputs = fx.node.map_arg(inner.args[0], lambda n: env[n])
+                    continue
+                env[inner] = gm.graph.node_copy(inner, lambda n: env[n])
+        outputs = outputs if isinstance(outputs, (list, tuple)) else (outputs,)
+        for user in list(node.users):
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        if not body.users:
+            gm.graph.erase_node(body)
+            if not any(n.op == "get_attr" and n.target == body.target for n in gm.graph.nodes):
+                delattr(gm, str(body.target))
+        count += 1
+    return count
+
+
 def make_attention_visible(gm: fx.GraphModule) -> PassResult:
     """Pass: run every decomposition on ``gm`` (in place)."""
-    count = decompose_multihead_attention(gm) + decompose_shifted_window_attention(gm) + inline_helpers(gm)
+    count = (decompose_multihead_attention(gm) + decompose_shifted_window_attention(gm) + inline_helpers(gm)
+             + inline_autocast_off(gm))
     if count:
         gm.graph.lint()
         gm.recompile()

@@ -16,6 +16,12 @@ def _fix_module_attributes(module: nn.Module, was_depthwise: bool) -> None:
     """Keep a module's size attributes true to its (smaller) tensors."""
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight (in, out / groups, k...)
+        module.in_channels = module.weight.shape[0]
+        if was_depthwise:
+            module.groups = module.out_channels = module.in_channels
+        else:
+            module.out_channels = module.weight.shape[1] * module.groups
     elif isinstance(module, nn.modules.conv._ConvNd):
         module.out_channels = module.weight.shape[0]
         if was_depthwise:

@@ -161,3 +161,139 @@ def _follow_mask(ctx, mask: Any, heads: Block | None, ndim: int) -> None:
     head_dim = heads.dim - pad if heads is not None else -1
     if heads is not None and not covered and 0 <= head_dim and mask_shape[head_dim] > 1:
         ctx.freeze(heads.ids, f"attention mask {ctx.describe(mask)} has a head dim that cannot follow the heads")
+
+
+def _einsum_subscripts(equation: str, ndims: list[int]) -> tuple[list[str], str] | None:
+    """Per-operand subscripts and the output's, with ``...`` spelled out as one symbol per broadcast dim
+    (right-aligned, as einsum broadcasts them); None for an equation that does not fit the operands."""
+    equation = equation.replace(" ", "")
+    lhs, arrow, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ndims):
+        return None
+    width = max((n - len(t.replace("...", "")) for t, n in zip(terms, ndims) if "..." in t), default=0)
+    spelled = [chr(0x2460 + i) for i in range(width)]  # symbols no equation uses (circled digits)
+
+    def expand(term: str, ndim: int) -> str:
+        if "..." not in term:
+            return term
+        n = ndim - len(term.replace("...", ""))
+        return term.replace("...", "".join(spelled[width - n:]))
+
+    subs = [expand(t, n) for t, n in zip(terms, ndims)]
+    if any(len(s) != n for s, n in zip(subs, ndims)):
+        return None
+    if arrow:
+        out = rhs.replace("...", "".join(spelled))
+    else:  # implicit output: broadcast dims, then the letters used once, in alphabetical order
+        letters = "".join(subs)
+        out = "".join(spelled) + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in spelled))
+    return subs, out
+
+
+def _bind_einsum(node, args: tuple, kwargs: dict) -> dict | None:
+    equation = args[0] if args else kwargs.get("equation")
+    rest = list(args[1:]) or list(kwargs.get("tensors", kwargs.get("operands", [])))
+    if len(rest) >= 1 and isinstance(rest[0], (list, tuple)):
+        rest = list(rest[0])  # torch.einsum(eq, [a, b]) and aten.einsum(eq, [a, b], path)
+    return {"equation": equation, "operands": rest} if isinstance(equation, str) else None
+
+
+def _einsum_macs(call: OpCall, out: tuple, shape_of: Callable[[Any], tuple | None]) -> int:
+    shapes = [shape_of(x) for x in call.args["operands"]]
+    if any(s is None for s in shapes):
+        return 0
+    parsed = _einsum_subscripts(call.args["equation"], [len(s) for s in shapes])
+    if parsed is None:
+        return 0
+    sizes: dict[str, int] = {}
+    for sub, shape in zip(parsed[0], shapes):
+        for letter, n in zip(sub, shape):
+            sizes[letter] = max(sizes.get(letter, 1), n)
+    return math.prod(sizes.values()) if len(shapes) > 1 else 0
+
+
+@register_op("einsum", ("equation", "*operands"), functions=[torch.einsum], aten=[_aten.einsum.default],
+             bind=_bind_einsum, macs=_einsum_macs)
+def rule_einsum(ctx, call: OpCall) -> Labels:
+    """Any einsum, read letter by letter: a contracted letter couples the operands' channels along it (q·kᵀ
+    when both are activations: q/k pairs and fresh head ids, as ``matmul``), a letter kept in the output
+    carries its channels there (attn·v: v's channels), a letter summed in one operand only is a sum (a zeroed
+    channel adds nothing). Repeated letters (diagonals) freeze what they touch."""
+    operands = call.args["operands"]
+    shapes = [ctx.shape(x) for x in operands]
+    labels = [ctx.labels(x) for x in operands]
+    parsed = None if any(s is None for s in shapes) else _einsum_subscripts(call.args["equation"], [len(s) for s in shapes])
+    if parsed is None or any(len(set(s)) != len(s) for s in parsed[0]) or len(set(parsed[1])) != len(parsed[1]):
+        for x in labels:
+            ctx.freeze_labels(x, f"einsum '{call.args['equation']}' with repeated indices is not supported")
+        return ()
+    subs, out = parsed
+    letters = sorted(set("".join(subs)) | set(out))
+
+    def to_letters(block: Block, sub: str) -> tuple[torch.Tensor, str]:
+        """The block's ids laid out over all letters (size 1 where the operand lacks the letter)."""
+        order = [sub.index(c) for c in letters if c in sub]
+        ids = block.ids.permute(order).reshape([block.ids.shape[sub.index(c)] if c in sub else 1 for c in letters])
+        return ids, sub[block.dim]
+
+    blocks = []  # (operand index, ids over letters, channel letter, level)
+    for i, (sub, lab) in enumerate(zip(subs, labels)):
+        for block in lab:
+            ids, letter = to_letters(block, sub)
+            blocks.append((i, ids, letter, block.level))
+    activation = [not ctx.is_const(x) for x in operands]
+    out_blocks: list[Block] = []
+    heads: list[Block] = []
+    for letter in letters:
+        on = [b for b in blocks if b[2] == letter]
+        holders = [i for i, sub in enumerate(subs) if letter in sub and shapes[i][sub.index(letter)] > 1]
+        if letter in out:
+            continue
+        for i, ids, _, level in on:
+            if level != CHANNEL:
+                ctx.freeze(ids, f"{level} ids along a contracted dim")
+        channel = [b for b in on if b[3] == CHANNEL]
+        if len(holders) == 1:
+            continue  # summed within one operand: a zeroed channel adds nothing
+        missing = [i for i in holders if not any(b[0] == i for b in channel)]
+        if missing:
+            for _, ids, _, _ in channel:
+                ctx.freeze(ids, f"contracted with {ctx.describe(operands[missing[0]])}, which has no prunable channels")
+            continue
+        joint = channel[0][1]
+        for _, ids, _, _ in channel[1:]:
+            ctx.ch.union(joint, ids)
+            joint = torch.broadcast_tensors(joint, ids)[0]
+        if len(holders) == 2 and all(activation[i] for i in holders):
+            moved = joint.movedim(letters.index(letter), -1)
+            ctx.ch.tag(moved, "qk")
+            ctx.ch.record_rows(moved)
+            row_letters = [c for c in letters if c != letter and joint.shape[letters.index(c)] > 1]
+            if len(row_letters) == 1 and row_letters[0] in out and all(row_letters[0] in subs[i] for i in holders):
+                r = letters.index(row_letters[0])
+                n = joint.shape[r]
+                head_ids = ctx.ch.space(f"<heads:{ctx.node.name}>", 0, n, True)
+                ctx.ch.record_heads(head_ids, moved.movedim(r, 0).reshape(n, -1))
+                view = [1] * len(out)
+                view[out.index(row_letters[0])] = n
+                heads.append(Block(head_ids.reshape(view), out.index(row_letters[0]), HEAD))
+    both = sum(activation) >= 2
+    for i, ids, letter, level in blocks:
+        if letter not in out:
+            continue
+        gone = tuple(letters.index(c) for c in letters if c not in out and ids.shape[letters.index(c)] > 1)
+        if gone:
+            ids = ctx.ch.union_within(ids, gone)
+        kept = ids.permute([letters.index(c) for c in out] + [letters.index(c) for c in letters if c not in out])
+        kept = kept.reshape(kept.shape[:len(out)])
+        block = Block(kept, out.index(letter), level)
+        if both and activation[i] and level == CHANNEL:
+            ctx.ch.tag(block.ids, "v")
+            ctx.ch.record_rows(block.rows())
+            ctx.node.meta[meta.ATTENTION_OUTPUT] = True
+        out_blocks.append(block)
+    for head in (b for b in heads + out_blocks if b.level == HEAD):
+        for channel in (b for b in out_blocks if b.level == CHANNEL):
+            link_heads(ctx, head, channel)
+    return merge(ctx.ch, heads + out_blocks)

@@ -20,7 +20,8 @@ _UNARY = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "exp", "abs", "sqrt"
 _UNARY_ATEN = ["gelu", "relu", "silu", "sigmoid", "tanh", "neg", "exp", "abs", "sqrt", "rsqrt", "dropout", "clone",
                "contiguous", "softplus", "hardswish", "erf", "reciprocal", "alias", "detach", "_to_copy", "clamp",
                "clamp.Tensor", "clamp_min", "clamp_max", "to.dtype", "to.device", "to.dtype_layout", "to.other",
-               "type_as", "sin", "cos", "square", "log", "gelu_", "silu_", "relu_", "dropout_"]
+               "type_as", "sin", "cos", "square", "log", "gelu_", "silu_", "relu_", "dropout_", "hardswish_", "sigmoid_",
+               "hardsigmoid", "hardsigmoid_", "relu6", "hardtanh", "hardtanh_", "mish", "mish_"]
 _UNARY_MODULES = (nn.Dropout, nn.Identity, nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish,
                   nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Hardsigmoid)
 _ELEMENTWISE = ["add", "sub", "mul", "div", "truediv", "floordiv", "pow", "maximum", "minimum", "where",
@@ -87,9 +88,16 @@ def rule_elementwise(ctx, call: OpCall) -> Labels:
                 if b.level != FREE:
                     activation_levels.setdefault(b.dim, set()).add(b.level)
     adjusted = []
+    out_shape = ctx.out.shape
     for x, shape, blocks in aligned:
         own = []
         for block in blocks:
+            if (not ctx.is_const(x) and block.level == CHANNEL and shape[block.dim] == 1
+                    and out_shape[block.dim] > 1):
+                # one channel (a gate, a 1-channel score) broadcast over many: it cannot go alone and the
+                # channels it meets go independently of it
+                ctx.freeze(block.ids, f"one channel broadcast over the {out_shape[block.dim]} channels of dim {block.dim}")
+                continue
             if ctx.is_const(x) and has_activation and block.level == CHANNEL:
                 levels = activation_levels.get(block.dim, set())
                 if not levels:

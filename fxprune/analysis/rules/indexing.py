@@ -189,3 +189,25 @@ def _gather(ctx, labels: Labels, index: tuple, shape: Sequence[int]) -> Labels:
         ids = block.ids.squeeze(0).reshape((1,) * len(gathered) + tuple(block.ids.shape[1:]))
         out.append(block.moved(ids, block.dim - 1 + len(gathered)))
     return tuple(out)
+
+
+def _optional(module: str, name: str) -> list:
+    """A function of timm that fx keeps whole (a "notrace" function), when timm provides it."""
+    try:
+        return [getattr(__import__(module, fromlist=[name]), name)]
+    except (ImportError, AttributeError):  # pragma: no cover - timm is optional
+        return []
+
+
+@register_op("rel_pos_table", ("q_size", "k_size", "rel_pos"),
+             functions=_optional("timm.models.vision_transformer_sam", "get_rel_pos"))
+def rule_rel_pos_table(ctx, call: OpCall) -> Labels:
+    """timm's ``get_rel_pos(q_size, k_size, rel_pos)`` (SAM-ViT's decomposed relative positions): rows of the
+    (L, C) table resampled along L and gathered to (q_size, k_size, C); each channel C is read on its own."""
+    out = []
+    for block in ctx.labels(call.args["rel_pos"]):
+        if block.dim == 0 or block.ids.shape[0] > 1:
+            ctx.freeze(block.ids, "relative positions are resampled and gathered along this dim")
+            continue
+        out.append(block.moved(block.ids.reshape(1, 1, -1), 2))
+    return tuple(out)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ... import meta
-from ..labels import FREE, Block, Labels, make_block, merge, reshape_block
+from ..labels import CHANNEL, FREE, Block, Labels, make_block, merge, reshape_block, reshape_groups
 from .common import dims_of, drop_dims
 from .registry import OpCall, register_op
 
@@ -87,7 +87,15 @@ def rule_reshape(ctx, call: OpCall) -> Labels:
     src = ctx.shape(call.args["input"])
     dst = ctx.out.shape
     out = []
+    groups = reshape_groups(src, dst)
     for block in ctx.labels(call.args["input"]):
+        merged = next((gi for gi, _ in groups if block.dim in gi), [])
+        inner = tuple(d for d in merged if d > block.dim and block.ids.shape[d] > 1)
+        if block.level == CHANNEL and inner:
+            # rows merged *inside* the channel dim ((C', heads) -> C' * heads, NesT): flat position i * heads + h
+            # holds channel i of row h, which stays in ascending parameter order only if every row keeps the
+            # same offsets
+            block = Block(ctx.ch.union_within(block.ids, inner), block.dim, block.level)
         moved = reshape_block(block, src, dst)
         if moved is None:
             ctx.freeze(block.ids, f"reshape {tuple(src)} -> {tuple(dst)} mixes channel dim {block.dim} irregularly")
@@ -269,3 +277,13 @@ def rule_roll(ctx, call: OpCall) -> Labels:
     dims = call.args.get("dims")
     rolled = set(range(ctx.out.ndim)) if dims is None else set(dims_of(dims, ctx.out.ndim))
     return _keep_off(ctx, ctx.labels(call.args["input"]), rolled, "rolled along a dim that holds ids")
+
+
+@register_op("unfold", ("input", "dimension", "size", "step"), methods=["unfold"], aten=[_aten.unfold.default])
+def rule_unfold(ctx, call: OpCall) -> Labels:
+    """Tensor.unfold(dim, size, step): sliding windows along ``dim`` (HaloNet's overlapping key/value blocks),
+    the window's positions in a new trailing dim; ids along ``dim`` would be copied into several windows."""
+    ndim = len(ctx.shape(call.args["input"]))
+    dim = call.args.get("dimension", 0) % max(ndim, 1)
+    kept = _keep_off(ctx, ctx.labels(call.args["input"]), {dim}, "unfolded into sliding windows along this dim")
+    return tuple(b.moved(b.ids.unsqueeze(-1), b.dim) for b in kept)

@@ -5,6 +5,7 @@ import math
 from typing import Any, Callable
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -67,20 +68,57 @@ def _linear(ctx, x: Any, weight: Any, w_in: Block | None, w_out: Block | None, b
 
 
 def _conv_args(module: nn.Module, ref) -> dict:
-    return {"weight": ref("weight"), "bias": ref("bias"), "groups": module.groups}
+    return {"weight": ref("weight"), "bias": ref("bias"), "groups": module.groups, "stride": module.stride,
+            "padding": module.padding}
+
+
+def _pointwise_along(call: OpCall, w_shape: tuple, dim: int) -> bool:
+    """Whether a convolution leaves spatial dim ``dim`` alone: kernel 1, stride 1 and no padding along it (each
+    position along it is convolved on its own: LambdaNet's Conv3d over (H, W, V) with kernel (r, r, 1))."""
+    if w_shape[dim] != 1:
+        return False
+    spatial = len(w_shape) - 2
+
+    def entry(name: str, default: int):
+        value = call.args.get(name, default)
+        if isinstance(value, str):
+            return 0 if name == "padding" else None  # 'valid' / 'same' pad nothing with a kernel of 1
+        value = default if value is None else value
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * spatial
+        return values[dim - 2] if len(values) == spatial else values[0]
+
+    return entry("stride", 1) == 1 and entry("padding", 0) == 0
+
+
+def _resize_conv(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
+    """A depthwise F.conv2d / aten.conv2d call (not a module: slice_parameters fixes those) bakes its group
+    count, which follows the channels."""
+    groups = call.args.get("groups", 1) or 1
+    if node.op != "call_function" or groups != old[1] or old[1] == new[1]:
+        return
+    if len(node.args) > 6:
+        node.args = (*node.args[:6], new[1], *node.args[7:])
+    else:
+        node.kwargs = {**node.kwargs, "groups": new[1]}
 
 
 @register_op("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-             functions=[F.conv1d, F.conv2d], aten=[_aten.conv1d.default, _aten.conv2d.default],
-             modules={nn.Conv1d: _conv_args, nn.Conv2d: _conv_args}, macs=_conv_macs, produces_channels=True)
+             functions=[F.conv1d, F.conv2d, F.conv3d],
+             aten=[_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default],
+             modules={nn.Conv1d: _conv_args, nn.Conv2d: _conv_args, nn.Conv3d: _conv_args}, macs=_conv_macs,
+             produces_channels=True, resize=_resize_conv)
 def rule_conv(ctx, call: OpCall) -> Labels:
     x, weight, bias = call.args["input"], call.args["weight"], call.args.get("bias")
     groups = call.args.get("groups", 1) or 1
     w_shape = ctx.shape(weight)
     w_labels = ctx.labels(weight)
     in_block = in_rows = result = None
+    passed: list[Block] = []  # channels along a spatial dim the kernel leaves alone
     for block in ctx.labels(x):
-        if block.dim != 1 or block.level != CHANNEL:
+        if (block.dim >= 2 and block.level == CHANNEL and _pointwise_along(call, w_shape, block.dim)
+                and not block.row_dims()):
+            passed.append(block)
+        elif block.dim != 1 or block.level != CHANNEL:
             ctx.freeze(block.ids, f"convolution input has {block.level} ids along dim {block.dim}")
         else:  # filters are shared by every batch item and position: rows there (e.g. heads) share offsets
             in_rows = block
@@ -105,12 +143,91 @@ def rule_conv(ctx, call: OpCall) -> Labels:
         for block in (in_block,) + tuple(w_labels):
             if block is not None:
                 ctx.freeze(block.ids, f"grouped convolution (groups={groups}) is not supported")
+        return tuple(passed)
+    if out_ids is None:
+        return tuple(passed)
+    if bias is not None and ctx.labels(bias):
+        ctx.ch.union(out_ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
+    return merge(ctx.ch, [make_block(result if result is not None else out_ids, 1), *passed])
+
+
+def _conv_transpose_macs(call: OpCall, out: tuple, shape_of: Callable[[Any], tuple | None]) -> int:
+    """Every input position scatters a kernel to every output channel of its group."""
+    x = shape_of(call.args["input"])
+    kernel = shape_of(call.args["weight"])  # (in, out / groups, k...)
+    if not x or not kernel:
+        return 0
+    return math.prod(x) * kernel[1] * math.prod(kernel[2:])
+
+
+def _conv_transpose_args(module: nn.Module, ref) -> dict:
+    return {"weight": ref("weight"), "bias": ref("bias"), "groups": module.groups}
+
+
+def _bind_conv_transpose(node, args: tuple, kwargs: dict) -> dict | None:
+    """F.conv_transposeNd(input, weight, bias, stride, padding, output_padding, groups, dilation); ATen's
+    conv_transpose2d.input has the same order."""
+    if node.op == "call_module":
+        return None
+    names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+    bound = dict(zip(names, args))
+    bound.update({("input" if k == "self" else k): v for k, v in kwargs.items()})
+    return bound
+
+
+def _resize_conv_transpose(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
+    """A depthwise F.conv_transpose2d call bakes its group count, which follows the channels."""
+    groups = call.args.get("groups", 1) or 1
+    if node.op != "call_function" or groups != old[1] or old[1] == new[1]:
+        return
+    if len(node.args) > 6:
+        node.args = (*node.args[:6], new[1], *node.args[7:])
+    else:
+        node.kwargs = {**node.kwargs, "groups": new[1]}
+
+
+@register_op("conv_transpose", ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+             functions=[F.conv_transpose1d, F.conv_transpose2d],
+             aten=[_aten.conv_transpose1d.default, _aten.conv_transpose2d.input], bind=_bind_conv_transpose,
+             modules={nn.ConvTranspose1d: _conv_transpose_args, nn.ConvTranspose2d: _conv_transpose_args},
+             macs=_conv_transpose_macs, produces_channels=True, resize=_resize_conv_transpose)
+def rule_conv_transpose(ctx, call: OpCall) -> Labels:
+    """A transposed convolution: its weight is (in, out / groups, k...), so input channels couple with weight
+    dim 0 and output channels come from weight dim 1 (a depthwise one: both are weight dim 0)."""
+    x, weight, bias = call.args["input"], call.args["weight"], call.args.get("bias")
+    groups = call.args.get("groups", 1) or 1
+    w_shape = ctx.shape(weight)
+    w_labels = ctx.labels(weight)
+    in_block = None
+    for block in ctx.labels(x):
+        if block.dim != 1 or block.level != CHANNEL:
+            ctx.freeze(block.ids, f"transposed convolution input has {block.level} ids along dim {block.dim}")
+        else:  # filters are shared by every batch item and position
+            in_block = Block(ctx.ch.union_within(block.ids, tuple(block.row_dims())), 1)
+    w_in, w_out = block_on(w_labels, 0), block_on(w_labels, 1)
+    spatial = [1] * (len(w_shape) - 2)
+    if groups == 1:
+        if in_block is not None and w_in is not None:
+            ctx.ch.union(in_block.ids.reshape(-1), w_in.ids.reshape(-1))
+        elif w_in is not None:
+            ctx.freeze(w_in.ids, f"input channels of {ctx.describe(weight)} are not prunable channels")
+        out_ids = w_out.ids.reshape(1, -1, *spatial) if w_out is not None else None
+    elif groups == ctx.shape(x)[1] == w_shape[0] and w_shape[1] == 1:  # depthwise: channel i only sees channel i
+        out_ids = w_in.ids.reshape(1, -1, *spatial) if w_in is not None else None
+        if in_block is not None and out_ids is not None:
+            ctx.ch.union(in_block.ids.reshape(-1), out_ids.reshape(-1))
+        elif out_ids is not None:
+            ctx.freeze(out_ids, f"depthwise {ctx.describe(weight)} follows channels that are not prunable")
+    else:
+        for block in (in_block,) + tuple(w_labels):
+            if block is not None:
+                ctx.freeze(block.ids, f"grouped transposed convolution (groups={groups}) is not supported")
         return ()
     if out_ids is None:
         return ()
     if bias is not None and ctx.labels(bias):
         ctx.ch.union(out_ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
-    return (make_block(result if result is not None else out_ids, 1),)
+    return (make_block(out_ids, 1),)
 
 
 def _addmm_macs(call: OpCall, out: tuple, shape_of: Callable[[Any], tuple | None]) -> int:

@@ -46,8 +46,49 @@ def rule_layer_norm(ctx, call: OpCall) -> Labels:
             whole_rows(ctx, block, dims, "normalised over these channels: removing some would change the statistics")
     for pdim in range(len(normalized)):
         block = block_on(labels, first + pdim)
+        per_row = block is not None and block.row_dims() and all(d < first for d in block.row_dims())
         for param in (call.args.get("weight"), call.args.get("bias")):
-            _couple_param(ctx, param, block, pdim, "normalised features are not prunable channels")
+            p_block = block_on(ctx.labels(param), pdim) if per_row and param is not None else None
+            if p_block is not None:
+                # one weight for every row (head) it normalises (timm's qk_norm, Gemma4's q/k norm): each row
+                # goes whole or stays, so the weight keeps its width and the rows keep their own ids
+                ctx.freeze(p_block.ids, "a norm weight every head shares keeps its width (heads go whole)")
+            else:
+                _couple_param(ctx, param, block, pdim, "normalised features are not prunable channels")
+    return labels
+
+
+@register_op("rms_norm", ("input", "normalized_shape", "weight", "eps"), functions=[F.rms_norm],
+             aten=[_aten.rms_norm.default],
+             modules={nn.RMSNorm: lambda module, ref: {"normalized_shape": module.normalized_shape,
+                                                        "weight": ref("weight")}})
+def rule_rms_norm(ctx, call: OpCall) -> Labels:
+    """RMSNorm: the mean of squares counts every channel (a zeroed one too), so as LayerNorm: whole sets only."""
+    return rule_layer_norm(ctx, call)
+
+
+def _group_norm_args(module: nn.Module, ref) -> dict:
+    return {"num_groups": module.num_groups, "weight": ref("weight"), "bias": ref("bias")}
+
+
+@register_op("group_norm", ("input", "num_groups", "weight", "bias", "eps"), functions=[F.group_norm],
+             aten=[_aten.group_norm.default], modules={nn.GroupNorm: _group_norm_args})
+def rule_group_norm(ctx, call: OpCall) -> Labels:
+    """GroupNorm: statistics over each group's channels (and positions), so a group's channels go whole; the
+    number of groups is fixed in the call, so with several groups the channels stay."""
+    x = call.args["input"]
+    labels = ctx.labels(x)
+    groups = call.args.get("num_groups", 1)
+    block = block_on(labels, 1)
+    for b in labels:
+        if b.dim != 1 or b.level != CHANNEL or any(n > 1 for d, n in enumerate(b.ids.shape) if d >= 2):
+            ctx.freeze(b.ids, "group-normalised together with other positions or groups")
+        elif groups == 1:
+            whole_rows(ctx, b, [1], "normalised over these channels (one group): removing some would change the statistics")
+        else:
+            ctx.freeze(b.ids, f"normalised in {groups} groups whose count is fixed in the call")
+    for param in (call.args.get("weight"), call.args.get("bias")):
+        _couple_param(ctx, param, block, 0, "group-normalised features are not prunable channels")
     return labels
 
 
@@ -55,8 +96,23 @@ def _batch_norm_args(module: nn.Module, ref) -> dict:
     return {name: ref(name) for name in ("running_mean", "running_var", "weight", "bias")}
 
 
+def _bind_batch_norm(node, args: tuple, kwargs: dict) -> dict | None:
+    """F.batch_norm(input, running_mean, running_var, weight, bias, ...) and ATen's
+    batch_norm(input, weight, bias, running_mean, running_var, ...), by name."""
+    if node.op == "call_module":
+        return None
+    if node.target is F.batch_norm:
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    else:
+        names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+    bound = dict(zip(names, args))
+    bound.update({("input" if k == "self" else k): v for k, v in kwargs.items()})
+    return bound
+
+
 @register_op("batch_norm", ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-             functions=[F.batch_norm], modules={nn.BatchNorm1d: _batch_norm_args, nn.BatchNorm2d: _batch_norm_args})
+             functions=[F.batch_norm], aten=[_aten.batch_norm.default], bind=_bind_batch_norm,
+             modules={nn.BatchNorm1d: _batch_norm_args, nn.BatchNorm2d: _batch_norm_args})
 def rule_batch_norm(ctx, call: OpCall) -> Labels:
     x = call.args["input"]
     labels = ctx.labels(x)

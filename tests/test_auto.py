@@ -74,12 +74,13 @@ def test_auto_prune_is_deterministic_under_a_seed(model, runs):
 
 
 def test_auto_prune_beats_magnitude_like_with_like(model, runs):
-    """Both reweighted, and both not: the comparison is of the channel selection alone (on this fixed model and
-    data; the benchmarks measure it properly)."""
+    """Both with reweight nodes, and both without: the comparison is of the channel selection alone (on this
+    fixed model and data; the benchmarks measure it properly). With least-squares compensation magnitude's
+    selection does better here (README, known limits)."""
     magnitude = _error(model, fxprune.prune(model, target_macs=TARGET, example_inputs=(X,)))
     magnitude_reweighted = _error(model, fxprune.prune(model, target_macs=TARGET, example_inputs=(X,),
-                                                       reweight_data=DATA))
-    auto, auto_reweighted = _error(model, runs(reweight=False)), _error(model, runs())
+                                                       reweight_data=DATA, compensation="reweight"))
+    auto, auto_reweighted = _error(model, runs(reweight=False)), _error(model, runs(compensation="reweight"))
     assert auto < 0.8 * magnitude
     assert auto_reweighted < 0.8 * magnitude_reweighted
 

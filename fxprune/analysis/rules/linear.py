@@ -91,8 +91,8 @@ def _pointwise_along(call: OpCall, w_shape: tuple, dim: int) -> bool:
 
 
 def _resize_conv(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
-    """A depthwise F.conv2d / aten.conv2d call (not a module: slice_parameters fixes those) bakes its group
-    count, which follows the channels."""
+    """A depthwise F.conv2d / aten.conv2d / F.conv_transpose2d call (not a module: slice_parameters fixes
+    those) bakes its group count, which follows the channels (the 7th argument of both signatures)."""
     groups = call.args.get("groups", 1) or 1
     if node.op != "call_function" or groups != old[1] or old[1] == new[1]:
         return
@@ -175,22 +175,11 @@ def _bind_conv_transpose(node, args: tuple, kwargs: dict) -> dict | None:
     return bound
 
 
-def _resize_conv_transpose(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
-    """A depthwise F.conv_transpose2d call bakes its group count, which follows the channels."""
-    groups = call.args.get("groups", 1) or 1
-    if node.op != "call_function" or groups != old[1] or old[1] == new[1]:
-        return
-    if len(node.args) > 6:
-        node.args = (*node.args[:6], new[1], *node.args[7:])
-    else:
-        node.kwargs = {**node.kwargs, "groups": new[1]}
-
-
 @register_op("conv_transpose", ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
              functions=[F.conv_transpose1d, F.conv_transpose2d],
              aten=[_aten.conv_transpose1d.default, _aten.conv_transpose2d.input], bind=_bind_conv_transpose,
              modules={nn.ConvTranspose1d: _conv_transpose_args, nn.ConvTranspose2d: _conv_transpose_args},
-             macs=_conv_transpose_macs, produces_channels=True, resize=_resize_conv_transpose)
+             macs=_conv_transpose_macs, produces_channels=True, resize=_resize_conv)
 def rule_conv_transpose(ctx, call: OpCall) -> Labels:
     """A transposed convolution: its weight is (in, out / groups, k...), so input channels couple with weight
     dim 0 and output channels come from weight dim 1 (a depthwise one: both are weight dim 0)."""

@@ -15,7 +15,7 @@ the pruned features to the original's on the held-out images.
 Methods: l2, dimap (data-free), taylor, attention, reconstruction (calibration batches), auto
 (fxprune.auto_prune, the automatic method), torch-pruning (benchmarks/peer.py; needs `pip install torch-pruning`).
 Every fxprune row is compensated three ways from the same calibration batches: reweight nodes (the old
-default), least squares and sequential least squares (folded into the weights; the default is least squares).
+default), least squares and sequential least squares (folded into the weights; the default is sequential).
 Fine-tuning starts from the least-squares model (from the reweighted one before least squares existed).
 """
 from __future__ import annotations

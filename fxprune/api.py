@@ -170,10 +170,10 @@ def apply(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequenc
     """Carry out a plan: a physically smaller GraphModule that carries the plan (``fxprune.plan_of``).
 
     With ``reweight_data`` (calibration input batches) the removed channels are compensated. ``compensation``:
-    "least_squares" (the default) re-solves the kept weights and bias of every Linear whose inputs shrank, and
-    moves the removed k rows' share of each head's logits into its kept k rows, folded into plain weights
-    (``rewrite/compensate.py``); "sequential" does the same layer after layer with each layer's inputs taken
-    from the model pruned and compensated so far; "reweight" gives every Linear whose inputs shrank a
+    "least_squares" re-solves the kept weights and bias of every Linear whose inputs shrank, and moves the
+    removed k rows' share of each head's logits into its kept k rows, folded into plain weights
+    (``rewrite/compensate.py``); "sequential" (the default) does the same layer after layer with each layer's
+    inputs taken from the model pruned and compensated so far; "reweight" gives every Linear whose inputs shrank a
     per-channel scale and bias fitted to reproduce the unpruned layer (graph nodes, trainable;
     ``fold_reweights`` merges them).
     ``verify`` (default on): run the result on the example inputs and on another batch size against the masked

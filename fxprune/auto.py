@@ -20,8 +20,8 @@ Only the paper's abstract is public; this is fxprune's formulation of its five p
    group mapped to logits in [−1, 3]; otherwise θ = 3 everywhere.
 5. **reweight module** (``reweight=True``): after removal, what the removed channels contributed is fitted
    back on the calibration data (``fxprune.apply(..., reweight_data=...)``): by default the kept weights of
-   every projection whose inputs shrank are re-solved by least squares and folded in
-   (``compensation="least_squares"``); ``compensation="reweight"`` is the paper's module, per-channel scale
+   every projection whose inputs shrank are re-solved by least squares, layer after layer, and folded in
+   (``compensation="sequential"``, or "least_squares" in one shot); ``compensation="reweight"`` is the paper's module, per-channel scale
    and bias nodes in front of those projections, trainable, folded away by ``fxprune.fold_reweights``.
 
 The final selection meets the MACs target within the global-budget search (``fxprune.plan(target_macs=)``)
@@ -157,7 +157,7 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
     """Prune ``model`` to ``target_macs`` (a fraction of its MACs) with the automatic method; returns the pruned,
     reweighted GraphModule (its plan from ``fxprune.plan_of``, the trained indicators in the plan options).
     With ``reweight``, the removed channels are compensated on ``data`` as ``compensation`` says (see
-    ``fxprune.apply``: "least_squares" (default) / "sequential" weights, or trainable "reweight" nodes).
+    ``fxprune.apply``: "sequential" (default) / "least_squares" weights, or trainable "reweight" nodes).
     With ``attention_init`` the
     indicators start from the ``init_importance`` criterion (e.g. "reconstruction" instead of "attention").
     ``steps`` is the most indicator-training steps; with ``settle`` (a fraction) training stops once the

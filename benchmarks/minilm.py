@@ -6,8 +6,8 @@ L2 normalisation. Sentences: 300 from ``offline.sentences``, 64 to calibrate (4 
 For each MACs target and method, on the held-out sentences: the mean cosine similarity of the pruned model's
 embeddings to the unpruned model's (1 = unchanged), and the correlation of the two models' pairwise sentence
 similarities (does the pruned model still rank sentence pairs alike), right after pruning and after fxprune's
-reweighting (least-squares compensation fitted on the calibration batches); MACs (on the first held-out batch)
-and parameters kept; latency at batch 32 against the unpruned model (median of interleaved runs).
+compensation (its default, sequential least squares fitted on the calibration batches); MACs (on the first
+held-out batch) and parameters kept; latency at batch 32 against the unpruned model (median of interleaved runs).
 
 Methods: fxprune at a MACs target (``plan(target_macs=...)`` + ``apply``, one analysis shared, which is what
 ``fxprune.prune`` does per call) with importance l2, dimap (data-free), taylor, attention (calibration
@@ -259,7 +259,7 @@ def markdown(result: dict) -> str:
     lines = [f"\n**all-MiniLM-L6-v2** ({original['params'] / 1e6:.1f}M parameters, {original['macs'] / 1e6:.0f}M MACs "
              f"on a held-out batch of {HELD_OUT_BATCH}, {original['latency_ms']:.0f} ms; fxprune pruned {how})\n",
              "| MACs target | method | MACs kept | params kept | channels kept (mean) | cosine pruned | "
-             "cosine reweighted | sim. corr. pruned | sim. corr. reweighted | latency (x original) | prune (s) |",
+             "cosine compensated | sim. corr. pruned | sim. corr. compensated | latency (x original) | prune (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "macs" not in r:

@@ -194,3 +194,9 @@ class Runner(Interpreter):
                 if node.name == name:
                     return self.env[node]
         raise KeyError(name)
+
+    def refresh(self, targets: set[str]) -> None:
+        """Re-read parameters replaced since they were fetched (an exported graph fetches them all up front)."""
+        for node in list(self.env):
+            if node.op == "get_attr" and str(node.target) in targets:
+                self.env[node] = self.fetch_attr(str(node.target))

@@ -282,3 +282,33 @@ def test_auto_prune_starts_from_reconstruction_and_compensates_by_least_squares(
     assert fxprune.count_macs(pruned, (X,)) <= 0.71 * fxprune.count_macs(model, (X,))
     with pytest.raises(InvalidArgumentError, match="unknown importance"):
         fxprune.auto_prune(model, DATA, 0.7, example_inputs=(X,), steps=1, progress=False, init_importance="obs?")
+
+
+def test_sequential_fits_each_layer_on_the_model_compensated_before_it_in_an_exported_graph():
+    """An exported graph fetches every weight up front: the later layer's statistics must still come from the
+    model whose earlier layers are already compensated (its weights equal the fit recomputed on the result)."""
+    pytest.importorskip("transformers")
+    import hf_models
+    from fxprune.rewrite.compensate import shrinking_layers
+    from fxprune.statistics import watch
+
+    generator = torch.Generator().manual_seed(0)
+    model = hf_models.build("BERT", attention="sdpa")
+    analysis = fxprune.analyze(model, hf_models.inputs("BERT", 2, 8, generator))
+    assert analysis.gm.meta.get(meta.CAPTURE_METHOD) == "torch.export"
+    plan = fxprune.plan(analysis, 0.5)
+    data = [hf_models.inputs("BERT", 4, 8, generator) for _ in range(3)]
+    pruned = fxprune.apply(analysis, plan, reweight_data=data, compensation="sequential")
+    keep = kept_indices(analysis, plan.removed_atoms(analysis))
+    last = shrinking_layers(analysis, keep)[-1]
+    inputs, targets = [], []
+    watch(pruned, data, {last.node: lambda args, out: inputs.append(args[last.input_position])})
+    watch(analysis.gm, data, {last.node: lambda args, out: targets.append(out)})
+    x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]).double()
+    y = torch.cat([t.reshape(-1, t.shape[-1]) for t in targets]).double()
+    design = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    weight, bias = analysis.tensor(last.weight).double(), analysis.tensor(last.bias).double()
+    prior = torch.cat([weight[:, last.kept].T, bias[None]])
+    strength = RIDGE * float((design.T @ design).diagonal().mean())
+    expected = _explicit_ridge(design, y, prior, strength)
+    assert torch.allclose(pruned.get_parameter(last.weight).double(), expected[:-1].T, atol=1e-4, rtol=1e-3)

@@ -273,6 +273,8 @@ def _sequential(gm, analysis, keep, layers: list[Layer], statistics: dict, out_k
             kept = out_kept[layer.node]
             statistics[layer.node].add(x, y if kept is None else y.index_select(-1, kept))
         fitted.append(_solve_layer(gm, analysis, keep, layer, statistics[layer.node], ridge))
+        for current in pruned:  # what the solve replaced, wherever a runner already fetched it
+            current.refresh({layer.weight, layer.bias} - {None})
     return fitted
 
 

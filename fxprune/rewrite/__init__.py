@@ -31,7 +31,7 @@ from ..plan import Plan
 from .attention_scale import keep_attention_scale
 from .fix_sizes import fix_sizes
 from .compensate import least_squares
-from .drop_branches import drop_branches
+from .drop_branches import bypass, drop_branches
 from .gather_rows import gather_rows
 from .reweight import consumers, fit_reweight, insert_reweights, record_inputs
 from .slice_parameters import slice_parameters
@@ -101,12 +101,7 @@ def _without(analysis, branches: list):
         return analysis
     reference = fx.GraphModule(analysis.gm, copy.deepcopy(analysis.gm.graph))
     reference.meta = dict(analysis.gm.meta)
-    adds = {b.add: b for b in branches}
-    for node in list(reference.graph.nodes):
-        if node.name in adds:
-            node.replace_all_uses_with(node.args[adds[node.name].skip])
-            reference.graph.erase_node(node)
-    reference.graph.eliminate_dead_code()
+    bypass(reference.graph, branches)  # the graph only: its modules are the analysis' own
     reference.recompile()
     return dataclasses.replace(analysis, captured=dataclasses.replace(analysis.captured, gm=reference))
 

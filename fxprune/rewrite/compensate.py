@@ -114,10 +114,10 @@ class _LayerStatistics:
         self.yy += float(torch.linalg.vector_norm(y)) ** 2
 
 
-def _layer_callbacks(layer: Layer, statistics: _LayerStatistics, select_kept: bool) -> Callable:
+def _layer_callback(layer: Layer, statistics: _LayerStatistics) -> Callable:
+    """Records the unpruned layer's kept inputs and its output (one-shot statistics)."""
     def record(args: tuple, output: Any) -> None:
-        x = args[layer.input_position]
-        statistics.add(x.index_select(-1, layer.kept) if select_kept else x, output)
+        statistics.add(args[layer.input_position].index_select(-1, layer.kept), output)
     return record
 
 
@@ -142,7 +142,7 @@ def _error(xx: torch.Tensor, xy: torch.Tensor, yy: float, v: torch.Tensor) -> fl
     return float((v * (xx @ v)).sum() - 2 * (v * xy).sum() + yy)
 
 
-def _set(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:
+def set_tensor(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:
     """Replace a parameter or buffer by a new tensor (never writes into one the user's model may share)."""
     owner_path, _, attr = path.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
@@ -177,9 +177,9 @@ def _original_rows(analysis, keep: dict, layer: Layer) -> torch.Tensor:
 def _fold_layer(gm: fx.GraphModule, layer: Layer, v: torch.Tensor) -> None:
     k = len(layer.kept)
     weight = v[:k] if layer.in_dim == 0 else v[:k].T
-    _set(gm, layer.weight, weight)
+    set_tensor(gm, layer.weight, weight)
     if layer.bias is not None:
-        _set(gm, layer.bias, v[k])
+        set_tensor(gm, layer.bias, v[k])
 
 
 def _solve_layer(gm, analysis, keep, layer: Layer, statistics: _LayerStatistics, ridge: float) -> Fitted:
@@ -225,9 +225,9 @@ def _fold_keys(gm, analysis, keep, site: QkSite, gram: torch.Tensor, removed: to
         before = float(q_gram[gone_pos][:, gone_pos].trace())
         fitted.append(Fitted(f"{site.product.node}:{site.weight}[{int(targets[0])}..]", before, before - float((q_kr * b).sum())))
     if site.bias is not None:
-        _set(gm, site.bias, pruned[:, -1])
+        set_tensor(gm, site.bias, pruned[:, -1])
         pruned = pruned[:, :-1]
-    _set(gm, site.weight, pruned if site.out_dim == 0 else pruned.T)
+    set_tensor(gm, site.weight, pruned if site.out_dim == 0 else pruned.T)
     return fitted
 
 
@@ -235,14 +235,15 @@ def least_squares(gm: fx.GraphModule, analysis, keep: dict, removed: torch.Tenso
                   sequential: bool = False, ridge: float = RIDGE) -> list[Fitted]:
     """Pass: compensate ``gm`` (the pruned copy of ``analysis.gm``) in place; returns what was fitted."""
     batches = list(batches)
-    layers = [layer for layer in shrinking_layers(analysis, keep) if _present(gm, layer.node)]
-    sites = [site for site in qk_sites(analysis, removed) if _present(gm, site.product.node)]
+    present = {n.name for n in gm.graph.nodes}  # a removed residual branch takes its layers with it
+    layers = [layer for layer in shrinking_layers(analysis, keep) if layer.node in present]
+    sites = [site for site in qk_sites(analysis, removed) if site.product.node in present]
     grams: dict[str, torch.Tensor] = {}
     statistics = {layer.node: _LayerStatistics(layer) for layer in layers}
     callbacks = {site.product.node: _query_callback(site, grams) for site in sites}
     out_kept = {layer.node: keep.get(layer.weight, {}).get(1 - layer.in_dim) for layer in layers}
     if not sequential:
-        callbacks.update({layer.node: _layer_callbacks(layer, statistics[layer.node], True) for layer in layers})
+        callbacks.update({layer.node: _layer_callback(layer, statistics[layer.node]) for layer in layers})
     watch(analysis.gm, batches, {n: _kept_outputs(c, out_kept.get(n)) for n, c in callbacks.items()})
     fitted = []
     for site in sites:
@@ -277,6 +278,3 @@ def _sequential(gm, analysis, keep, layers: list[Layer], statistics: dict, out_k
             current.refresh({layer.weight, layer.bias} - {None})
     return fitted
 
-
-def _present(gm: fx.GraphModule, name: str) -> bool:
-    return any(n.name == name for n in gm.graph.nodes)

@@ -8,17 +8,22 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 
-def drop_branches(gm: fx.GraphModule, branches: Iterable) -> PassResult:
-    branches = list(branches)
+def bypass(graph: fx.Graph, branches: Iterable) -> None:
+    """Replace each branch's ``add(x, f(x))`` by ``x`` and drop the nodes nothing reads any more."""
     by_add = {b.add: b for b in branches}
-    for node in list(gm.graph.nodes):
+    for node in list(graph.nodes):
         branch = by_add.get(node.name)
         if branch is not None:
             node.replace_all_uses_with(node.args[branch.skip])
-            gm.graph.erase_node(node)
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+
+
+def drop_branches(gm: fx.GraphModule, branches: Iterable) -> PassResult:
+    branches = list(branches)
     if not branches:
         return PassResult(gm, False)
-    gm.graph.eliminate_dead_code()
+    bypass(gm.graph, branches)
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     for name in sorted(set().union(*(b.parameters for b in branches)) - used):
         owner_path, _, attr = name.rpartition(".")

@@ -21,22 +21,10 @@ from torch.fx.interpreter import Interpreter
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import meta
-from ..analysis.rules import ParamRef
+from ..statistics import tensor_name
+from .compensate import set_tensor
 
 PREFIX = meta.REWEIGHT_PREFIX
-
-
-def _linear_weight_name(call) -> tuple[str | None, str | None]:
-    weight, bias = call.args.get("weight"), call.args.get("bias")
-
-    def name(x):
-        if isinstance(x, ParamRef):
-            return x.name
-        if isinstance(x, fx.Node) and x.op == "get_attr":
-            return str(x.target)
-        return None
-
-    return name(weight), (name(bias) if bias is not None else None)
 
 
 def consumers(analysis, keep: dict[str, dict[int, torch.Tensor]]) -> list[tuple[str, str, torch.Tensor]]:
@@ -46,7 +34,7 @@ def consumers(analysis, keep: dict[str, dict[int, torch.Tensor]]) -> list[tuple[
         call = node.meta.get(meta.OP)
         if call is None or call.op != "linear":
             continue
-        weight, _ = _linear_weight_name(call)
+        weight = tensor_name(call.args.get("weight"))
         if weight is not None and 1 in keep.get(weight, {}):
             found.append((node.name, weight, keep[weight][1]))
     return found
@@ -132,13 +120,6 @@ def _linear_parts(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module | None, 
     return None, None, None
 
 
-def _set(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:
-    owner_path, _, attr = path.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    old = getattr(owner, attr)
-    setattr(owner, attr, nn.Parameter(value, requires_grad=getattr(old, "requires_grad", True)))
-
-
 def fold_reweights(gm: fx.GraphModule) -> int:
     """Fold every reweight (``x * scale + bias`` before a Linear) into that Linear; returns how many."""
     folded = 0
@@ -163,9 +144,9 @@ def fold_reweights(gm: fx.GraphModule) -> int:
         weight = gm.get_parameter(weight_path).detach()
         with torch.no_grad():
             new_bias = weight @ shift + (gm.get_parameter(bias_path).detach() if bias_path else 0)
-            _set(gm, weight_path, weight * scale)
+            set_tensor(gm, weight_path, weight * scale)
             if bias_path:
-                _set(gm, bias_path, new_bias)
+                set_tensor(gm, bias_path, new_bias)
             elif module is not None:
                 module.bias = nn.Parameter(new_bias)
             else:

@@ -1,4 +1,5 @@
 """torchvision's opaque attention made visible (equivalence first), then pruned like any other model."""
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
@@ -89,3 +90,26 @@ def test_multihead_attention_that_cannot_be_decomposed_stays_frozen():
     x = torch.randn(2, 5, 8)
     with torch.no_grad():
         assert torch.allclose(pruned(x), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("v2,layers", [(False, 1), (True, 2)])
+def test_values_of_nodes_capture_adds_equal_a_real_forward(v2, layers):
+    """Capture infers the values of the nodes its passes add (decomposed attention, split q/k/v) on meta tensors
+    instead of running the model again: every node's recorded value must be what a real forward records."""
+    import timm
+
+    from fxprune import meta
+    from fxprune.capture import capture, record_values, values
+
+    def no_second_forward(*_args):
+        raise AssertionError("the added nodes' values were not inferred: the graph was run again")
+
+    models = [(tv_vit(2, 4, layers), torch.randn(1, 3, 16, 16)), (tv_swin(v2, 2, 1, (1, layers)), torch.randn(1, 3, 16, 16)),
+              (timm.create_model("vit_tiny_patch16_224", img_size=32, depth=layers).eval(), torch.randn(1, 3, 32, 32))]
+    for model, x in models:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(values, "record_values", no_second_forward)
+            gm = capture(model, (x,)).gm
+        inferred = {n.name: n.meta[meta.VALUE] for n in gm.graph.nodes if n.op != "output"}
+        record_values(gm, (x,), "model")
+        assert inferred == {n.name: n.meta[meta.VALUE] for n in gm.graph.nodes if n.op != "output"}

@@ -23,7 +23,7 @@ import torch.nn as nn
 from .. import meta
 from ..errors import CaptureError, InvalidArgumentError
 from .tracer import LeafAwareTracer
-from .values import OpaqueValue, TensorValue, record_values
+from .values import OpaqueValue, TensorValue, record_missing_values, record_values
 
 
 @dataclass
@@ -91,11 +91,8 @@ def _capture(model: torch.nn.Module, example_inputs: Sequence | None, method: st
     from .normalize import unpack_stacked_heads
 
     for normalise in (make_attention_visible, unpack_stacked_heads):
-        if normalise(gm).modified:
-            if gm.meta.get(meta.CAPTURE_METHOD) == "torch.export":
-                _record_exported_values(gm, inputs, type(model).__name__)
-            else:
-                record_values(gm, inputs, type(model).__name__)
+        if normalise(gm).modified:  # values of the nodes the pass added; the others kept their shapes
+            record_missing_values(gm, inputs, type(model).__name__)
     cfg = getattr(model, "pretrained_cfg", None)
     architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
     if architecture is None and isinstance(model, fx.GraphModule):

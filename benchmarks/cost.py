@@ -13,7 +13,8 @@ Torch-Pruning's alike. The self-check's share is its fastest time over its faste
 of the rest of the call, both timed inside the calls, so load that comes and goes between (or within) calls
 never enters it as a difference of two runs. Compare within one run only. Memory is
 how far the first call raised the process's peak resident set (ru_maxrss; 0 when it stayed below an earlier
-peak), so it is rough.
+peak), so it is rough. The phase columns are the same steps called one by one (``phase_seconds``), the
+fastest of the repeats each: where the time goes.
 """
 from __future__ import annotations
 
@@ -67,6 +68,34 @@ def fxprune_cost(model: torch.nn.Module, repeats: int) -> dict:
             "fxprune_rss_growth_mb": calls[0][2]}
 
 
+PHASES = ("capture", "analyze", "plan", "rewrite", "self-check")
+
+
+def phase_seconds(model: torch.nn.Module, repeats: int) -> dict[str, float]:
+    """Where the time of a ``prune(model, 0.5)`` call goes: the same steps called one by one (capture, channel
+    analysis, importance and allocation, the rewrite passes, the self-check), the fastest of ``repeats`` each."""
+    from fxprune.analysis import analyze_captured
+    from fxprune.capture import capture
+    from fxprune.check import check_pruned
+
+    best = dict.fromkeys(PHASES, float("inf"))
+    for _ in range(repeats):
+        state: dict = {}
+        steps = {
+            "capture": lambda: state.update(captured=capture(model)),
+            "analyze": lambda: state.update(analysis=analyze_captured(state["captured"])),
+            "plan": lambda: state.update(plan=fxprune.plan(state["analysis"], 0.5)),
+            "rewrite": lambda: state.update(pruned=fxprune.apply(state["analysis"], state["plan"], verify=False)),
+            "self-check": lambda: check_pruned(state["analysis"], state["plan"].removed_atoms(state["analysis"]),
+                                               state["pruned"]),
+        }
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
 def torch_pruning_cost(model: torch.nn.Module, repeats: int) -> float | None:
     """Torch-Pruning's ViT recipe (benchmarks/peer.py: head dims and MLP channels, Swin's bias tables and patch
     merging ignored so that Swin really gets pruned), timed end to end like fxprune (a deep copy included);
@@ -102,6 +131,7 @@ def main() -> None:
             continue
         model = timm.create_model(name, **kwargs).eval()
         cost = fxprune_cost(model, args.repeats)
+        cost["phases_s"] = phase_seconds(model, args.repeats)
         peer = None if args.no_peer else torch_pruning_cost(timm.create_model(name, **kwargs).eval(), args.repeats)
         row = {"model": label, "timm": name, "args": kwargs, "params_m": fxprune.count_params(model) / 1e6,
                **cost, "torch_pruning_s": peer}
@@ -109,19 +139,22 @@ def main() -> None:
         print(f"{label:16s} fxprune {cost['fxprune_s']:6.2f}s (+{cost['fxprune_rss_growth_mb']:6.0f} MB; self-check "
               f"{cost['fxprune_check_s']:5.2f}s, {100 * cost['fxprune_check_share']:.0f}%)   torch-pruning "
               f"{'-' if peer is None else f'{peer:6.2f}s'}", flush=True)
+        print("                 phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in cost["phases_s"].items()), flush=True)
         del model
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     summary = {"threads": args.threads, "repeats": args.repeats, "rows": rows}
     (out / "cost.json").write_text(json.dumps(summary, indent=1))
     if args.markdown:
-        print("\n| model | params (M) | fxprune (s) | of which self-check | new peak RSS (MB) | Torch-Pruning (s) |")
-        print("|---|---|---|---|---|---|")
+        print("\n| model | params (M) | fxprune (s) | of which self-check | new peak RSS (MB) | Torch-Pruning (s) | "
+              + " | ".join(f"{p} (s)" for p in PHASES) + " |")
+        print("|---|---|---|---|---|---|" + "---|" * len(PHASES))
         for r in rows:
             peer = "-" if r["torch_pruning_s"] is None else f"{r['torch_pruning_s']:.2f}"
             check = r["fxprune_check_share"]
             print(f"| {r['model']} | {r['params_m']:.1f} | {r['fxprune_s']:.2f} | {100 * check:.0f}% | "
-                  f"{r['fxprune_rss_growth_mb']:.0f} | {peer} |")
+                  f"{r['fxprune_rss_growth_mb']:.0f} | {peer} | "
+                  + " | ".join(f"{r['phases_s'][p]:.2f}" for p in PHASES) + " |")
 
 
 if __name__ == "__main__":

@@ -90,8 +90,9 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
     for head, channels in atoms.head_links.items():
         for c in channels:
             owners[c].add(head)
+    group_list = group_of.tolist()  # read atom by atom below
     for g, members in head_groups:
-        _describe_heads(groups[g], members, atoms, owners, group_of, groups, used_names)
+        _describe_heads(groups[g], members, atoms, owners, group_list, groups, used_names)
     for peers in _stacked_groups(atoms, group_of, (b for b in blocks if b.level == CHANNEL)):
         for g in peers:
             groups[g].same_count_as = sorted(groups[p].name for p in peers if p != g)
@@ -154,7 +155,7 @@ def _head_layouts(atoms: Atoms, group_of: torch.Tensor) -> tuple[dict[int, list[
 
 
 def _describe_heads(group: Group, members: list[int], atoms: Atoms, owners: dict[int, set[int]],
-                    group_of: torch.Tensor, groups: list[Group], used: set[str]) -> None:
+                    group_of: list[int], groups: list[Group], used: set[str]) -> None:
     """Name a head group after the channels its heads own, and freeze it where whole-head removal is unsafe."""
     linked: set[int] = set()
     for head in members:
@@ -171,12 +172,12 @@ def _describe_heads(group: Group, members: list[int], atoms: Atoms, owners: dict
                 group.frozen.append(reason)
     for head in members:  # removing a head must take whole rows of every channel group it reaches
         channels = atoms.head_links.get(head, set())
-        for g in sorted({int(group_of[c]) for c in channels if int(group_of[c]) >= 0}):
+        for g in sorted({group_of[c] for c in channels if group_of[c] >= 0}):
             if any(0 < sum(1 for a in row if a in channels) < len(row) for row in groups[g].rows):
                 why = f"a head owns only part of a row of '{groups[g].name}' (its channels are tied to other heads)"
                 if why not in group.frozen:
                     group.frozen.append(why)
-    anchors = sorted({groups[int(group_of[c])].name.split(":")[0] for c in linked if int(group_of[c]) >= 0})
+    anchors = sorted({groups[group_of[c]].name.split(":")[0] for c in linked if group_of[c] >= 0})
     anchor = anchors[0] if anchors else "attention"
     name, k = f"{anchor}:heads", 2
     while name in used:

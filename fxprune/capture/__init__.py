@@ -23,7 +23,7 @@ import torch.nn as nn
 from .. import meta
 from ..errors import CaptureError, InvalidArgumentError
 from .tracer import LeafAwareTracer
-from .values import OpaqueValue, TensorValue, record_missing_values, record_values
+from .values import OpaqueValue, TensorValue, record_values, record_values_on_meta
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _capture(model: torch.nn.Module, example_inputs: Sequence | None, method: st
 
     for normalise in (make_attention_visible, unpack_stacked_heads):
         if normalise(gm).modified:  # values of the nodes the pass added; the others kept their shapes
-            record_missing_values(gm, inputs, type(model).__name__)
+            record_values_on_meta(gm, inputs, type(model).__name__, only_missing=True)
     cfg = getattr(model, "pretrained_cfg", None)
     architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
     if architecture is None and isinstance(model, fx.GraphModule):
@@ -188,7 +188,8 @@ def _export(model_copy: torch.nn.Module, inputs: tuple, name: str) -> fx.GraphMo
 
 def _record_exported_values(gm: fx.GraphModule, inputs: tuple, name: str) -> None:
     """``record_values`` on fake tensors (shapes and dtypes without computing anything: a real forward of a
-    1B-parameter decoder took seconds), falling back to the real forward wherever fake propagation fails
+    1B-parameter decoder took seconds; meta tensors, as for symbolic traces, fail on the tensors an exported
+    text model creates on the CPU, e.g. its position ids and masks), falling back to the real forward wherever fake propagation fails
     (an op without a fake kernel, a value the graph reads from data). torch.export traced this graph with
     fake tensors already, so it propagates; the shapes a fake tensor carries are the real ones."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -307,7 +308,7 @@ def _trace(model: torch.nn.Module, model_copy: torch.nn.Module, inputs: tuple, m
         gm.meta[meta.OPENED_LEAVES] = list(tracer.opened)
         gm.meta[meta.KEPT_LEAVES] = {**tracer.kept, **{path: "its trace failed inside the model" for path in closed}}
         try:
-            record_values(gm, inputs, type(model).__name__)
+            record_values_on_meta(gm, inputs, type(model).__name__)
             return gm, "", list(tracer.opened)
         except CaptureError as exc:
             if method == "symbolic":

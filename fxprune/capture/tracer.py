@@ -75,6 +75,26 @@ class LeafAwareTracer(fx.Tracer):
                 self._probe_cache[key] = f"torch.fx cannot trace it: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return self._probe_cache[key]
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        """A parameter's ``get_attr`` proxy, its name looked up by identity. fx's own ``getattr`` searches
+        ``root.named_parameters()`` from the start on every parameter read: quadratic in depth (more than
+        a tenth of the prune call at depth 48)."""
+        if isinstance(attr_val, torch.nn.Parameter) and not self.param_shapes_constant:
+            name = self._parameter_names().get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _parameter_names(self) -> dict[int, str]:
+        """id -> the first name ``root.named_parameters()`` gives each parameter (as fx's search finds)."""
+        if getattr(self, "_names_root", None) is not self.root:
+            self._names_root, self._names = self.root, {}
+            for name, p in self.root.named_parameters():
+                self._names.setdefault(id(p), name)
+        return self._names
+
     def call_module(self, m: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         try:
             path = self.path_of_module(m)

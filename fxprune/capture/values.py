@@ -46,15 +46,29 @@ class OpaqueValue:
     type_name: str
 
 
-def record_missing_values(gm: fx.GraphModule, inputs: tuple, model_name: str) -> None:
-    """Values of the nodes a capture pass added (those without one), inferred on meta tensors from their
-    arguments' recorded values; the whole graph is run again (``record_values``) where that cannot be done
-    (a module call, an op without a meta kernel). Normalising ViT-B's stacked q/k/v otherwise cost a second
-    full forward pass: a sixth of the prune call."""
-    missing = [n for n in gm.graph.nodes if meta.VALUE not in n.meta and n.op != "output"]
+_NO_INPUT = object()
+
+
+def record_values_on_meta(gm: fx.GraphModule, inputs: tuple, model_name: str, only_missing: bool = False) -> None:
+    """Every node's value (``only_missing``: of the nodes without one, which a capture pass added) inferred
+    on meta tensors: shapes and dtypes without computing anything. A real forward of ViT-B at the example
+    batch was a sixth of the prune call, and normalising its stacked q/k/v cost a second one. Where meta
+    tensors cannot stand in (data-dependent Python or ops, a value read from a tensor, an op without a meta
+    kernel, a module holding plain tensors) the graph runs for real (``record_values``). The first real run
+    of the graph is then the self-check's (or calibration's), which names inputs the model does not accept."""
+    nodes = [n for n in gm.graph.nodes if n.op != "output" and not (only_missing and meta.VALUE in n.meta)]
+    placeholders = iter(inputs)
     try:
-        for node in missing:
-            node.meta[meta.VALUE] = _describe(_run_on_meta(gm, node))
+        for node in nodes:
+            if node.op == "placeholder":
+                value = next(placeholders, _NO_INPUT)
+                if value is _NO_INPUT:  # an input left to its default (``attn_mask=None``), as Interpreter does
+                    if not node.args:
+                        raise ValueError(f"no value for input '{node.name}'")
+                    value = node.args[0]
+            else:
+                value = _run_on_meta(gm, node)
+            node.meta[meta.VALUE] = _describe(value)
     except Exception:  # noqa: BLE001 - any doubt: the real forward records every value
         record_values(gm, inputs, model_name)
 

@@ -90,28 +90,44 @@ def qk_sites(analysis, removed: torch.Tensor) -> list[QkSite]:
 class _LayerStatistics:
     """Accumulates X_KᵀX_K and X_KᵀY for one layer (X_K with a ones column when the layer has a bias).
 
-    Each batch's products are float32 matrix products (the cost of compensation), summed in float64; the ones
-    column's blocks are column sums, not a wider product.
+    Each batch's products are float32 matrix products (the cost of compensation), added into float64 sums in
+    place; the ones column's blocks are column sums, joined to the products once, when the layer is solved.
     """
 
     def __init__(self, layer: Layer) -> None:
         self.layer = layer
-        self.xx: torch.Tensor | float = 0.0
-        self.xy: torch.Tensor | float = 0.0
-        self.yy: float = 0.0
+        self.gram: torch.Tensor | None = None  # X_KᵀX_K
+        self.cross: torch.Tensor | None = None  # X_KᵀY
+        self.x_sum: torch.Tensor | float = 0.0
+        self.y_sum: torch.Tensor | float = 0.0
+        self.rows = 0
+        self.yy = 0.0
 
     def add(self, x_kept: torch.Tensor, y: torch.Tensor) -> None:
         x = x_kept.detach().reshape(-1, x_kept.shape[-1]).float()
         y = y.detach().reshape(-1, y.shape[-1]).float()
-        xx, xy = (x.T @ x).double(), (x.T @ y).double()
+        if self.gram is None:
+            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.cross = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
+        self.gram.add_(x.T @ x)
+        self.cross.add_(x.T @ y)
         if self.layer.bias is not None:
-            x_sum, y_sum = x.sum(0).double(), y.sum(0).double()
-            xx = torch.cat([torch.cat([xx, x_sum[:, None]], 1),
-                            torch.cat([x_sum, x_sum.new_tensor([x.shape[0]])])[None]], 0)
-            xy = torch.cat([xy, y_sum[None]], 0)
-        self.xx = self.xx + xx
-        self.xy = self.xy + xy
+            self.x_sum = self.x_sum + x.sum(0, dtype=torch.float64)
+            self.y_sum = self.y_sum + y.sum(0, dtype=torch.float64)
+        self.rows += x.shape[0]
         self.yy += float(torch.linalg.vector_norm(y)) ** 2
+
+    @property
+    def xx(self) -> torch.Tensor:
+        if self.layer.bias is None:
+            return self.gram
+        corner = torch.tensor([[float(self.rows)]], dtype=torch.float64)
+        return torch.cat([torch.cat([self.gram, self.x_sum[:, None]], 1),
+                          torch.cat([self.x_sum[None], corner], 1)], 0)
+
+    @property
+    def xy(self) -> torch.Tensor:
+        return self.cross if self.layer.bias is None else torch.cat([self.cross, self.y_sum[None]], 0)
 
 
 def _layer_callback(layer: Layer, statistics: _LayerStatistics) -> Callable:
@@ -131,10 +147,17 @@ def _query_callback(site: QkSite, grams: dict[str, torch.Tensor]) -> Callable:
 # --- solving and folding -----------------------------------------------------------------------------------
 
 def ridge_solve(xx: torch.Tensor, xy: torch.Tensor, prior: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
-    """argmin_V ||X V - Y||² + λ||V - prior||² from XᵀX and XᵀY, λ = ridge x the mean diagonal of XᵀX."""
+    """argmin_V ||X V - Y||² + λ||V - prior||² from XᵀX and XᵀY, λ = ridge x the mean diagonal of XᵀX.
+
+    XᵀX + λI is symmetric positive definite: a Cholesky solve (half an LU's work), LU where rounding makes
+    the factorisation fail."""
     strength = ridge * xx.diagonal().mean().clamp_min(1e-12)
     system = xx + strength * torch.eye(xx.shape[0], dtype=xx.dtype)
-    return torch.linalg.solve(system, xy + strength * prior)
+    rhs = xy + strength * prior
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor)
+    return torch.linalg.solve(system, rhs)
 
 
 def _error(xx: torch.Tensor, xy: torch.Tensor, yy: float, v: torch.Tensor) -> float:
@@ -184,8 +207,9 @@ def _fold_layer(gm: fx.GraphModule, layer: Layer, v: torch.Tensor) -> None:
 
 def _solve_layer(gm, analysis, keep, layer: Layer, statistics: _LayerStatistics, ridge: float) -> Fitted:
     prior = _original_rows(analysis, keep, layer)
-    v = ridge_solve(statistics.xx, statistics.xy, prior, ridge)  # Y was recorded at the kept outputs only
-    before, after = (_error(statistics.xx, statistics.xy, statistics.yy, m) for m in (prior, v))
+    xx, xy = statistics.xx, statistics.xy
+    v = ridge_solve(xx, xy, prior, ridge)  # Y was recorded at the kept outputs only
+    before, after = (_error(xx, xy, statistics.yy, m) for m in (prior, v))
     _fold_layer(gm, layer, v)
     return Fitted(layer.node, before, after)
 

@@ -37,13 +37,18 @@ def _edge_slice(item: slice, new_size: int) -> slice:
 
 
 def _resize_getitem(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
-    """x[..., :h] whose channels shrank: the slice bounds follow the new size (see ``_edge_slice``)."""
-    index = call.args.get("index")
+    """x[..., :h] whose channels shrank: the slice bounds follow the new size (see ``_edge_slice``).
+
+    The index is read from ``node`` itself: the recorded call's arguments may be nodes of the analysed graph,
+    not of this copy. Full slices cover any size, and an index tensor (a gather) bakes in no size."""
+    index = node.args[1] if len(node.args) > 1 else None
     source = node.args[0] if node.args else None
     value = source.meta.get(meta.VALUE) if isinstance(source, fx.Node) else None
     if not isinstance(value, TensorValue) or not isinstance(old, tuple):
         return  # an element of a tuple, not an index into a tensor
     items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(item, (fx.Node, torch.Tensor, list)) for item in items):
+        return
     if Ellipsis in items:
         at = items.index(Ellipsis)
         n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
@@ -52,7 +57,7 @@ def _resize_getitem(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None
     for position, item in enumerate(items):
         if isinstance(item, int):
             continue
-        if isinstance(item, slice) and old[out_dim] != new[out_dim]:
+        if isinstance(item, slice) and item != slice(None) and old[out_dim] != new[out_dim]:
             items[position], changed = _edge_slice(item, new[out_dim]), True
         out_dim += 1
     if changed:
@@ -173,21 +178,26 @@ def rule_index(ctx, call: OpCall) -> Labels:
 
 
 def _gather(ctx, labels: Labels, index: tuple, shape: Sequence[int]) -> Labels:
-    """``table[idx]`` with one index tensor on dim 0 (relative position tables): other dims keep their ids."""
-    if len(index) != 1 or not isinstance(index[0], fx.Node):
-        ctx.freeze_labels(labels, "advanced indexing other than table[index] is not supported")
+    """``table[..., idx, ...]`` with one index tensor, after full slices only (relative position tables:
+    ``table[idx]``; TinyViT's per-head biases: ``biases[:, idx]``): the gathered dim becomes the index's
+    dims, every other dim keeps its ids (heads stay heads)."""
+    at = next((p for p, item in enumerate(index) if not (isinstance(item, slice) and item == slice(None))), None)
+    if at is None or not isinstance(index[at], fx.Node) or any(
+            not (isinstance(item, slice) and item == slice(None)) for item in index[at + 1:]):
+        ctx.freeze_labels(labels, "advanced indexing other than table[..., index] is not supported")
         return ()
-    gathered = ctx.shape(index[0])
+    gathered = ctx.shape(index[at])
     if gathered is None:
         ctx.freeze_labels(labels, "indexing with a non-tensor index")
         return ()
     out = []
     for block in labels:
-        if block.dim == 0 or block.ids.shape[0] > 1:
+        if block.dim == at or block.ids.shape[at] > 1:
             ctx.freeze(block.ids, "channels along a gathered dim")
             continue
-        ids = block.ids.squeeze(0).reshape((1,) * len(gathered) + tuple(block.ids.shape[1:]))
-        out.append(block.moved(ids, block.dim - 1 + len(gathered)))
+        ids = block.ids.squeeze(at)
+        ids = ids.reshape(tuple(ids.shape[:at]) + (1,) * len(gathered) + tuple(ids.shape[at:]))
+        out.append(block.moved(ids, block.dim if block.dim < at else block.dim - 1 + len(gathered)))
     return tuple(out)
 
 

@@ -114,6 +114,11 @@ FAMILIES = {f.name: f for f in (
            lambda a: {**_decoder(a), "sliding_window": 4 if a.variant else None}, variant="sliding window of 4"),
     Family("Qwen2", "decoder", "Qwen2Model", "Qwen2Config", _decoder),
     Family("Qwen3", "decoder", "Qwen3Model", "Qwen3Config", _decoder),
+    # interleaved rotary embeddings (x[..., ::2] and x[..., 1::2] rotated as pairs, cos/sin repeat_interleave'd)
+    Family("GPT-J", "decoder", "GPTJModel", "GPTJConfig",
+           lambda a: dict(vocab_size=VOCAB, n_embd=a.hidden, n_layer=a.layers, n_head=a.heads, n_inner=a.intermediate,
+                          n_positions=POSITIONS, rotary_dim=a.head_dim, bos_token_id=1, eos_token_id=2)),
+    Family("Cohere", "decoder", "CohereModel", "CohereConfig", _decoder),
 )}
 
 

@@ -83,6 +83,23 @@ def test_gpt2_conv1d_prunes_qk_v_heads_and_mlp():
     assert pruned.get_parameter("h.0.mlp.c_fc.weight").shape == (32, 96)  # Conv1D stores [in, out]
 
 
+def test_gptj_interleaved_rotary_removes_aligned_pairs_per_head():
+    """GPT-J rotates channels 2i and 2i + 1 together (x[..., ::2], x[..., 1::2]; cos/sin repeat_interleave'd):
+    q/k channels go in those pairs, each head choosing its own, and whole heads can go."""
+    config = transformers.GPTJConfig(n_embd=32, n_layer=1, n_head=4, rotary_dim=8, n_inner=48, vocab_size=50,
+                                     n_positions=16, bos_token_id=1, eos_token_id=2)
+    model = randomize(transformers.GPTJModel(config)).eval()
+    analysis = fxprune.analyze(model, example_inputs=(_tokens(2, 5),))
+    groups = _groups(analysis)
+    assert all(g.prunable for g in groups.values()), [(g.name, g.frozen) for g in groups.values()]
+    assert groups["qk"].channels_per_atom == 2 and len(groups["qk"].rows) == 4
+    pruned = fxprune.prune(analysis, 0.5, head_ratio=0.5)
+    original, kept = model.h[0].attn.k_proj.weight, pruned.get_parameter("h.0.attn.k_proj.weight")
+    rows = sorted(int((original == row).all(1).nonzero()[0]) for row in kept)
+    assert len(rows) == 8  # two heads of four channels
+    assert all(rows[i] % 2 == 0 and rows[i + 1] == rows[i] + 1 for i in range(0, 8, 2))
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_swin_relative_position_bias_follows_the_kept_heads(attn):
     config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[4], window_size=4)

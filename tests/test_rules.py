@@ -5,8 +5,8 @@ from hypothesis import given, strategies as st
 
 import fxprune
 from helpers import assert_unchanged, masked_error, state_snapshot
-from toy_models import (CatBiasAttention, ChunkedAttention, ConvMlp, LinearAttention, OldStyleAttention, Residual,
-                        SeparateProjections, SharedDepthwiseOnV, UnknownOpMlp)
+from toy_models import (CatBiasAttention, ChunkedAttention, ConvMlp, InterleavedRotary, LinearAttention,
+                        OldStyleAttention, Residual, SeparateProjections, SharedDepthwiseOnV, UnknownOpMlp)
 
 TOKENS = 9
 
@@ -497,3 +497,51 @@ def test_a_norm_weight_every_head_shares_lets_whole_heads_go():
     _, _, pruned = _prune_and_check(model, torch.randn(2, TOKENS, 16), 0.0, head_ratio=0.5)
     assert pruned.get_submodule("block.qkv").out_features == 24
     assert pruned.get_submodule("block.q_norm").weight.shape == (8,)  # the shared weight keeps its width
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_interleaved_rotary_removes_channels_in_aligned_pairs(heads):
+    """x[..., ::2] and x[..., 1::2] pair channel 2i with 2i + 1: pairs go whole, so the strided slices still
+    pick each pair's halves after pruning; the shared cos/sin table is read per head."""
+    model = Residual(InterleavedRotary(16, heads), 16).eval()
+    analysis, plan, pruned = _prune_and_check(model, torch.randn(3, TOKENS, 16), 0.5, head_ratio=0.5 if heads > 1 else 0)
+    (qk,) = _groups(analysis, "qk")
+    assert qk.prunable and qk.channels_per_atom == 2, qk.frozen
+    original, kept = model.block.k.weight, pruned.get_parameter("block.k.weight")
+    rows = sorted(int((original == row).all(1).nonzero()[0]) for row in kept)
+    assert len(rows) < original.shape[0] and len(rows) % 2 == 0
+    assert all(rows[i] % 2 == 0 and rows[i + 1] == rows[i] + 1 for i in range(0, len(rows), 2))  # aligned pairs
+
+
+def test_a_strided_slice_over_part_of_the_channels_freezes_them():
+    class Strided(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(8, 12), torch.nn.Linear(3, 8)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x)[..., :6:2])
+
+    analysis = fxprune.analyze(Strided(), (torch.randn(1, 8),))
+    (hidden,) = [g for g in analysis.groups if "fc1" in g.name]
+    assert any("channels are sliced with a step over part of their range" in why for why in hidden.frozen)
+
+
+class InterleavedGlu(torch.nn.Module):
+    """A gated MLP whose gate and value channels alternate in one projection: h[..., ::2] * silu(h[..., 1::2])."""
+
+    def __init__(self, dim: int = 8, hidden: int = 12) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(dim, 2 * hidden), torch.nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h[..., ::2] * torch.nn.functional.silu(h[..., 1::2]))
+
+
+def test_strided_slices_of_an_interleaved_glu_prune_in_pairs():
+    model = Residual(InterleavedGlu(), 8).eval()
+    analysis, plan, pruned = _prune_and_check(model, torch.randn(3, TOKENS, 8), 0.5)
+    (mlp,) = [g for g in analysis.groups if "fc1" in g.name]
+    assert mlp.prunable and mlp.width == 12, mlp.frozen  # one atom per (value, gate) pair
+    assert pruned.get_parameter("block.fc1.weight").shape[0] == 12 and pruned.get_parameter("block.fc2.weight").shape[1] == 6

@@ -20,19 +20,36 @@ def _example_value(bound: Any) -> Any:
     return bound.meta.get(meta.VALUE) if isinstance(bound, fx.Node) else bound
 
 
-def _unsupported_channel_slice(item: slice) -> str | None:
+def _unsupported_channel_slice(item: slice, width: int) -> str | None:
     """Why a slice of channels by position cannot follow their removal, or None when it can: a leading or
     trailing range (``x[..., :h]``, ``x[..., h:]``, as in rotate_half and partial rotary embeddings) keeps
-    exactly the surviving channels of its range, and its bounds are rewritten from the new size."""
+    exactly the surviving channels of its range, and its bounds are rewritten from the new size; a strided
+    slice over all channels (``x[..., ::2]``, ``x[..., 1::2]``, interleaved rotary embeddings) keeps them when
+    channels go in aligned runs of ``step`` (see ``_couple_strided``)."""
     if item.step not in (None, 1):
-        return "channels are sliced with a step"
+        if item.stop is not None or (item.start or 0) >= item.step:
+            return "channels are sliced with a step over part of their range"
+        if width % item.step:
+            return "channels are sliced with a step that does not divide their count"
+        return None
     if item.start not in (None, 0) and item.stop is not None:
         return "a middle range of channels is sliced out"
     return None
 
 
+def _couple_strided(ctx, ids: torch.Tensor, dim: int, step: int) -> None:
+    """``x[..., j::step]`` still picks the j-th of every run of ``step`` channels after pruning only if runs go
+    whole: channels ``step * i`` to ``step * i + step - 1`` are removed together (a rotation pair of an
+    interleaved rotary embedding, ``x[..., ::2]`` and ``x[..., 1::2]``)."""
+    runs = ids.unflatten(dim, (ids.shape[dim] // step, step))
+    ctx.ch.union_within(runs, (dim + 1,))
+
+
 def _edge_slice(item: slice, new_size: int) -> slice:
-    """The leading or trailing slice of ``new_size`` items that ``item`` becomes after pruning."""
+    """The leading or trailing slice of ``new_size`` items that ``item`` becomes after pruning; a strided
+    slice over every channel stays as it is (runs of ``step`` go whole)."""
+    if item.step not in (None, 1):
+        return slice(item.start, None, item.step)
     return slice(0, new_size) if item.start in (None, 0) else slice(-new_size, None)
 
 
@@ -64,7 +81,7 @@ def _resize_slice(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
     dim = call.args.get("dim", 0) % len(old)
     if old[dim] == new[dim]:
         return
-    item = _edge_slice(slice(call.args.get("start") or None, None), new[dim])
+    item = _edge_slice(slice(call.args.get("start") or None, None, call.args.get("step")), new[dim])
     node.args = (node.args[0], dim, item.start, item.stop if item.stop is not None else _END, *node.args[4:])
     node.kwargs = {k: v for k, v in node.kwargs.items() if k == "step"}
 
@@ -113,12 +130,14 @@ def rule_getitem(ctx, call: OpCall) -> Any:
                 item = slice(*(_example_value(v) for v in (item.start, item.stop, item.step)))
                 full = item.start in (None, 0) and item.stop is None and item.step in (None, 1)
                 if not full and d == block.dim:
-                    unsupported = _unsupported_channel_slice(item)
+                    unsupported = _unsupported_channel_slice(item, block.ids.shape[block.dim])
                     if unsupported:
                         ctx.freeze(block.ids, unsupported)
                         ok = False
                         break
-                    if block.row_dims():  # every row (head) must keep as many channels inside the slice
+                    if item.step not in (None, 1):
+                        _couple_strided(ctx, block.ids, block.dim, item.step)
+                    elif block.row_dims():  # every row (head) must keep as many channels inside the slice
                         width = block.ids.shape[block.dim]
                         region = torch.zeros(width, dtype=torch.bool)
                         region[item] = True

@@ -168,9 +168,11 @@ def rule_shape_query(ctx, call: OpCall) -> None:
 
 @register_op("cat", ("tensors", "dim"), functions=[torch.cat, torch.concat], aten=[_aten.cat.default])
 def rule_cat(ctx, call: OpCall) -> Labels:
-    tensors = list(call.args["tensors"])
     ndim = ctx.out.ndim
     dim = call.args.get("dim", 0) % ndim
+    # an empty piece (the pass-through part x[..., rotary_dim:] of a rotary embedding that rotates every
+    # channel) adds no positions
+    tensors = [x for x in call.args["tensors"] if (ctx.shape(x) or (1,) * ndim)[dim] != 0]
     per_input = [(x, ctx.shape(x), {(b.dim, b.level): b for b in ctx.labels(x)}) for x in tensors]
     out: list[Block] = []
     keys = sorted({k for _, _, blocks in per_input for k in blocks})
@@ -287,3 +289,27 @@ def rule_unfold(ctx, call: OpCall) -> Labels:
     dim = call.args.get("dimension", 0) % max(ndim, 1)
     kept = _keep_off(ctx, ctx.labels(call.args["input"]), {dim}, "unfolded into sliding windows along this dim")
     return tuple(b.moved(b.ids.unsqueeze(-1), b.dim) for b in kept)
+
+
+def _resize_repeat_interleave(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
+    """repeat_interleave with an ``output_size`` hint: the hint is dropped (it is the old size)."""
+    if "output_size" in node.kwargs:
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "output_size"}
+    if len(node.args) > 3:
+        node.args = node.args[:3]
+
+
+@register_op("repeat_interleave", ("input", "repeats", "dim", "output_size"), functions=[torch.repeat_interleave],
+             methods=["repeat_interleave"], aten=[_aten.repeat_interleave.self_int], resize=_resize_repeat_interleave)
+def rule_repeat_interleave(ctx, call: OpCall) -> Labels:
+    """x.repeat_interleave(r, dim): every position of ``dim`` is repeated ``r`` times in place (an interleaved
+    rotary embedding's cos and sin, one value per rotation pair). The copies carry their source's ids, so
+    removing a channel removes its copies; without ``dim`` the input is flattened first (not followed)."""
+    x, repeats, dim = call.args["input"], call.args.get("repeats"), call.args.get("dim")
+    labels = ctx.labels(x)
+    if not isinstance(repeats, int) or dim is None:
+        ctx.freeze_labels(labels, "repeat_interleave by a tensor of counts or over the flattened input")
+        return ()
+    dim %= ctx.out.ndim
+    return tuple(b.moved(b.ids.repeat_interleave(repeats, dim) if b.ids.shape[dim] > 1 else b.ids, b.dim)
+                 for b in labels)

@@ -119,6 +119,9 @@ FAMILIES = {f.name: f for f in (
            lambda a: dict(vocab_size=VOCAB, n_embd=a.hidden, n_layer=a.layers, n_head=a.heads, n_inner=a.intermediate,
                           n_positions=POSITIONS, rotary_dim=a.head_dim, bos_token_id=1, eos_token_id=2)),
     Family("Cohere", "decoder", "CohereModel", "CohereConfig", _decoder),
+    # one fused qkv_proj sliced by position into q, k (a middle range) and v; one gate_up_proj chunked in two
+    Family("Phi-3", "decoder", "Phi3Model", "Phi3Config",
+           lambda a: {**_decoder(a), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
 )}
 
 

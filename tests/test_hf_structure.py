@@ -100,6 +100,41 @@ def test_gptj_interleaved_rotary_removes_aligned_pairs_per_head():
     assert all(rows[i] % 2 == 0 and rows[i + 1] == rows[i] + 1 for i in range(0, 8, 2))
 
 
+def test_phi3_fused_qkv_sliced_by_position_prunes_q_k_v_and_kv_groups():
+    """Phi-3 slices its fused qkv_proj by position (q = [:32], k = [32:48], a middle range, v = [48:]): each
+    range keeps its own surviving rows and the slice bounds move with them; gate_up_proj is a gated MLP."""
+    config = transformers.Phi3Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                     intermediate_size=24, vocab_size=50, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = randomize(transformers.Phi3Model(config)).eval()
+    analysis = fxprune.analyze(model, example_inputs=(_tokens(2, 5),))
+    groups = _groups(analysis)
+    assert set(groups) == {"qk", "v", "mlp", "heads"}
+    assert all(g.prunable for g in groups.values()), [(g.name, g.frozen) for g in groups.values()]
+    pruned = fxprune.prune(analysis, 0.5, head_ratio=0.5)
+    original, kept = model.layers[0].self_attn.qkv_proj.weight, pruned.get_parameter("layers.0.self_attn.qkv_proj.weight")
+    rows = [int((original == row).all(1).nonzero()[0]) for row in kept]
+    assert rows == sorted(rows)
+    parts = [sum(1 for r in rows if lo <= r < hi) for lo, hi in ((0, 32), (32, 48), (48, 64))]
+    assert parts == [8, 4, 4]  # one kv group left: its two query heads and its k and v, each at half width
+    assert pruned.get_parameter("layers.0.self_attn.o_proj.weight").shape == (32, 8)
+    assert pruned.get_parameter("layers.0.mlp.gate_up_proj.weight").shape == (24, 32)  # 12 gate + 12 up rows
+    reference = fxprune.mask(model, fxprune.plan_of(pruned), example_inputs=(_tokens(2, 5),))
+    with torch.no_grad():
+        tokens = _tokens(3, 9, seed=4)
+        assert fxprune.relative_error(pruned(tokens).last_hidden_state, reference(tokens).last_hidden_state) < 1e-5
+
+
+def test_a_single_key_value_head_keeps_its_rotary_channels_prunable_per_layer():
+    """Multi-query attention: the one key head meets the rotary tables every layer shares; read through a
+    gather, they no longer tie the layers' key channels together, so q/k channels prune."""
+    model = _llama(kv_heads=1, heads=4, layers=2)
+    analysis = fxprune.analyze(model, example_inputs=(_tokens(2, 5),))
+    qk = [g for g in analysis.groups if g.kind == "qk"]
+    assert len(qk) == 2 and all(g.prunable for g in qk), [(g.name, g.frozen) for g in qk]
+    pruned = fxprune.prune(analysis, 0.5)
+    assert pruned.get_parameter("layers.1.self_attn.k_proj.weight").shape[0] == 4
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_swin_relative_position_bias_follows_the_kept_heads(attn):
     config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[4], window_size=4)

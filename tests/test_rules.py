@@ -545,3 +545,31 @@ def test_strided_slices_of_an_interleaved_glu_prune_in_pairs():
     (mlp,) = [g for g in analysis.groups if "fc1" in g.name]
     assert mlp.prunable and mlp.width == 12, mlp.frozen  # one atom per (value, gate) pair
     assert pruned.get_parameter("block.fc1.weight").shape[0] == 12 and pruned.get_parameter("block.fc2.weight").shape[1] == 6
+
+
+class PositionSlicedQkv(torch.nn.Module):
+    """One fused projection sliced by position into q, k (a middle range) and v, as Phi-3 does."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        y = self.qkv(x)
+        q, k, v = y[..., :self.dim], y[..., self.dim:2 * self.dim], y[..., 2 * self.dim:]
+        q, k, v = (t.view(B, N, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("head_ratio", [0.0, 0.5])
+def test_a_middle_range_of_channels_moves_with_the_channels_kept_before_it(head_ratio):
+    model = Residual(PositionSlicedQkv(), 16).eval()
+    analysis, plan, pruned = _prune_and_check(model, torch.randn(3, TOKENS, 16), 0.5, head_ratio=head_ratio)
+    assert all(g.prunable for g in analysis.groups if g.kind in ("qk", "v", "heads"))
+    kept = pruned.get_parameter("block.qkv.weight")
+    rows = [int((model.block.qkv.weight == row).all(1).nonzero()[0]) for row in kept]
+    parts = [sum(1 for r in rows if lo <= r < lo + 16) for lo in (0, 16, 32)]
+    assert parts[0] == parts[1] and 0 < parts[0] < 16 and 0 < parts[2] < 16

@@ -67,7 +67,7 @@ def fix_sizes(gm: fx.GraphModule, shapes: dict[str, Any]) -> PassResult:
         if spec is None or spec.resize is None or node.name not in shapes:
             continue
         old, new = _old_shape(node.meta.get(meta.VALUE)), shapes[node.name]
-        if old is not None and old != new:
+        if old is not None and (old != new or node.meta.get(meta.SLICE_START)):  # a range may move, not shrink
             spec.resize(node, call, old, new)
             modified = True
     return PassResult(gm, _pin_shape_scalars(gm, shapes) or modified)

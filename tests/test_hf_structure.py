@@ -63,6 +63,53 @@ def test_head_ratio_removes_whole_kv_groups():
     assert pruned.get_parameter(f"{attention}.o_proj.weight").shape[1] == 16
 
 
+def _kept_rows(original: torch.Tensor, kept: torch.Tensor) -> list[int]:
+    return sorted(int((original == row).all(1).nonzero()[0]) for row in kept)
+
+
+def test_q_heads_removes_the_same_query_heads_count_inside_every_kv_group():
+    """heads="q_heads": 8 query heads in 2 kv groups lose 2 query heads per group (their q rows and o columns);
+    k and v keep every row; the repeat count baked in the graph follows (4 -> 2 copies per kv head)."""
+    model = _llama(kv_heads=2, heads=8, layers=2)
+    pruned = fxprune.prune(model, 0.0, example_inputs=(_tokens(2, 5),), head_ratio=0.5, heads="q_heads")
+    attention = model.layers[0].self_attn
+    assert pruned.get_parameter("layers.0.self_attn.k_proj.weight").shape == attention.k_proj.weight.shape
+    assert pruned.get_parameter("layers.0.self_attn.v_proj.weight").shape == attention.v_proj.weight.shape
+    q_rows = _kept_rows(attention.q_proj.weight, pruned.get_parameter("layers.0.self_attn.q_proj.weight"))
+    heads_kept = sorted({r // 8 for r in q_rows})
+    assert len(q_rows) == 32 and [sum(1 for h in heads_kept if h // 4 == g) for g in range(2)] == [2, 2]
+    assert pruned.get_parameter("layers.0.self_attn.o_proj.weight").shape == (64, 32)
+    plan = fxprune.Plan.from_json(fxprune.plan_of(pruned).to_json())  # the query heads survive a round trip
+    assert plan.q_heads == fxprune.plan_of(pruned).q_heads and len(plan.q_heads) == 2
+    reference = fxprune.mask(model, plan, example_inputs=(_tokens(2, 5),))
+    for batch, length in [(1, 3), (3, 11)]:
+        tokens = _tokens(batch, length, seed=5)
+        with torch.no_grad():
+            assert fxprune.relative_error(pruned(tokens).last_hidden_state, reference(tokens).last_hidden_state) < 1e-5
+
+
+def test_multi_query_attention_loses_query_heads_only_with_q_heads():
+    model = _llama(kv_heads=1, heads=4)
+    analysis = fxprune.analyze(model, example_inputs=(_tokens(2, 5),))
+    (heads,) = [g for g in analysis.groups if g.kind == "heads"]
+    assert not heads.prunable and any("multi-query attention" in why and "q_heads" in why for why in heads.frozen)
+    kept = fxprune.prune(analysis, 0.0, head_ratio=0.5)  # kv groups: nothing to remove, the single kv head stays
+    assert kept.get_parameter("layers.0.self_attn.q_proj.weight").shape == (32, 32)
+    pruned = fxprune.prune(analysis, 0.0, head_ratio=0.5, heads="q_heads")
+    assert pruned.get_parameter("layers.0.self_attn.q_proj.weight").shape == (16, 32)
+    assert pruned.get_parameter("layers.0.self_attn.k_proj.weight").shape == (8, 32)
+    reference = fxprune.mask(model, fxprune.plan_of(pruned), example_inputs=(_tokens(2, 5),))
+    tokens = _tokens(3, 7, seed=6)
+    with torch.no_grad():
+        assert fxprune.relative_error(pruned(tokens).last_hidden_state, reference(tokens).last_hidden_state) < 1e-5
+
+
+@pytest.mark.parametrize("options", [dict(heads="query"), dict(heads="q_heads", target_macs=0.5)])
+def test_heads_option_refuses_what_it_cannot_do(options):
+    with pytest.raises(fxprune.InvalidArgumentError):
+        fxprune.plan(fxprune.analyze(_llama(), example_inputs=(_tokens(2, 5),)), **{"head_ratio": 0.5, **options})
+
+
 @pytest.mark.parametrize("batch, length", [(1, 3), (3, 11)])
 def test_pruned_decoder_runs_at_other_batch_sizes_and_lengths(batch, length):
     model = _llama(kv_heads=2, layers=2)

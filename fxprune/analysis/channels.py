@@ -31,6 +31,7 @@ class ChannelIds:
     def __init__(self) -> None:
         self._spaces: dict[tuple[str, int], Space] = {}
         self._edges: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._ties: list[tuple[torch.Tensor, torch.Tensor]] = []  # copies and their source (see ``tie``)
         self._frozen: list[tuple[torch.Tensor, str]] = []
         self._tags: list[tuple[torch.Tensor, str]] = []
         self._rows: list[torch.Tensor] = []
@@ -74,6 +75,13 @@ class ChannelIds:
         if differ.any():
             self._edges.append((a[differ], b[differ]))
 
+    def tie(self, copies: torch.Tensor, source: torch.Tensor) -> None:
+        """``copies`` are broadcast copies of ``source`` (grouped-query attention's keys and values repeated for
+        every query head of their group): removed together, as ``union``, but separable where one copy goes
+        on its own (a query head removed inside its group, see ``Atoms.fine_of``)."""
+        a, b = torch.broadcast_tensors(copies, source)
+        self._ties.append((a.reshape(-1).clone(), b.reshape(-1).clone()))
+
     def union_within(self, ids: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         """Join ids along ``dims`` (a parameter shared along them) and return ids reduced to size 1 there."""
         first = ids
@@ -113,10 +121,11 @@ class ChannelIds:
 
     def edges(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every coupling made so far, as two id tensors."""
-        if not self._edges:
+        edges = self._edges + self._ties
+        if not edges:
             empty = torch.empty(0, dtype=torch.long)
             return empty, empty
-        return torch.cat([a for a, _ in self._edges]), torch.cat([b for _, b in self._edges])
+        return torch.cat([a for a, _ in edges]), torch.cat([b for _, b in edges])
 
     def resolve(self) -> "Atoms":
         return Atoms.build(self)
@@ -191,18 +200,25 @@ class Atoms:
     active: torch.Tensor | None = None  # atom -> True when some activation carries it
     head_links: dict[int, set[int]] = field(default_factory=dict)  # head atom -> channel atoms it owns
     whole_sets: list[tuple[frozenset, str]] = field(default_factory=list)  # all-or-nothing atom sets
+    # id -> atom of the finer classes that leave out ties and the coupling of query heads into kv groups: a
+    # query head's own channels (its q rows, its o columns, its copies of k and v) are atoms of their own
+    # there; None where the model has no ties (then nothing is finer)
+    fine_of: torch.Tensor | None = None
 
     @staticmethod
     def build(ids: ChannelIds) -> "Atoms":
-        root = _components(ids.size, ids._edges)
+        edges = ids._edges + ids._ties
+        root = _components(ids.size, edges)
         shared = _rows_sharing_offsets_for_slices(root, ids._regions)
         if shared:
-            root = _components(ids.size, ids._edges + shared)
+            root = _components(ids.size, edges + shared)
         grouped = _heads_reading_the_same_channels(root, ids._heads)
         if grouped:
-            root = _components(ids.size, ids._edges + shared + grouped)
+            root = _components(ids.size, edges + shared + grouped)
         roots, atom_of = torch.unique(root, return_inverse=True)
         atoms = Atoms(ids=ids, atom_of=atom_of, count=len(roots))
+        if ids._ties:
+            atoms.fine_of = torch.unique(_components(ids.size, ids._edges + shared), return_inverse=True)[1]
         for member_ids, reason in ids._frozen:
             for atom in torch.unique(atom_of[member_ids]).tolist():
                 reasons = atoms.frozen.setdefault(atom, [])

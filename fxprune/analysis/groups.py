@@ -9,6 +9,7 @@ import torch
 
 from .channels import Atoms, Space
 from .labels import CHANNEL, Block
+from .query_heads import MQA, query_heads
 
 KINDS = ("qk", "v", "mlp", "heads", "other")
 HEAD_SPACE = "<heads:"  # name prefix of the virtual spaces that number an attention's heads
@@ -164,7 +165,9 @@ def _describe_heads(group: Group, members: list[int], atoms: Atoms, owners: dict
             continue
         linked |= channels
     if any(len(owners[c]) > 1 for c in linked):
-        group.frozen.append("channels are shared across heads (the same offsets in every head)")
+        layout = query_heads(atoms, members)
+        one_kv_head = layout is not None and len(layout) == 1 and len(layout[0]) > 1
+        group.frozen.append(MQA if one_kv_head else "channels are shared across heads (the same offsets in every head)")
     for c in sorted(linked):
         for reason in atoms.frozen.get(c, []):
             if reason not in group.frozen:

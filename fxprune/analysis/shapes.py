@@ -14,6 +14,17 @@ from .labels import CHANNEL, Block
 from ..errors import RewriteError
 
 
+def _rows_kept(alive: torch.Tensor, r: int) -> int:
+    """How many rows along dim ``r`` survive: as many in every line along ``r`` that keeps any (copies of k
+    per query head, (kv heads, n_rep): each kv group keeps its own query heads, the same number), else
+    every position along ``r`` where some row survives."""
+    per_line = alive.sum(dim=r).reshape(-1)
+    per_line = per_line[per_line > 0]
+    if per_line.numel() and int(per_line.min()) == int(per_line.max()):
+        return int(per_line[0])
+    return int(alive.movedim(r, 0).reshape(alive.shape[r], -1).any(1).sum())
+
+
 def _tensor_shape(node_name: str, value: TensorValue, labels: Any, atom_of: torch.Tensor, removed: torch.Tensor) -> tuple:
     """Channel dims shrink to the channels each (surviving) row keeps; head dims to the heads kept."""
     shape = list(value.shape)
@@ -32,7 +43,7 @@ def _tensor_shape(node_name: str, value: TensorValue, labels: Any, atom_of: torc
                                f"({low}..{high} channels per row); every head must keep the same count")
         decided[block.dim] = low
         for r in block.row_dims():  # a row (head) whose channels are all removed disappears
-            row_sizes[r] = int(kept.movedim(r, 0).reshape(kept.shape[r], -1).any(1).sum())
+            row_sizes[r] = _rows_kept(kept.any(dim=block.dim, keepdim=True), r)
     for block in (b for b in blocks if b.level != CHANNEL):
         if block.dim in decided:
             continue

@@ -25,6 +25,7 @@ import dataclasses
 import torch.fx as fx
 
 from .. import meta
+from ..analysis.query_heads import removal
 from ..analysis.shapes import kept_indices, new_shapes
 from ..check import check_pruned
 from ..depth import by_name
@@ -61,7 +62,7 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, ve
                compensation: str = DEFAULT_COMPENSATION) -> fx.GraphModule:
     """A pruned copy of the analysed graph; with ``verify``, checked against the masked original first;
     with ``reweight_data``, compensated as ``compensation`` says (one of ``COMPENSATIONS``)."""
-    removed = plan.removed_atoms(analysis)
+    analysis, removed = removal(analysis, plan)  # finer than atoms where query heads go inside kv groups
     keep = kept_indices(analysis, removed)
     # tensors about to be sliced are not copied first (slicing makes new ones): the copy costs what is kept
     sliced = {id(t): t for t in (analysis.tensor(name) for name, dims in keep.items() if dims)}

@@ -141,6 +141,8 @@ def rule_expand(ctx, call: OpCall) -> Labels:
     sizes = call.args.get("sizes") or []
     if ctx.node.target in ("expand_as", _aten.expand_as.default):
         sizes = list(dst)
+    if not ctx.is_const(x):
+        blocks = [_copies(ctx, b, src, dst, pad) for b in blocks]
     if (ctx.is_const(x) or ctx.node.target in ("expand_as", _aten.expand_as.default)) and len(sizes) == len(dst):
         for d, size in enumerate(sizes):
             source = src[d - pad] if d >= pad else 1
@@ -149,6 +151,22 @@ def rule_expand(ctx, call: OpCall) -> Labels:
                 view[d] = size
                 blocks.append(Block(ctx.ch.space(f"<{ctx.node.name}>", d, size, True).reshape(view), d, FREE))
     return merge(ctx.ch, blocks)
+
+
+def _copies(ctx, block: Block, src: Sequence[int], dst: Sequence[int], pad: int) -> Block:
+    """Channels of an activation repeated along dims before their channel dim (grouped-query attention's
+    ``k[:, :, None].expand(B, kv_heads, n_rep, T, D)``) get ids of their own per copy, tied to their source:
+    removed with it, yet a copy can go on its own with the query head that reads it."""
+    repeated = [d for d in range(len(dst)) if d < block.dim and dst[d] > 1 and (src[d - pad] if d >= pad else 1) == 1]
+    if block.level != CHANNEL or not repeated:
+        return block
+    view = list(block.ids.shape)
+    for d in repeated:
+        view[d] = dst[d]
+    source = block.ids.expand(view)
+    fresh = ctx.ch.space(f"<copies:{ctx.node.name}>", 0, source.numel(), True).reshape(view)
+    ctx.ch.tie(fresh, source)
+    return Block(fresh, block.dim, block.level)
 
 
 def _bind_shape_query(node: fx.Node, args: tuple, kwargs: dict) -> dict | None:

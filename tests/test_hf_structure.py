@@ -88,6 +88,24 @@ def test_q_heads_removes_the_same_query_heads_count_inside_every_kv_group():
             assert fxprune.relative_error(pruned(tokens).last_hidden_state, reference(tokens).last_hidden_state) < 1e-5
 
 
+def test_kv_groups_may_drop_different_query_heads():
+    """A plan that removes query head 1 of the first kv group and query head 0 of the second: the repeat count
+    is per kv group (1 copy each), not the query heads removed from every group (none)."""
+    model = _llama(kv_heads=2, heads=4)
+    analysis = fxprune.analyze(model, example_inputs=(_tokens(2, 5),))
+    (heads,) = [g for g in analysis.groups if g.kind == "heads"]
+    plan = fxprune.Plan({}, q_heads={heads.name: [[1], [0]]})
+    pruned = fxprune.apply(analysis, plan)
+    q_rows = _kept_rows(model.layers[0].self_attn.q_proj.weight, pruned.get_parameter("layers.0.self_attn.q_proj.weight"))
+    assert q_rows == list(range(0, 8)) + list(range(24, 32))  # query heads 0 and 3 stay
+    reference = fxprune.mask(model, plan, example_inputs=(_tokens(2, 5),))
+    tokens = _tokens(3, 7, seed=7)
+    with torch.no_grad():
+        assert fxprune.relative_error(pruned(tokens).last_hidden_state, reference(tokens).last_hidden_state) < 1e-5
+    with pytest.raises(fxprune.PlanError):
+        fxprune.apply(analysis, fxprune.Plan({}, q_heads={heads.name: [[1], []]}))  # unequal counts per kv group
+
+
 def test_multi_query_attention_loses_query_heads_only_with_q_heads():
     model = _llama(kv_heads=1, heads=4)
     analysis = fxprune.analyze(model, example_inputs=(_tokens(2, 5),))
@@ -180,6 +198,30 @@ def test_a_single_key_value_head_keeps_its_rotary_channels_prunable_per_layer():
     assert len(qk) == 2 and all(g.prunable for g in qk), [(g.name, g.frozen) for g in qk]
     pruned = fxprune.prune(analysis, 0.5)
     assert pruned.get_parameter("layers.1.self_attn.k_proj.weight").shape[0] == 4
+
+
+@pytest.mark.parametrize("family", ["GPTJ", "GPTNeoX"])
+def test_partial_rotary_prunes_rotated_and_passed_channels_apart(family):
+    """Rotary on the first half of each head (x[..., :rotary_dim] rotated, x[..., rotary_dim:] passed): the
+    rotated pairs and the passed channels are two q/k groups, each keeping the same count in every head, so
+    the slice at rotary_dim still splits every head where it should."""
+    if family == "GPTJ":
+        config = transformers.GPTJConfig(n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_inner=48, vocab_size=50,
+                                         n_positions=16, bos_token_id=1, eos_token_id=2)
+    else:
+        config = transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, rotary_pct=0.5,
+                                            intermediate_size=48, vocab_size=50, bos_token_id=1, eos_token_id=2)
+    model = randomize(getattr(transformers, f"{family}Model")(config)).eval()
+    analysis = fxprune.analyze(model, example_inputs=(_tokens(2, 5),))
+    qk = [g for g in analysis.groups if g.kind == "qk"]
+    assert len(qk) == 2 and all(g.prunable for g in qk), [(g.name, g.frozen) for g in qk]
+    assert sorted(g.channels_per_atom for g in qk) == [1, 2]  # passed channels alone, rotated ones in pairs
+    pruned = fxprune.prune(analysis, 0.5)
+    reference = fxprune.mask(model, fxprune.plan_of(pruned), example_inputs=(_tokens(2, 5),))
+    tokens = _tokens(3, 9, seed=8)
+    with torch.no_grad():
+        assert fxprune.relative_error(pruned(tokens).last_hidden_state, reference(tokens).last_hidden_state) < 1e-5
+    assert fxprune.count_params(pruned) < fxprune.count_params(model)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -7,6 +7,7 @@ resolved until ``resolve()``: unions are collected as edge lists and solved at o
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -112,8 +113,12 @@ class ChannelIds:
         """A slice reads the channels at ``region`` (bool, per position) of every row of ``rows`` (rows,
         channels): every row must keep as many channels there. Resolved with the other couplings: where the
         coupled channels do not guarantee it (rotation pairs straddling the two halves do), the rows share
-        offsets."""
+        offsets. The channels read there are marked (joined with virtual ids of their own), so channels wholly
+        inside the region and channels wholly outside never share a group: each group keeping the same count
+        per row then keeps the same count inside (a partial rotary embedding's rotated and passed channels)."""
         self._regions.append((rows.clone(), region.clone()))
+        inside = rows[:, region]
+        self.union(inside, self.space(f"<region {len(self._regions)}>", 0, inside.numel(), True).reshape(inside.shape))
 
     def whole(self, rows: torch.Tensor, reason: str) -> None:
         """Each row is a set of ids that is removed entirely or not at all (normalised together)."""
@@ -161,9 +166,19 @@ def _rows_sharing_offsets_for_slices(root: torch.Tensor, regions: list[tuple[tor
                 inside.setdefault((r, atom), 0)
             for atom in row_inside:
                 inside[(r, atom)] += 1
-        if len(set(inside.values())) > 1 and rows.shape[0] > 1:
+        if len(set(inside.values())) > 1 and rows.shape[0] > 1 and not _wholly_in_or_out(roots, inside):
             edges.append((rows[1:].reshape(-1), rows[:1].expand(rows.shape[0] - 1, -1).reshape(-1)))
     return edges
+
+
+def _wholly_in_or_out(roots: torch.Tensor, inside: dict[tuple[int, int], int]) -> bool:
+    """Whether every atom of every row lies wholly inside the region or wholly outside it (``record_region``
+    keeps the two apart in groups)."""
+    for r, row in enumerate(roots.tolist()):
+        for atom, total in Counter(row).items():
+            if inside[(r, atom)] not in (0, total):
+                return False
+    return True
 
 
 def _heads_reading_the_same_channels(root: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tensor]]

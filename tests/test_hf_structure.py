@@ -224,6 +224,25 @@ def test_partial_rotary_prunes_rotated_and_passed_channels_apart(family):
     assert fxprune.count_params(pruned) < fxprune.count_params(model)
 
 
+def test_beit_relative_position_table_interpolated_per_head_follows_the_kept_heads():
+    """BEiT resamples its relative position table (one plane per head) with aten.upsample_bilinear2d: the
+    heads pass through the interpolation, so whole heads go and the table loses their columns."""
+    from hf_models import Arch, build, inputs
+
+    model = build("BEiT", Arch(heads=4, head_dim=8, layers=1))
+    generator = torch.Generator().manual_seed(0)
+    analysis = fxprune.analyze(model, example_inputs=inputs("BEiT", 1, 6, generator))
+    (heads,) = [g for g in analysis.groups if g.kind == "heads"]
+    assert heads.prunable, heads.frozen
+    pruned = fxprune.prune(analysis, 0.25, head_ratio=0.5)
+    table = "layers.0.relative_position_bias.relative_position_bias_table"
+    assert pruned.get_parameter(table).shape[1] == 2
+    reference = fxprune.mask(model, fxprune.plan_of(pruned), example_inputs=inputs("BEiT", 1, 6, generator))
+    (images,) = inputs("BEiT", 3, 6, generator)
+    with torch.no_grad():
+        assert fxprune.relative_error(pruned(images).last_hidden_state, reference(images).last_hidden_state) < 1e-5
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_swin_relative_position_bias_follows_the_kept_heads(attn):
     config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[4], window_size=4)

@@ -573,3 +573,26 @@ def test_a_middle_range_of_channels_moves_with_the_channels_kept_before_it(head_
     rows = [int((model.block.qkv.weight == row).all(1).nonzero()[0]) for row in kept]
     parts = [sum(1 for r in rows if lo <= r < lo + 16) for lo in (0, 16, 32)]
     assert parts[0] == parts[1] and 0 < parts[0] < 16 and 0 < parts[2] < 16
+
+
+class Resampled(torch.nn.Module):
+    """A conv's channels interpolated as planes (dim 1), and a Linear's channels laid along a resampled dim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.back = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 3, 1)
+        self.fc1, self.fc2 = torch.nn.Linear(3, 6), torch.nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        planes = self.back(torch.nn.functional.interpolate(self.conv(x), scale_factor=2.0, mode="bilinear"))
+        rows = torch.nn.functional.interpolate(self.fc1(x.mean((2, 3)))[:, None, :], scale_factor=2.0, mode="linear")
+        return planes.mean((2, 3)) + self.fc2(rows[:, 0])[:, :3]
+
+
+def test_interpolation_passes_channels_and_freezes_resampled_ids():
+    model = Resampled().eval()
+    analysis, plan, pruned = _prune_and_check(model, torch.randn(2, 3, 4, 4), 0.5)
+    conv = next(g for g in analysis.groups if "conv" in g.name)
+    fc1 = next(g for g in analysis.groups if "fc1" in g.name)
+    assert conv.prunable and pruned.get_parameter("conv.weight").shape[0] == 4
+    assert any("resampled along this dim" in why for why in fc1.frozen)

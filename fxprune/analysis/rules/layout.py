@@ -331,3 +331,19 @@ def rule_repeat_interleave(ctx, call: OpCall) -> Labels:
     dim %= ctx.out.ndim
     return tuple(b.moved(b.ids.repeat_interleave(repeats, dim) if b.ids.shape[dim] > 1 else b.ids, b.dim)
                  for b in labels)
+
+
+_RESAMPLE_ATEN = [getattr(getattr(_aten, name), overload) for name in
+                  ("upsample_bilinear2d", "upsample_nearest2d", "upsample_bicubic2d", "upsample_linear1d",
+                   "upsample_nearest1d", "upsample_trilinear3d", "upsample_nearest3d")
+                  for overload in ("vec", "default") if hasattr(getattr(_aten, name, None), overload)]
+
+
+@register_op("resample", ("input", "size", "scale_factor", "mode", "align_corners"), functions=[F.interpolate],
+             aten=_RESAMPLE_ATEN)
+def rule_resample(ctx, call: OpCall) -> Labels:
+    """Interpolation (F.interpolate, aten.upsample_*) resamples the spatial dims (2 and on) of (N, C, ...): each
+    channel or head along dim 1 is resampled on its own (BEiT's relative position table, one plane per head),
+    while ids along a spatial dim would be mixed."""
+    ndim = len(ctx.shape(call.args["input"]))
+    return _keep_off(ctx, ctx.labels(call.args["input"]), set(range(2, ndim)), "resampled along this dim")

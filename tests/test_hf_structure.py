@@ -243,6 +243,28 @@ def test_beit_relative_position_table_interpolated_per_head_follows_the_kept_hea
         assert fxprune.relative_error(pruned(images).last_hidden_state, reference(images).last_hidden_state) < 1e-5
 
 
+def test_swinv2_cosine_attention_lets_heads_choose_channels_and_go_whole():
+    """Swin-v2 divides q and k by their per-head norm (F.normalize: a norm expand_as'd back over each head's
+    channels): the copies are per head, so heads keep their own channel offsets and whole heads go, with
+    their logit_scale and their output of the continuous position bias MLP."""
+    from hf_models import Arch, build, inputs
+
+    model = build("Swinv2", Arch(heads=4, head_dim=8, layers=1))
+    generator = torch.Generator().manual_seed(0)
+    analysis = fxprune.analyze(model, example_inputs=inputs("Swinv2", 1, 6, generator))
+    first = [g for g in analysis.groups if g.name.startswith("encoder.layers.0.blocks.0.")]
+    assert all(g.prunable for g in first if g.kind in ("qk", "heads")), [(g.name, g.frozen) for g in first]
+    assert not next(g for g in first if g.kind == "qk").shared_across_heads
+    pruned = fxprune.prune(analysis, 0.25, head_ratio=0.5)
+    attention = "encoder.layers.0.blocks.0.attention.self"
+    assert pruned.get_parameter(f"{attention}.logit_scale").shape[0] == 2
+    assert pruned.get_parameter(f"{attention}.continuous_position_bias_mlp.2.weight").shape[0] == 2
+    reference = fxprune.mask(model, fxprune.plan_of(pruned), example_inputs=inputs("Swinv2", 1, 6, generator))
+    (images,) = inputs("Swinv2", 3, 6, generator)
+    with torch.no_grad():
+        assert fxprune.relative_error(pruned(images).last_hidden_state, reference(images).last_hidden_state) < 1e-5
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_swin_relative_position_bias_follows_the_kept_heads(attn):
     config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[4], window_size=4)

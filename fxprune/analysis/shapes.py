@@ -51,6 +51,10 @@ def _tensor_shape(node_name: str, value: TensorValue, labels: Any, atom_of: torc
             continue
         kept = ~removed[atom_of[block.ids]]
         counts = kept.sum(dim=block.dim)
+        if block.row_dims():  # free copies laid out per head (expand_as): a removed head's row keeps none
+            counts = counts[counts > 0]
+            if counts.numel() == 0:
+                continue
         low, high = int(counts.min()), int(counts.max())
         if low != high:
             raise RewriteError(f"fxprune: the plan keeps different head counts along dim {block.dim} of node '{node_name}'")

@@ -139,7 +139,9 @@ def rule_expand(ctx, call: OpCall) -> Labels:
     pad = len(dst) - len(src)
     blocks = [b.unsqueezed(pad) for b in ctx.labels(x)]
     sizes = call.args.get("sizes") or []
+    like = ()  # expand_as: the labels of the tensor whose shape is taken
     if ctx.node.target in ("expand_as", _aten.expand_as.default):
+        like = ctx.labels(sizes[0]) if sizes and isinstance(sizes[0], fx.Node) else ()
         sizes = list(dst)
     if not ctx.is_const(x):
         blocks = [_copies(ctx, b, src, dst, pad) for b in blocks]
@@ -147,10 +149,21 @@ def rule_expand(ctx, call: OpCall) -> Labels:
         for d, size in enumerate(sizes):
             source = src[d - pad] if d >= pad else 1
             if isinstance(size, int) and size > 1 and source == 1:
-                view = [1] * len(dst)
-                view[d] = size
-                blocks.append(Block(ctx.ch.space(f"<{ctx.node.name}>", d, size, True).reshape(view), d, FREE))
+                blocks.append(_free_copies(ctx, d, size, like, len(dst)))
     return merge(ctx.ch, blocks)
+
+
+def _free_copies(ctx, d: int, size: int, like: Labels, ndim: int) -> Block:
+    """Free ids for the copies along ``d``. Laid out like the channels of the tensor whose shape expand_as takes
+    where those come in rows (a per-head norm broadcast back over each head's channels, Swin-v2's cosine
+    attention): one id per head and channel, so dividing by it does not tie every head to the same offsets."""
+    rows = next((b for b in like or () if b.dim == d and b.level == CHANNEL and b.ids.ndim == ndim and b.row_dims()), None)
+    view = list(rows.ids.shape) if rows is not None else [1] * ndim
+    view[d] = size
+    count = 1
+    for n in view:
+        count *= n
+    return Block(ctx.ch.space(f"<{ctx.node.name}>", d, count, True).reshape(view), d, FREE)
 
 
 def _copies(ctx, block: Block, src: Sequence[int], dst: Sequence[int], pad: int) -> Block:

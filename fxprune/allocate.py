@@ -60,6 +60,7 @@ def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] =
     kinds = tuple(kinds)
     removed: dict[str, list[list[int]]] = {}
     q_removed: dict[str, list[list[int]]] = {}
+    energy = None  # per fine atom, computed once where query heads are ranked
     if head_ratio > 0:
         kept_whole = {a for g in analysis.groups if g.kind != "heads" and protected(g, ignored) for a in g.atoms}
         for group in analysis.groups:
@@ -69,8 +70,9 @@ def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] =
             layout = _query_heads_to_remove(analysis, group) if heads == "q_heads" else None
             if layout is not None:
                 count = _fraction(head_ratio, len(layout[0]))
+                energy = _fine_energy(analysis) if energy is None else energy
                 if count > 0:
-                    q_removed[group.name] = [_lowest(_query_head_scores(analysis, kv_group), list(range(len(kv_group))),
+                    q_removed[group.name] = [_lowest(_query_head_scores(energy, kv_group), list(range(len(kv_group))),
                                                      count) for kv_group in layout]
             elif group.prunable:
                 count = _fraction(head_ratio, group.width)
@@ -114,16 +116,14 @@ def _query_heads_to_remove(analysis, group) -> list[list[frozenset[int]]] | None
     return layout
 
 
-def _query_head_scores(analysis, kv_group: list[frozenset[int]]) -> torch.Tensor:
+def _query_head_scores(energy: torch.Tensor, kv_group: list[frozenset[int]]) -> torch.Tensor:
     """Each query head's weight energy (squared L2 norm of its q rows and o columns), whatever the channel
     importance: channel scores are per kv group and cannot tell its query heads apart."""
-    energy = _id_energy(analysis)
-    fine_of = analysis.atoms.fine_of
-    return torch.stack([energy[torch.isin(fine_of, torch.tensor(sorted(h), dtype=torch.long))].sum() for h in kv_group])
+    return torch.stack([energy[torch.tensor(sorted(head), dtype=torch.long)].sum() for head in kv_group])
 
 
-def _id_energy(analysis) -> torch.Tensor:
-    """Squared L2 norm of the slice of its parameter every channel id indexes (0 for virtual ids)."""
+def _fine_energy(analysis) -> torch.Tensor:
+    """Per fine atom, the squared L2 norm of the parameter slices its channel ids index (virtual ids: 0)."""
     energy = torch.zeros(analysis.ids.size, dtype=torch.float64)
     for space in analysis.ids.param_spaces:
         tensor = analysis.tensor(space.param).detach().to(torch.float64)
@@ -131,7 +131,8 @@ def _id_energy(analysis) -> torch.Tensor:
         if tensor.ndim > 1:
             squares = squares.sum(dim=[d for d in range(tensor.ndim) if d != space.dim])
         energy[space.start:space.start + space.size] = squares.reshape(-1)
-    return energy
+    fine_of = analysis.atoms.fine_of
+    return torch.zeros(int(fine_of.max()) + 1, dtype=torch.float64).index_add_(0, fine_of, energy)
 
 
 def _quantiles_within_kind(analysis, scores: torch.Tensor, per_group: bool) -> dict[int, float]:

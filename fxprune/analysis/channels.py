@@ -172,11 +172,13 @@ def _rows_sharing_offsets_for_slices(root: torch.Tensor, regions: list[tuple[tor
 
 
 def _wholly_in_or_out(roots: torch.Tensor, inside: dict[tuple[int, int], int]) -> bool:
-    """Whether every atom of every row lies wholly inside the region or wholly outside it (``record_region``
-    keeps the two apart in groups)."""
+    """Whether every atom lies wholly inside the region in every row that holds it, or wholly outside it in
+    every row (``record_region`` keeps the two kinds apart in groups)."""
+    status: dict[int, bool] = {}
     for r, row in enumerate(roots.tolist()):
         for atom, total in Counter(row).items():
-            if inside[(r, atom)] not in (0, total):
+            count = inside[(r, atom)]
+            if count not in (0, total) or status.setdefault(atom, count > 0) != (count > 0):
                 return False
     return True
 

@@ -6,9 +6,11 @@ from typing import Iterable
 
 import torch
 
+from .analysis.query_heads import MQA, query_heads
 from .plan import Plan, dead_rows, removed_head_channels
 
 DEFAULT_KINDS = ("qk", "v", "mlp")
+HEAD_UNITS = ("kv_groups", "q_heads")  # what whole-head removal removes in grouped-query attention
 
 
 def _lowest(scores: torch.Tensor, atoms: list[int], count: int) -> list[int]:
@@ -46,20 +48,33 @@ def protected(group, ignored: tuple[str, ...]) -> bool:
 
 def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] = DEFAULT_KINDS,
             head_ratio: float = 0.0, options: dict | None = None, ignored: tuple[str, ...] = (),
-            round_to: int = 1) -> Plan:
+            round_to: int = 1, heads: str = "kv_groups") -> Plan:
     """Remove ``head_ratio`` of the heads of every attention, then ``ratio`` of every remaining head's channels
     (and of every MLP hidden layer) in every prunable group of the given kinds.
 
     Every head removes the same count (rounded down, at least one channel and one head stay); each head
-    picks its own lowest-scoring channels. Groups whose heads share offsets have a single row.
+    picks its own lowest-scoring channels. Groups whose heads share offsets have a single row. In
+    grouped-query attention a head is a kv group; with ``heads="q_heads"`` it is a query head instead, the
+    same number removed inside every kv group (k and v stay).
     """
     kinds = tuple(kinds)
     removed: dict[str, list[list[int]]] = {}
+    q_removed: dict[str, list[list[int]]] = {}
+    energy = None  # per fine atom, computed once where query heads are ranked
     if head_ratio > 0:
         kept_whole = {a for g in analysis.groups if g.kind != "heads" and protected(g, ignored) for a in g.atoms}
         for group in analysis.groups:
             owned = {c for h in group.atoms for c in analysis.atoms.head_links.get(h, ())} if group.kind == "heads" else set()
-            if group.kind == "heads" and group.prunable and not protected(group, ignored) and not owned & kept_whole:
+            if group.kind != "heads" or protected(group, ignored) or owned & kept_whole:
+                continue
+            layout = _query_heads_to_remove(analysis, group) if heads == "q_heads" else None
+            if layout is not None:
+                count = _fraction(head_ratio, len(layout[0]))
+                energy = _fine_energy(analysis) if energy is None else energy
+                if count > 0:
+                    q_removed[group.name] = [_lowest(_query_head_scores(energy, kv_group), list(range(len(kv_group))),
+                                                     count) for kv_group in layout]
+            elif group.prunable:
                 count = _fraction(head_ratio, group.width)
                 if count > 0:
                     removed[group.name] = [_lowest(scores, group.rows[0], count)]
@@ -82,7 +97,42 @@ def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] =
             continue
         removed[group.name] = [[] if dead else _lowest(scores, row, count)
                                for row, dead in zip(group.rows, dead_rows(group, gone))]
-    return Plan(removed, dict(options or {}, ratio=ratio, head_ratio=head_ratio, kinds=list(kinds)))
+    return Plan(removed, dict(options or {}, ratio=ratio, head_ratio=head_ratio, kinds=list(kinds)), q_heads=q_removed)
+
+
+def _query_heads_to_remove(analysis, group) -> list[list[frozenset[int]]] | None:
+    """The query heads of a heads group by kv group, where several share each kv group and can go alone:
+    none of their channels frozen, the group frozen at most because its heads share the one kv head (MQA)."""
+    if any(reason != MQA for reason in group.frozen):
+        return None
+    layout = query_heads(analysis.atoms, group.atoms)
+    if layout is None or len(layout[0]) < 2:
+        return None
+    fine_of, atom_of = analysis.atoms.fine_of, analysis.atoms.atom_of
+    fine = torch.tensor(sorted(set().union(*(h for kv_group in layout for h in kv_group))), dtype=torch.long)
+    coarse = torch.unique(atom_of[torch.isin(fine_of, fine)]).tolist()
+    if any(a in analysis.atoms.frozen for a in coarse):
+        return None
+    return layout
+
+
+def _query_head_scores(energy: torch.Tensor, kv_group: list[frozenset[int]]) -> torch.Tensor:
+    """Each query head's weight energy (squared L2 norm of its q rows and o columns), whatever the channel
+    importance: channel scores are per kv group and cannot tell its query heads apart."""
+    return torch.stack([energy[torch.tensor(sorted(head), dtype=torch.long)].sum() for head in kv_group])
+
+
+def _fine_energy(analysis) -> torch.Tensor:
+    """Per fine atom, the squared L2 norm of the parameter slices its channel ids index (virtual ids: 0)."""
+    energy = torch.zeros(analysis.ids.size, dtype=torch.float64)
+    for space in analysis.ids.param_spaces:
+        tensor = analysis.tensor(space.param).detach().to(torch.float64)
+        squares = tensor.pow(2)
+        if tensor.ndim > 1:
+            squares = squares.sum(dim=[d for d in range(tensor.ndim) if d != space.dim])
+        energy[space.start:space.start + space.size] = squares.reshape(-1)
+    fine_of = analysis.atoms.fine_of
+    return torch.zeros(int(fine_of.max()) + 1, dtype=torch.float64).index_add_(0, fine_of, energy)
 
 
 def _quantiles_within_kind(analysis, scores: torch.Tensor, per_group: bool) -> dict[int, float]:

@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from . import importance as importance_
 from . import budget, depth
-from .allocate import DEFAULT_KINDS, global_budget, uniform
+from .allocate import DEFAULT_KINDS, HEAD_UNITS, global_budget, uniform
 from . import coverage
 from .analysis import KINDS, Analysis, analyze_captured
 from .capture import capture
@@ -42,7 +42,7 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
          importance: str = "l2", kinds: Iterable[str] = DEFAULT_KINDS, head_ratio: float = 0.0, seed: int = 0,
          untie_shared_convs: bool = False, target_macs: float | None = None, target_params: float | None = None,
          data: Iterable | None = None, min_head_width: int = 1, ignored_layers: Iterable[str] = (),
-         round_to: int = 1, strict: bool = False) -> Plan:
+         round_to: int = 1, strict: bool = False, heads: str = "kv_groups") -> Plan:
     """Decide what to remove.
 
     With ``ratio``: ``head_ratio`` of every attention's heads, then ``ratio`` of every remaining head's channels
@@ -59,6 +59,11 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     why (``plan.options["coverage"]`` holds the numbers); ``strict=True`` raises ``PlanError`` instead.
     ``untie_shared_convs`` first gives every head its own copy of a depthwise conv the heads share (FLatten's
     DWC on V; numerically identical), so heads may choose their own channels and be removed whole.
+    ``heads``: what ``head_ratio`` removes in grouped-query attention: "kv_groups" (the default: whole kv
+    groups, their k and v rows with every query head reading them) or "q_heads" (the same number of query
+    heads inside every kv group, their q rows and o columns; k and v stay; the only way to remove heads of
+    multi-query attention, whose single kv head every query head reads). Query heads are ranked by the L2
+    norm of their weights. Not combined with ``target_macs`` / ``target_params`` yet.
     ``kinds`` may include "depth": whole residual branches (a block's attention or MLP) are removed too,
     scored by how much they change their input on ``data`` (or the example inputs): ``ratio`` of them, or
     under a target the same threshold on their quantile as on the channels' (``plan.branches``).
@@ -68,6 +73,10 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
         raise InvalidArgumentError("fxprune: give one of ratio, target_macs or target_params")
     ratio = 0.0 if not targets else ratio
     head_ratio = _check_ratio(head_ratio, "head_ratio")
+    if heads not in HEAD_UNITS:
+        raise InvalidArgumentError(f"fxprune: heads must be one of {list(HEAD_UNITS)}, got {heads!r}")
+    if heads != "kv_groups" and (target_macs is not None or target_params is not None):
+        raise InvalidArgumentError(f"fxprune: heads={heads!r} works with ratio, not with target_macs / target_params")
     kinds = _check_kinds(kinds)
     if isinstance(min_head_width, bool) or not isinstance(min_head_width, int) or min_head_width < 1:
         raise InvalidArgumentError(f"fxprune: min_head_width must be a positive integer, got {min_head_width!r}")
@@ -103,8 +112,9 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
         asked, what = target, options["budget"]
     else:
         asked, what = _check_ratio(ratio), "channels"
+        options["heads"] = heads
         p = uniform(analysis, scores, asked, kinds, head_ratio=head_ratio, options=options, ignored=ignored,
-                    round_to=round_to)
+                    round_to=round_to, heads=heads)
         if branch_scores:  # the same share of the residual branches, the least important first
             p.branches = sorted(branch_scores, key=branch_scores.get)[:int(round(asked * len(branch_scores)))]
     if branch_scores:
@@ -201,7 +211,8 @@ def _replay_analysis(model: torch.nn.Module | Analysis, p: Plan, example_inputs:
 
 
 _KNOWN_OPTIONS = {"kinds", "seed", "head_ratio", "untie_shared_convs", "target_macs", "target_params", "data",
-                  "min_head_width", "reweight_data", "ignored_layers", "round_to", "strict", "verify", "compensation"}
+                  "min_head_width", "reweight_data", "ignored_layers", "round_to", "strict", "verify", "compensation",
+                  "heads"}
 
 
 def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs: Sequence | None = None,
@@ -211,7 +222,8 @@ def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs:
     Returns a new, physically smaller ``torch.fx.GraphModule``; ``model`` is not modified.
     Options: ``target_macs`` / ``target_params`` (instead of ``ratio``; see ``plan``), ``data`` (calibration
     batches for data-driven importance), ``min_head_width``, ``reweight_data`` (see ``apply``),
-    ``head_ratio`` (fraction of every attention's heads to remove first, at least one stays),
+    ``head_ratio`` (fraction of every attention's heads to remove first, at least one stays), ``heads`` (kv
+    groups or query heads, see ``plan``),
     ``kinds`` (group kinds to prune, default qk, v, mlp), ``seed`` (for ``importance="random"``),
     ``untie_shared_convs`` (see ``plan``), ``ignored_layers``, ``round_to``, ``strict`` (see ``plan``: an error
     instead of a warning when less is removed than asked), ``verify`` and ``compensation`` (see ``apply``).

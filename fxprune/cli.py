@@ -85,7 +85,7 @@ def cmd_prune(args) -> int:
     inputs = _inputs(model, size)
     started = time.perf_counter()
     pruned = fxprune.prune(model, args.ratio, example_inputs=inputs, importance=args.importance,
-                           head_ratio=args.head_ratio, target_macs=args.target_macs,
+                           head_ratio=args.head_ratio, heads=args.heads, target_macs=args.target_macs,
                            untie_shared_convs=args.untie, kinds=tuple(args.kinds))
     seconds = time.perf_counter() - started
     rows = [fxprune.report.measure("original", model, {1: inputs[0]}, repeats=args.repeats),
@@ -123,6 +123,8 @@ def parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", parents=[common], help="prune and print a before/after table; --out saves")
     prune.add_argument("--ratio", type=float, help="fraction of every head's channels to remove")
     prune.add_argument("--head-ratio", type=float, default=0.0, help="fraction of every attention's heads to remove")
+    prune.add_argument("--heads", choices=["kv_groups", "q_heads"], default="kv_groups",
+                       help="grouped-query attention: remove whole kv groups, or query heads inside every kv group")
     prune.add_argument("--target-macs", type=float, help="MACs to keep, as a fraction (instead of --ratio)")
     prune.add_argument("--importance", default="l2", help="l2, l1, dimap, random (data-free criteria)")
     prune.add_argument("--kinds", nargs="+", default=["qk", "v", "mlp"],

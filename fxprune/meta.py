@@ -14,6 +14,11 @@ ATTENTION_OUTPUT = "fxprune_attention_output"  # analysis: this node computes an
 # analysis: operands read per head through a gather (a rotary cos/sin table shared by all heads):
 # list of RowGather (rewrite/gather_rows.py)
 ROW_GATHER = "fxprune_row_gather"
+# analysis: a middle range of channels sliced out (a fused q/k/v projection's k): output dim -> Block of the ids
+# before the range, whose kept count is the range's new start
+SLICE_PREFIX = "fxprune_slice_prefix"
+# rewrite: output dim -> the new start of such a range (rewrite/slice_starts.py, read by the slice's resize)
+SLICE_START = "fxprune_slice_start"
 
 # --- GraphModule.meta --------------------------------------------------------------------------------------
 CAPTURE_METHOD = "fxprune_capture"  # "torch.export" where capture fell back to export

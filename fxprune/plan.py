@@ -15,14 +15,19 @@ FORMAT_VERSION = 1
 @dataclass
 class Plan:
     """``removed[group][row]`` lists the positions (within that head's row) of removed channels;
-    ``branches`` names the residual branches removed whole (``depth.py``)."""
+    ``branches`` names the residual branches removed whole (``depth.py``); ``q_heads[heads group][kv group]``
+    the positions of the query heads removed inside each kv group (``heads="q_heads"``,
+    ``analysis/query_heads.py``)."""
 
     removed: dict[str, list[list[int]]]
     options: dict[str, Any] = field(default_factory=dict)
     branches: list[str] = field(default_factory=list)
+    q_heads: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         record = {"format": FORMAT_VERSION, "options": self.options, "removed": self.removed}
+        if self.q_heads:
+            record["q_heads"] = self.q_heads
         return {**record, "branches": list(self.branches)} if self.branches else record
 
     def to_json(self) -> str:
@@ -33,7 +38,8 @@ class Plan:
         if data.get("format") != FORMAT_VERSION:
             raise PlanError(f"fxprune: plan format {data.get('format')!r} is not supported (expected {FORMAT_VERSION})")
         return Plan({k: [list(map(int, r)) for r in v] for k, v in data["removed"].items()}, dict(data.get("options", {})),
-                    [str(b) for b in data.get("branches", [])])
+                    [str(b) for b in data.get("branches", [])],
+                    {k: [list(map(int, r)) for r in v] for k, v in data.get("q_heads", {}).items()})
 
     @staticmethod
     def from_json(text: str) -> "Plan":

@@ -11,11 +11,12 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop
 
 from . import meta
+from .analysis.query_heads import removal
 from .capture import TensorValue
 
 def masked(model: nn.Module, analysis, plan) -> nn.Module:
     """A copy of ``model`` with every removed channel's weights zeroed (what the pruned model must equal)."""
-    removed = plan.removed_atoms(analysis)
+    analysis, removed = removal(analysis, plan)
     copy_ = copy.deepcopy(model)
     with torch.no_grad():
         for space in analysis.ids.param_spaces:
@@ -47,7 +48,7 @@ def masked_activations(analysis, plan) -> torch.fx.GraphModule:
     norms over channels), zeroed weights are not what removal computes; zeroed activations are. The masks
     are shaped for the example batch size.
     """
-    return zeroed_activations(analysis, plan.removed_atoms(analysis))
+    return zeroed_activations(*removal(analysis, plan))
 
 
 def zeroed_activations(analysis, removed: torch.Tensor) -> torch.fx.GraphModule:

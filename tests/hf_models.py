@@ -114,6 +114,21 @@ FAMILIES = {f.name: f for f in (
            lambda a: {**_decoder(a), "sliding_window": 4 if a.variant else None}, variant="sliding window of 4"),
     Family("Qwen2", "decoder", "Qwen2Model", "Qwen2Config", _decoder),
     Family("Qwen3", "decoder", "Qwen3Model", "Qwen3Config", _decoder),
+    # interleaved rotary embeddings (x[..., ::2] and x[..., 1::2] rotated as pairs, cos/sin repeat_interleave'd)
+    Family("GPT-J", "decoder", "GPTJModel", "GPTJConfig",
+           lambda a: dict(vocab_size=VOCAB, n_embd=a.hidden, n_layer=a.layers, n_head=a.heads, n_inner=a.intermediate,
+                          n_positions=POSITIONS, rotary_dim=a.head_dim // 2 if a.variant else a.head_dim,
+                          bos_token_id=1, eos_token_id=2),
+           variant="rotary on half of each head (x[..., :rotary_dim] rotated, the rest passed)"),
+    Family("GPT-NeoX", "decoder", "GPTNeoXModel", "GPTNeoXConfig",
+           lambda a: dict(vocab_size=VOCAB, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                          intermediate_size=a.intermediate, max_position_embeddings=POSITIONS,
+                          rotary_pct=0.5 if a.variant else 1.0, bos_token_id=1, eos_token_id=2),
+           variant="rotate_half on half of each head"),
+    Family("Cohere", "decoder", "CohereModel", "CohereConfig", _decoder),
+    # one fused qkv_proj sliced by position into q, k (a middle range) and v; one gate_up_proj chunked in two
+    Family("Phi-3", "decoder", "Phi3Model", "Phi3Config",
+           lambda a: {**_decoder(a), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
 )}
 
 

@@ -80,12 +80,14 @@ def test_pruned_hf_model_equals_masked_original(name, attention, data):
     arch = data.draw(archs(family, case), "arch")
     ratio = data.draw(_options((0.25, 0.4, 0.5, 0.7), case, "ratio"), "ratio")
     head_ratio = data.draw(_options((0.5, 0.6, 0.75), case, "head_ratio"), "head_ratio")  # >= 1 of 2 heads goes
+    # grouped-query families remove whole kv groups or query heads inside every kv group
+    heads = data.draw(_options(("kv_groups", "q_heads") if family.gqa else ("kv_groups",), case, "heads"), "heads")
     model = build(family, arch, attention)
     snapshot, config = state_snapshot(model), model.config.to_dict()
     generator = torch.Generator().manual_seed(0)
     analysis = fxprune.analyze(model, inputs(family, 1, TRACE_SEQ, generator))
 
-    plan = fxprune.plan(analysis, ratio, head_ratio=head_ratio)
+    plan = fxprune.plan(analysis, ratio, head_ratio=head_ratio, heads=heads)
     pruned = fxprune.apply(analysis, plan)
     assert fxprune.count_params(pruned) < fxprune.count_params(model)
     # fxprune.mask(model, plan, example_inputs=...) is this on a second capture of the model (another export)

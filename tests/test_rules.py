@@ -5,8 +5,8 @@ from hypothesis import given, strategies as st
 
 import fxprune
 from helpers import assert_unchanged, masked_error, state_snapshot
-from toy_models import (CatBiasAttention, ChunkedAttention, ConvMlp, LinearAttention, OldStyleAttention, Residual,
-                        SeparateProjections, SharedDepthwiseOnV, UnknownOpMlp)
+from toy_models import (CatBiasAttention, ChunkedAttention, ConvMlp, InterleavedRotary, LinearAttention,
+                        OldStyleAttention, Residual, SeparateProjections, SharedDepthwiseOnV, UnknownOpMlp)
 
 TOKENS = 9
 
@@ -497,3 +497,102 @@ def test_a_norm_weight_every_head_shares_lets_whole_heads_go():
     _, _, pruned = _prune_and_check(model, torch.randn(2, TOKENS, 16), 0.0, head_ratio=0.5)
     assert pruned.get_submodule("block.qkv").out_features == 24
     assert pruned.get_submodule("block.q_norm").weight.shape == (8,)  # the shared weight keeps its width
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_interleaved_rotary_removes_channels_in_aligned_pairs(heads):
+    """x[..., ::2] and x[..., 1::2] pair channel 2i with 2i + 1: pairs go whole, so the strided slices still
+    pick each pair's halves after pruning; the shared cos/sin table is read per head."""
+    model = Residual(InterleavedRotary(16, heads), 16).eval()
+    analysis, plan, pruned = _prune_and_check(model, torch.randn(3, TOKENS, 16), 0.5, head_ratio=0.5 if heads > 1 else 0)
+    (qk,) = _groups(analysis, "qk")
+    assert qk.prunable and qk.channels_per_atom == 2, qk.frozen
+    original, kept = model.block.k.weight, pruned.get_parameter("block.k.weight")
+    rows = sorted(int((original == row).all(1).nonzero()[0]) for row in kept)
+    assert len(rows) < original.shape[0] and len(rows) % 2 == 0
+    assert all(rows[i] % 2 == 0 and rows[i + 1] == rows[i] + 1 for i in range(0, len(rows), 2))  # aligned pairs
+
+
+def test_a_strided_slice_over_part_of_the_channels_freezes_them():
+    class Strided(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(8, 12), torch.nn.Linear(3, 8)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x)[..., :6:2])
+
+    analysis = fxprune.analyze(Strided(), (torch.randn(1, 8),))
+    (hidden,) = [g for g in analysis.groups if "fc1" in g.name]
+    assert any("channels are sliced with a step over part of their range" in why for why in hidden.frozen)
+
+
+class InterleavedGlu(torch.nn.Module):
+    """A gated MLP whose gate and value channels alternate in one projection: h[..., ::2] * silu(h[..., 1::2])."""
+
+    def __init__(self, dim: int = 8, hidden: int = 12) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(dim, 2 * hidden), torch.nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h[..., ::2] * torch.nn.functional.silu(h[..., 1::2]))
+
+
+def test_strided_slices_of_an_interleaved_glu_prune_in_pairs():
+    model = Residual(InterleavedGlu(), 8).eval()
+    analysis, plan, pruned = _prune_and_check(model, torch.randn(3, TOKENS, 8), 0.5)
+    (mlp,) = [g for g in analysis.groups if "fc1" in g.name]
+    assert mlp.prunable and mlp.width == 12, mlp.frozen  # one atom per (value, gate) pair
+    assert pruned.get_parameter("block.fc1.weight").shape[0] == 12 and pruned.get_parameter("block.fc2.weight").shape[1] == 6
+
+
+class PositionSlicedQkv(torch.nn.Module):
+    """One fused projection sliced by position into q, k (a middle range) and v, as Phi-3 does."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        y = self.qkv(x)
+        q, k, v = y[..., :self.dim], y[..., self.dim:2 * self.dim], y[..., 2 * self.dim:]
+        q, k, v = (t.view(B, N, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("head_ratio", [0.0, 0.5])
+def test_a_middle_range_of_channels_moves_with_the_channels_kept_before_it(head_ratio):
+    model = Residual(PositionSlicedQkv(), 16).eval()
+    analysis, plan, pruned = _prune_and_check(model, torch.randn(3, TOKENS, 16), 0.5, head_ratio=head_ratio)
+    assert all(g.prunable for g in analysis.groups if g.kind in ("qk", "v", "heads"))
+    kept = pruned.get_parameter("block.qkv.weight")
+    rows = [int((model.block.qkv.weight == row).all(1).nonzero()[0]) for row in kept]
+    parts = [sum(1 for r in rows if lo <= r < lo + 16) for lo in (0, 16, 32)]
+    assert parts[0] == parts[1] and 0 < parts[0] < 16 and 0 < parts[2] < 16
+
+
+class Resampled(torch.nn.Module):
+    """A conv's channels interpolated as planes (dim 1), and a Linear's channels laid along a resampled dim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.back = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 3, 1)
+        self.fc1, self.fc2 = torch.nn.Linear(3, 6), torch.nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        planes = self.back(torch.nn.functional.interpolate(self.conv(x), scale_factor=2.0, mode="bilinear"))
+        rows = torch.nn.functional.interpolate(self.fc1(x.mean((2, 3)))[:, None, :], scale_factor=2.0, mode="linear")
+        return planes.mean((2, 3)) + self.fc2(rows[:, 0])[:, :3]
+
+
+def test_interpolation_passes_channels_and_freezes_resampled_ids():
+    model = Resampled().eval()
+    analysis, plan, pruned = _prune_and_check(model, torch.randn(2, 3, 4, 4), 0.5)
+    conv = next(g for g in analysis.groups if "conv" in g.name)
+    fc1 = next(g for g in analysis.groups if "fc1" in g.name)
+    assert conv.prunable and pruned.get_parameter("conv.weight").shape[0] == 4
+    assert any("resampled along this dim" in why for why in fc1.frozen)

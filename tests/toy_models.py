@@ -127,6 +127,34 @@ class UnknownOpMlp(nn.Module):
         return x + self.fc4(F.gelu(self.fc3(x)))
 
 
+class InterleavedRotary(nn.Module):
+    """Rotary embedding in the GPT-J form: channels 2i and 2i + 1 rotate as a pair (``x[..., ::2]``,
+    ``x[..., 1::2]``, stacked and flattened), the angles of a buffer repeat_interleave'd to every channel."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, positions: int = 16) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, dim // heads, 2).float() / (dim // heads))
+        self.register_buffer("angles", torch.arange(positions).float()[:, None] * inv_freq, persistent=False)
+        self.proj = nn.Linear(dim, dim)
+
+    @staticmethod
+    def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        split = lambda t: t.view(B, N, self.heads, -1).transpose(1, 2)  # noqa: E731
+        angles = self.angles[:N].repeat_interleave(2, dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        q = q * cos + self.rotate_every_two(q) * sin
+        k = k * cos + self.rotate_every_two(k) * sin
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
 class Residual(nn.Module):
     """x + block(x), then a classifier-like head so the block's channels do not reach the output."""
 

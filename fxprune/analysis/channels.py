@@ -7,6 +7,7 @@ resolved until ``resolve()``: unions are collected as edge lists and solved at o
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ class ChannelIds:
     def __init__(self) -> None:
         self._spaces: dict[tuple[str, int], Space] = {}
         self._edges: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._ties: list[tuple[torch.Tensor, torch.Tensor]] = []  # copies and their source (see ``tie``)
         self._frozen: list[tuple[torch.Tensor, str]] = []
         self._tags: list[tuple[torch.Tensor, str]] = []
         self._rows: list[torch.Tensor] = []
@@ -74,6 +76,13 @@ class ChannelIds:
         if differ.any():
             self._edges.append((a[differ], b[differ]))
 
+    def tie(self, copies: torch.Tensor, source: torch.Tensor) -> None:
+        """``copies`` are broadcast copies of ``source`` (grouped-query attention's keys and values repeated for
+        every query head of their group): removed together, as ``union``, but separable where one copy goes
+        on its own (a query head removed inside its group, see ``Atoms.fine_of``)."""
+        a, b = torch.broadcast_tensors(copies, source)
+        self._ties.append((a.reshape(-1).clone(), b.reshape(-1).clone()))
+
     def union_within(self, ids: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         """Join ids along ``dims`` (a parameter shared along them) and return ids reduced to size 1 there."""
         first = ids
@@ -104,8 +113,12 @@ class ChannelIds:
         """A slice reads the channels at ``region`` (bool, per position) of every row of ``rows`` (rows,
         channels): every row must keep as many channels there. Resolved with the other couplings: where the
         coupled channels do not guarantee it (rotation pairs straddling the two halves do), the rows share
-        offsets."""
+        offsets. The channels read there are marked (joined with virtual ids of their own), so channels wholly
+        inside the region and channels wholly outside never share a group: each group keeping the same count
+        per row then keeps the same count inside (a partial rotary embedding's rotated and passed channels)."""
         self._regions.append((rows.clone(), region.clone()))
+        inside = rows[:, region]
+        self.union(inside, self.space(f"<region {len(self._regions)}>", 0, inside.numel(), True).reshape(inside.shape))
 
     def whole(self, rows: torch.Tensor, reason: str) -> None:
         """Each row is a set of ids that is removed entirely or not at all (normalised together)."""
@@ -113,10 +126,11 @@ class ChannelIds:
 
     def edges(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every coupling made so far, as two id tensors."""
-        if not self._edges:
+        edges = self._edges + self._ties
+        if not edges:
             empty = torch.empty(0, dtype=torch.long)
             return empty, empty
-        return torch.cat([a for a, _ in self._edges]), torch.cat([b for _, b in self._edges])
+        return torch.cat([a for a, _ in edges]), torch.cat([b for _, b in edges])
 
     def resolve(self) -> "Atoms":
         return Atoms.build(self)
@@ -152,9 +166,21 @@ def _rows_sharing_offsets_for_slices(root: torch.Tensor, regions: list[tuple[tor
                 inside.setdefault((r, atom), 0)
             for atom in row_inside:
                 inside[(r, atom)] += 1
-        if len(set(inside.values())) > 1 and rows.shape[0] > 1:
+        if len(set(inside.values())) > 1 and rows.shape[0] > 1 and not _wholly_in_or_out(roots, inside):
             edges.append((rows[1:].reshape(-1), rows[:1].expand(rows.shape[0] - 1, -1).reshape(-1)))
     return edges
+
+
+def _wholly_in_or_out(roots: torch.Tensor, inside: dict[tuple[int, int], int]) -> bool:
+    """Whether every atom lies wholly inside the region in every row that holds it, or wholly outside it in
+    every row (``record_region`` keeps the two kinds apart in groups)."""
+    status: dict[int, bool] = {}
+    for r, row in enumerate(roots.tolist()):
+        for atom, total in Counter(row).items():
+            count = inside[(r, atom)]
+            if count not in (0, total) or status.setdefault(atom, count > 0) != (count > 0):
+                return False
+    return True
 
 
 def _heads_reading_the_same_channels(root: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tensor]]
@@ -191,18 +217,25 @@ class Atoms:
     active: torch.Tensor | None = None  # atom -> True when some activation carries it
     head_links: dict[int, set[int]] = field(default_factory=dict)  # head atom -> channel atoms it owns
     whole_sets: list[tuple[frozenset, str]] = field(default_factory=list)  # all-or-nothing atom sets
+    # id -> atom of the finer classes that leave out ties and the coupling of query heads into kv groups: a
+    # query head's own channels (its q rows, its o columns, its copies of k and v) are atoms of their own
+    # there; None where the model has no ties (then nothing is finer)
+    fine_of: torch.Tensor | None = None
 
     @staticmethod
     def build(ids: ChannelIds) -> "Atoms":
-        root = _components(ids.size, ids._edges)
+        edges = ids._edges + ids._ties
+        root = _components(ids.size, edges)
         shared = _rows_sharing_offsets_for_slices(root, ids._regions)
         if shared:
-            root = _components(ids.size, ids._edges + shared)
+            root = _components(ids.size, edges + shared)
         grouped = _heads_reading_the_same_channels(root, ids._heads)
         if grouped:
-            root = _components(ids.size, ids._edges + shared + grouped)
+            root = _components(ids.size, edges + shared + grouped)
         roots, atom_of = torch.unique(root, return_inverse=True)
         atoms = Atoms(ids=ids, atom_of=atom_of, count=len(roots))
+        if ids._ties:
+            atoms.fine_of = torch.unique(_components(ids.size, ids._edges + shared), return_inverse=True)[1]
         for member_ids, reason in ids._frozen:
             for atom in torch.unique(atom_of[member_ids]).tolist():
                 reasons = atoms.frozen.setdefault(atom, [])

@@ -9,6 +9,7 @@ import torch
 
 from .channels import Atoms, Space
 from .labels import CHANNEL, Block
+from .query_heads import MQA, query_heads
 
 KINDS = ("qk", "v", "mlp", "heads", "other")
 HEAD_SPACE = "<heads:"  # name prefix of the virtual spaces that number an attention's heads
@@ -147,11 +148,30 @@ def _head_layouts(atoms: Atoms, group_of: torch.Tensor) -> tuple[dict[int, list[
             # convolutions of several kernel sizes): each group gets its heads' rows
             for g in owners:
                 layouts[g].append(rows[row_owner == g])
+        elif rows.numel() and bool((group_of[rows] >= 0).all()) and _split_by_group(rows, group_of, layouts):
+            pass  # every head holds as many channels of each group (partial rotary: rotated and passed channels)
         else:
             for g in owners:
                 if g >= 0:
                     irregular[g] = "a head layout mixes channels of several groups"
     return layouts, irregular
+
+
+def _split_by_group(rows: torch.Tensor, group_of: torch.Tensor, layouts: dict[int, list[torch.Tensor]]) -> bool:
+    """Rows (heads) that each hold the same number of channels of every group they touch: each group gets the
+    rows restricted to its own channels (every group keeping the same count per head keeps the heads equal).
+    False (nothing recorded) where the counts differ between heads."""
+    owners = group_of[rows]
+    pieces = {}
+    for g in torch.unique(owners).tolist():
+        mine = owners == g
+        counts = mine.sum(1)
+        if int(counts.min()) != int(counts.max()):
+            return False
+        pieces[g] = rows[mine].reshape(rows.shape[0], -1)
+    for g, piece in pieces.items():
+        layouts[g].append(piece)
+    return True
 
 
 def _describe_heads(group: Group, members: list[int], atoms: Atoms, owners: dict[int, set[int]],
@@ -165,7 +185,9 @@ def _describe_heads(group: Group, members: list[int], atoms: Atoms, owners: dict
             continue
         linked |= channels
     if any(len(owners[c]) > 1 for c in linked):
-        group.frozen.append("channels are shared across heads (the same offsets in every head)")
+        layout = query_heads(atoms, members)
+        one_kv_head = layout is not None and len(layout) == 1 and len(layout[0]) > 1
+        group.frozen.append(MQA if one_kv_head else "channels are shared across heads (the same offsets in every head)")
     for c in sorted(linked):
         for reason in atoms.frozen.get(c, []):
             if reason not in group.frozen:

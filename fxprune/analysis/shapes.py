@@ -14,6 +14,18 @@ from .labels import CHANNEL, Block
 from ..errors import RewriteError
 
 
+def _rows_kept(alive: torch.Tensor, r: int, inner: bool) -> int:
+    """How many rows along dim ``r`` survive: every position along ``r`` where some row survives; along the
+    inner of several row dims, as many as every line along ``r`` that keeps any keeps (copies of k per query
+    head, (kv heads, n_rep): each kv group keeps its own query heads, the same number) when they agree."""
+    if inner:
+        per_line = alive.sum(dim=r).reshape(-1)
+        per_line = per_line[per_line > 0]
+        if per_line.numel() and int(per_line.min()) == int(per_line.max()):
+            return int(per_line[0])
+    return int(alive.movedim(r, 0).reshape(alive.shape[r], -1).any(1).sum())
+
+
 def _tensor_shape(node_name: str, value: TensorValue, labels: Any, atom_of: torch.Tensor, removed: torch.Tensor) -> tuple:
     """Channel dims shrink to the channels each (surviving) row keeps; head dims to the heads kept."""
     shape = list(value.shape)
@@ -31,13 +43,18 @@ def _tensor_shape(node_name: str, value: TensorValue, labels: Any, atom_of: torc
             raise RewriteError(f"fxprune: the plan leaves node '{node_name}' ragged along dim {block.dim} "
                                f"({low}..{high} channels per row); every head must keep the same count")
         decided[block.dim] = low
-        for r in block.row_dims():  # a row (head) whose channels are all removed disappears
-            row_sizes[r] = int(kept.movedim(r, 0).reshape(kept.shape[r], -1).any(1).sum())
+        row_dims = block.row_dims()
+        for r in row_dims:  # a row (head) whose channels are all removed disappears
+            row_sizes[r] = _rows_kept(kept.any(dim=block.dim, keepdim=True), r, inner=r == max(row_dims) > min(row_dims))
     for block in (b for b in blocks if b.level != CHANNEL):
         if block.dim in decided:
             continue
         kept = ~removed[atom_of[block.ids]]
         counts = kept.sum(dim=block.dim)
+        if block.row_dims():  # free copies laid out per head (expand_as): a removed head's row keeps none
+            counts = counts[counts > 0]
+            if counts.numel() == 0:
+                continue
         low, high = int(counts.min()), int(counts.max())
         if low != high:
             raise RewriteError(f"fxprune: the plan keeps different head counts along dim {block.dim} of node '{node_name}'")

@@ -4,7 +4,8 @@ Every pass takes the graph module (and what it needs from the analysis) and retu
 ``PassResult(graph_module, modified)``.
 
 1. ``slice_parameters``     parameters and buffers lose their removed channels; module attributes follow
-2. ``fix_sizes``            sizes baked into the graph shrink (each op's ``resize``); other shape-derived
+2. ``slice_starts``         a middle range of channels sliced by position learns its new start
+   ``fix_sizes``            sizes baked into the graph shrink (each op's ``resize``); other shape-derived
                             values keep their original value
 3. ``keep_attention_scale`` SDPA keeps its original softmax scale
 4. ``gather_rows``          a table shared by all heads (rotary cos/sin) is read per head, by kept channel
@@ -24,6 +25,7 @@ import dataclasses
 import torch.fx as fx
 
 from .. import meta
+from ..analysis.query_heads import removal
 from ..analysis.shapes import kept_indices, new_shapes
 from ..check import check_pruned
 from ..depth import by_name
@@ -35,6 +37,7 @@ from .drop_branches import bypass, drop_branches
 from .gather_rows import gather_rows
 from .reweight import consumers, fit_reweight, insert_reweights, record_inputs
 from .slice_parameters import slice_parameters
+from .slice_starts import slice_starts
 
 
 COMPENSATIONS = ("least_squares", "sequential", "reweight")
@@ -59,7 +62,7 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, ve
                compensation: str = DEFAULT_COMPENSATION) -> fx.GraphModule:
     """A pruned copy of the analysed graph; with ``verify``, checked against the masked original first;
     with ``reweight_data``, compensated as ``compensation`` says (one of ``COMPENSATIONS``)."""
-    removed = plan.removed_atoms(analysis)
+    analysis, removed = removal(analysis, plan)  # finer than atoms where query heads go inside kv groups
     keep = kept_indices(analysis, removed)
     # tensors about to be sliced are not copied first (slicing makes new ones): the copy costs what is kept
     sliced = {id(t): t for t in (analysis.tensor(name) for name, dims in keep.items() if dims)}
@@ -68,6 +71,7 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, ve
     fits = _fit_reweights(analysis, keep, reweight_data) if reweighting else {}
     slice_parameters(gm, keep)
     shapes = new_shapes(gm, analysis.atoms.atom_of, removed)
+    slice_starts(gm, analysis.atoms.atom_of, removed)
     fix_sizes(gm, shapes)
     keep_attention_scale(gm, shapes)
     gather_rows(gm, analysis.atoms.atom_of, removed)

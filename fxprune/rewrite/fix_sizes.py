@@ -67,7 +67,7 @@ def fix_sizes(gm: fx.GraphModule, shapes: dict[str, Any]) -> PassResult:
         if spec is None or spec.resize is None or node.name not in shapes:
             continue
         old, new = _old_shape(node.meta.get(meta.VALUE)), shapes[node.name]
-        if old is not None and old != new:
+        if old is not None and (old != new or node.meta.get(meta.SLICE_START)):  # a range may move, not shrink
             spec.resize(node, call, old, new)
             modified = True
     return PassResult(gm, _pin_shape_scalars(gm, shapes) or modified)
@@ -88,7 +88,18 @@ def _pin_shape_scalars(gm: fx.GraphModule, shapes: dict[str, Any]) -> bool:
         for user in list(node.users):
             if isinstance(old, torch.Size) and user.op == "call_function" and user.target is operator.getitem:
                 continue  # x.shape[i] is pinned (or not) on its own: batch and token sizes stay dynamic
+            if isinstance(old, torch.Size) and _takes_the_new_shape(user, node, new, shapes):
+                continue  # y.reshape(x.shape) where the output shrinks as x does (timm's interleaved rotary)
             user.args = map_arg(user.args, lambda n: old if n is node else n)
             user.kwargs = map_arg(user.kwargs, lambda n: old if n is node else n)
             pinned = True
     return pinned
+
+
+def _takes_the_new_shape(user: fx.Node, size: fx.Node, new: Any, shapes: dict[str, Any]) -> bool:
+    """A reshape/view/expand whose whole size argument is ``size`` and whose output's new shape is the new
+    value of ``size``: it computes the right shape by itself, at any batch size."""
+    call = user.meta.get(meta.OP)
+    if call is None or call.op not in ("reshape", "expand") or list(user.args[1:]) != [size]:
+        return False
+    return tuple(shapes.get(user.name) or ()) == tuple(new)

@@ -127,20 +127,26 @@ def _tables_read_per_row(ctx, call: OpCall, aligned: list) -> list:
     gather after pruning (``rewrite/gather_rows.py``), instead of forcing every head to keep the same channel
     offsets. The shared tensor itself keeps its width (frozen)."""
     rows: dict[int, tuple[int, int]] = {}  # channel dim -> (row dim, rows) of an activation's per-head channels
+    single: set[int] = set()  # channel dims of activations with one row only (a single key/value head)
     for x, _, blocks in aligned:
         for block in blocks:
             row_dims = block.row_dims()
             if not ctx.is_const(x) and block.level == CHANNEL and len(row_dims) == 1 and row_dims[0] < block.dim:
                 rows[block.dim] = (row_dims[0], block.ids.shape[row_dims[0]])
-    if not rows or not isinstance(ctx.node.args, tuple):
+            elif not ctx.is_const(x) and block.level == CHANNEL and not row_dims:
+                single.add(block.dim)
+    if not (rows or single) or not isinstance(ctx.node.args, tuple):
         return aligned
     tensors = {name for name, _ in ctx.gm.named_buffers()} | {name for name, _ in ctx.gm.named_parameters()}
+    buffers = {name for name, _ in ctx.gm.named_buffers()}
     gathers, out = [], []
     for x, shape, blocks in aligned:
         position = next((i for i, a in enumerate(ctx.node.args) if a is x), None)
         new_blocks = []
         for block in blocks:
             row = rows.get(block.dim) if block.level == CHANNEL else None
+            if row is None and block.level == CHANNEL and block.dim in single:
+                row = _one_row(block, shape, ctx.ch.spaces_of(block.ids), buffers)
             if (row is None or position is None or block.row_dims() or block.ids.shape[row[0]] != 1
                     or not all(not sp.virtual and sp.param in tensors for sp in ctx.ch.spaces_of(block.ids))):
                 new_blocks.append(block)
@@ -157,6 +163,17 @@ def _tables_read_per_row(ctx, call: OpCall, aligned: list) -> list:
     if gathers:
         ctx.node.meta[meta.ROW_GATHER] = gathers
     return out
+
+
+def _one_row(block: Block, shape: tuple, spaces: list, buffers: set[str]) -> tuple[int, int] | None:
+    """A buffer table (a rotary embedding's cos/sin, from ``inv_freq``) meeting the channels of a single head
+    (multi-query attention's one key head) is read through a one-row gather too: coupled directly, the
+    table would tie that head's channels to every other layer reading it. Parameters are coupled as they
+    are (they shrink with the channels); the row dim is a size-1 dim before the channel dim."""
+    if not spaces or not all(sp.param in buffers for sp in spaces):
+        return None
+    size_one = [d for d in range(block.dim) if shape[d] == 1]
+    return (size_one[-1], 1) if size_one else None
 
 
 def _give_explicit_size(node, call: OpCall, old: tuple, new: tuple) -> None:

@@ -20,20 +20,54 @@ def _example_value(bound: Any) -> Any:
     return bound.meta.get(meta.VALUE) if isinstance(bound, fx.Node) else bound
 
 
-def _unsupported_channel_slice(item: slice) -> str | None:
-    """Why a slice of channels by position cannot follow their removal, or None when it can: a leading or
-    trailing range (``x[..., :h]``, ``x[..., h:]``, as in rotate_half and partial rotary embeddings) keeps
-    exactly the surviving channels of its range, and its bounds are rewritten from the new size."""
+def _unsupported_channel_slice(item: slice, width: int) -> str | None:
+    """Why a slice of channels by position cannot follow their removal, or None when it can: a range
+    (``x[..., :h]``, ``x[..., h:]`` as in rotate_half and partial rotary embeddings, ``x[..., a:b]`` as a fused
+    q/k/v projection's k) keeps exactly the surviving channels of its range, and its bounds are rewritten
+    from the new size (and, for a middle range, the channels kept before it); a strided
+    slice over all channels (``x[..., ::2]``, ``x[..., 1::2]``, interleaved rotary embeddings) keeps them when
+    channels go in aligned runs of ``step`` (see ``_couple_strided``)."""
     if item.step not in (None, 1):
-        return "channels are sliced with a step"
-    if item.start not in (None, 0) and item.stop is not None:
-        return "a middle range of channels is sliced out"
+        if item.stop is not None or (item.start or 0) >= item.step:
+            return "channels are sliced with a step over part of their range"
+        if width % item.step:
+            return "channels are sliced with a step that does not divide their count"
+        return None
     return None
 
 
-def _edge_slice(item: slice, new_size: int) -> slice:
-    """The leading or trailing slice of ``new_size`` items that ``item`` becomes after pruning."""
+def _couple_strided(ctx, ids: torch.Tensor, dim: int, step: int) -> None:
+    """``x[..., j::step]`` still picks the j-th of every run of ``step`` channels after pruning only if runs go
+    whole: channels ``step * i`` to ``step * i + step - 1`` are removed together (a rotation pair of an
+    interleaved rotary embedding, ``x[..., ::2]`` and ``x[..., 1::2]``)."""
+    runs = ids.unflatten(dim, (ids.shape[dim] // step, step))
+    ctx.ch.union_within(runs, (dim + 1,))
+
+
+def _edge_slice(item: slice, new_size: int, new_start: int | None = None) -> slice:
+    """The slice of ``new_size`` items that ``item`` becomes after pruning: leading or trailing, or from
+    ``new_start`` for a middle range; a strided slice over every channel stays as it is (runs of ``step`` go
+    whole)."""
+    if item.step not in (None, 1):
+        return slice(item.start, None, item.step)
+    if new_start is not None:
+        return slice(new_start, new_start + new_size)
     return slice(0, new_size) if item.start in (None, 0) else slice(-new_size, None)
+
+
+def _record_prefix(ctx, block, item: slice, out_dim: int) -> None:
+    """A middle range ``x[..., a:b]`` of channels starts after the channels kept before ``a`` once pruned:
+    remember those ids (``rewrite/slice_starts.py`` counts them); every row must keep as many of them."""
+    width = block.ids.shape[block.dim]
+    start, stop, _ = item.indices(width)
+    if start == 0 or stop == width:
+        return
+    prefix = block.ids.narrow(block.dim, 0, start)
+    if block.row_dims():
+        region = torch.zeros(width, dtype=torch.bool)
+        region[:start] = True
+        ctx.ch.record_region(block.rows(), region)
+    ctx.node.meta.setdefault(meta.SLICE_PREFIX, {})[out_dim] = block.moved(prefix, block.dim)
 
 
 def _resize_getitem(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
@@ -54,11 +88,12 @@ def _resize_getitem(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None
         n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
         items[at:at + 1] = [slice(None)] * (value.ndim - n_real)
     out_dim, changed = 0, False
+    starts = node.meta.get(meta.SLICE_START) or {}
     for position, item in enumerate(items):
         if isinstance(item, int):
             continue
-        if isinstance(item, slice) and item != slice(None) and old[out_dim] != new[out_dim]:
-            items[position], changed = _edge_slice(item, new[out_dim]), True
+        if isinstance(item, slice) and item != slice(None) and (old[out_dim] != new[out_dim] or out_dim in starts):
+            items[position], changed = _edge_slice(item, new[out_dim], starts.get(out_dim)), True
         out_dim += 1
     if changed:
         node.args = (node.args[0], tuple(items))
@@ -67,9 +102,10 @@ def _resize_getitem(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None
 def _resize_slice(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
     """aten.slice over channels that shrank: its bounds follow the new size (see ``_edge_slice``)."""
     dim = call.args.get("dim", 0) % len(old)
-    if old[dim] == new[dim]:
+    new_start = (node.meta.get(meta.SLICE_START) or {}).get(dim)
+    if old[dim] == new[dim] and new_start is None:
         return
-    item = _edge_slice(slice(call.args.get("start") or None, None), new[dim])
+    item = _edge_slice(slice(call.args.get("start") or None, None, call.args.get("step")), new[dim], new_start)
     node.args = (node.args[0], dim, item.start, item.stop if item.stop is not None else _END, *node.args[4:])
     node.kwargs = {k: v for k, v in node.kwargs.items() if k == "step"}
 
@@ -118,12 +154,16 @@ def rule_getitem(ctx, call: OpCall) -> Any:
                 item = slice(*(_example_value(v) for v in (item.start, item.stop, item.step)))
                 full = item.start in (None, 0) and item.stop is None and item.step in (None, 1)
                 if not full and d == block.dim:
-                    unsupported = _unsupported_channel_slice(item)
+                    unsupported = _unsupported_channel_slice(item, block.ids.shape[block.dim])
                     if unsupported:
                         ctx.freeze(block.ids, unsupported)
                         ok = False
                         break
-                    if block.row_dims():  # every row (head) must keep as many channels inside the slice
+                    if item.step not in (None, 1):
+                        _couple_strided(ctx, block.ids, block.dim, item.step)
+                    else:
+                        _record_prefix(ctx, block, item, offset)
+                    if item.step in (None, 1) and block.row_dims():  # every row (head) must keep as many channels inside the slice
                         width = block.ids.shape[block.dim]
                         region = torch.zeros(width, dtype=torch.bool)
                         region[item] = True

@@ -139,16 +139,47 @@ def rule_expand(ctx, call: OpCall) -> Labels:
     pad = len(dst) - len(src)
     blocks = [b.unsqueezed(pad) for b in ctx.labels(x)]
     sizes = call.args.get("sizes") or []
+    like = ()  # expand_as: the labels of the tensor whose shape is taken
     if ctx.node.target in ("expand_as", _aten.expand_as.default):
+        like = ctx.labels(sizes[0]) if sizes and isinstance(sizes[0], fx.Node) else ()
         sizes = list(dst)
+    if not ctx.is_const(x):
+        blocks = [_copies(ctx, b, src, dst, pad) for b in blocks]
     if (ctx.is_const(x) or ctx.node.target in ("expand_as", _aten.expand_as.default)) and len(sizes) == len(dst):
         for d, size in enumerate(sizes):
             source = src[d - pad] if d >= pad else 1
             if isinstance(size, int) and size > 1 and source == 1:
-                view = [1] * len(dst)
-                view[d] = size
-                blocks.append(Block(ctx.ch.space(f"<{ctx.node.name}>", d, size, True).reshape(view), d, FREE))
+                blocks.append(_free_copies(ctx, d, size, like, len(dst)))
     return merge(ctx.ch, blocks)
+
+
+def _free_copies(ctx, d: int, size: int, like: Labels, ndim: int) -> Block:
+    """Free ids for the copies along ``d``. Laid out like the channels of the tensor whose shape expand_as takes
+    where those come in rows (a per-head norm broadcast back over each head's channels, Swin-v2's cosine
+    attention): one id per head and channel, so dividing by it does not tie every head to the same offsets."""
+    rows = next((b for b in like or () if b.dim == d and b.level == CHANNEL and b.ids.ndim == ndim and b.row_dims()), None)
+    view = list(rows.ids.shape) if rows is not None else [1] * ndim
+    view[d] = size
+    count = 1
+    for n in view:
+        count *= n
+    return Block(ctx.ch.space(f"<{ctx.node.name}>", d, count, True).reshape(view), d, FREE)
+
+
+def _copies(ctx, block: Block, src: Sequence[int], dst: Sequence[int], pad: int) -> Block:
+    """Channels of an activation repeated along dims before their channel dim (grouped-query attention's
+    ``k[:, :, None].expand(B, kv_heads, n_rep, T, D)``) get ids of their own per copy, tied to their source:
+    removed with it, yet a copy can go on its own with the query head that reads it."""
+    repeated = [d for d in range(len(dst)) if d < block.dim and dst[d] > 1 and (src[d - pad] if d >= pad else 1) == 1]
+    if block.level != CHANNEL or not repeated:
+        return block
+    view = list(block.ids.shape)
+    for d in repeated:
+        view[d] = dst[d]
+    source = block.ids.expand(view)
+    fresh = ctx.ch.space(f"<copies:{ctx.node.name}>", 0, source.numel(), True).reshape(view)
+    ctx.ch.tie(fresh, source)
+    return Block(fresh, block.dim, block.level)
 
 
 def _bind_shape_query(node: fx.Node, args: tuple, kwargs: dict) -> dict | None:
@@ -168,9 +199,11 @@ def rule_shape_query(ctx, call: OpCall) -> None:
 
 @register_op("cat", ("tensors", "dim"), functions=[torch.cat, torch.concat], aten=[_aten.cat.default])
 def rule_cat(ctx, call: OpCall) -> Labels:
-    tensors = list(call.args["tensors"])
     ndim = ctx.out.ndim
     dim = call.args.get("dim", 0) % ndim
+    # an empty piece (the pass-through part x[..., rotary_dim:] of a rotary embedding that rotates every
+    # channel) adds no positions
+    tensors = [x for x in call.args["tensors"] if (ctx.shape(x) or (1,) * ndim)[dim] != 0]
     per_input = [(x, ctx.shape(x), {(b.dim, b.level): b for b in ctx.labels(x)}) for x in tensors]
     out: list[Block] = []
     keys = sorted({k for _, _, blocks in per_input for k in blocks})
@@ -287,3 +320,43 @@ def rule_unfold(ctx, call: OpCall) -> Labels:
     dim = call.args.get("dimension", 0) % max(ndim, 1)
     kept = _keep_off(ctx, ctx.labels(call.args["input"]), {dim}, "unfolded into sliding windows along this dim")
     return tuple(b.moved(b.ids.unsqueeze(-1), b.dim) for b in kept)
+
+
+def _resize_repeat_interleave(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
+    """repeat_interleave with an ``output_size`` hint: the hint is dropped (it is the old size)."""
+    if "output_size" in node.kwargs:
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "output_size"}
+    if len(node.args) > 3:
+        node.args = node.args[:3]
+
+
+@register_op("repeat_interleave", ("input", "repeats", "dim", "output_size"), functions=[torch.repeat_interleave],
+             methods=["repeat_interleave"], aten=[_aten.repeat_interleave.self_int], resize=_resize_repeat_interleave)
+def rule_repeat_interleave(ctx, call: OpCall) -> Labels:
+    """x.repeat_interleave(r, dim): every position of ``dim`` is repeated ``r`` times in place (an interleaved
+    rotary embedding's cos and sin, one value per rotation pair). The copies carry their source's ids, so
+    removing a channel removes its copies; without ``dim`` the input is flattened first (not followed)."""
+    x, repeats, dim = call.args["input"], call.args.get("repeats"), call.args.get("dim")
+    labels = ctx.labels(x)
+    if not isinstance(repeats, int) or dim is None:
+        ctx.freeze_labels(labels, "repeat_interleave by a tensor of counts or over the flattened input")
+        return ()
+    dim %= ctx.out.ndim
+    return tuple(b.moved(b.ids.repeat_interleave(repeats, dim) if b.ids.shape[dim] > 1 else b.ids, b.dim)
+                 for b in labels)
+
+
+_RESAMPLE_ATEN = [getattr(getattr(_aten, name), overload) for name in
+                  ("upsample_bilinear2d", "upsample_nearest2d", "upsample_bicubic2d", "upsample_linear1d",
+                   "upsample_nearest1d", "upsample_trilinear3d", "upsample_nearest3d")
+                  for overload in ("vec", "default") if hasattr(getattr(_aten, name, None), overload)]
+
+
+@register_op("resample", ("input", "size", "scale_factor", "mode", "align_corners"), functions=[F.interpolate],
+             aten=_RESAMPLE_ATEN)
+def rule_resample(ctx, call: OpCall) -> Labels:
+    """Interpolation (F.interpolate, aten.upsample_*) resamples the spatial dims (2 and on) of (N, C, ...): each
+    channel or head along dim 1 is resampled on its own (BEiT's relative position table, one plane per head),
+    while ids along a spatial dim would be mixed."""
+    ndim = len(ctx.shape(call.args["input"]))
+    return _keep_off(ctx, ctx.labels(call.args["input"]), set(range(2, ndim)), "resampled along this dim")

@@ -14,6 +14,9 @@ ATTENTION_OUTPUT = "fxprune_attention_output"  # analysis: this node computes an
 # analysis: operands read per head through a gather (a rotary cos/sin table shared by all heads):
 # list of RowGather (rewrite/gather_rows.py)
 ROW_GATHER = "fxprune_row_gather"
+# analysis: this LayerNorm/RMSNorm normalises a residual stream over its last dim; if the stream loses
+# channels, the pruned norm's statistics cover the kept ones only (the self-check's reference does the same)
+STREAM_NORM = "fxprune_stream_norm"
 
 # --- GraphModule.meta --------------------------------------------------------------------------------------
 CAPTURE_METHOD = "fxprune_capture"  # "torch.export" where capture fell back to export

@@ -10,7 +10,7 @@ import torch
 from .channels import Atoms, Space
 from .labels import CHANNEL, Block
 
-KINDS = ("qk", "v", "mlp", "heads", "other")
+KINDS = ("qk", "v", "mlp", "heads", "residual", "other")
 HEAD_SPACE = "<heads:"  # name prefix of the virtual spaces that number an attention's heads
 
 
@@ -65,6 +65,7 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
     for atom_set, reason in atoms.whole_sets:
         for a in atom_set:
             whole_reasons[a].add(reason)
+    stream_norms = _stream_norms_by_group(atoms, group_of)
 
     groups: list[Group] = []
     used_names: set[str] = set()
@@ -79,8 +80,12 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
             continue
         roles = set().union(*(atoms.roles[a] for a in members if a in atoms.roles))
         kind = _kind(roles, member_spaces, param_ndim)
+        norm_reasons = stream_norms.get(g, set())
+        if kind == "other" and norm_reasons and g not in stream_norms.get(-1, ()):
+            kind = "residual"  # its norms shrink with it: the statistics cover the kept channels
         rows, heads, head_dim, shared, problem, per_atom = _head_rows(members, layouts.get(g, []), first_id)
-        frozen += sorted({r for a in members for r in whole_reasons.get(a, ())})
+        whole = {r for a in members for r in whole_reasons.get(a, ())}
+        frozen += sorted(whole if kind == "residual" else whole | norm_reasons)
         frozen += [extra for extra in (irregular.get(g), problem) if extra]
         if not member_spaces:  # only copies made in the graph (expand_as, zeros_like): nothing to cut
             frozen.append("no parameter holds these channels (copies made in the graph)")
@@ -96,6 +101,20 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
         for g in peers:
             groups[g].same_count_as = sorted(groups[p].name for p in peers if p != g)
     return groups
+
+
+def _stream_norms_by_group(atoms: Atoms, group_of: torch.Tensor) -> dict[int, set]:
+    """Group index -> reasons of the norms over a residual stream that normalise its atoms. A norm over the
+    atoms of several groups normalises no single stream: its groups are listed under -1 as well (they keep
+    the norm's reasons as frozen ones, as a norm over channels freezes them everywhere else)."""
+    found: dict[int, set] = defaultdict(set)
+    for atom_set, reason in atoms.stream_norm_sets:
+        owners = set(group_of[torch.tensor(sorted(atom_set))].tolist())
+        for g in owners:
+            found[g].add(reason)
+        if len(owners) > 1 or -1 in owners:
+            found[-1].update(owners)
+    return found
 
 
 def _atoms_by_signature(atoms: Atoms, first_id: torch.Tensor) -> tuple[list[tuple[tuple[int, ...], list[int]]], torch.Tensor]:

@@ -38,7 +38,8 @@ def _edge_slice(item: slice, new_size: int) -> slice:
 
 def _resize_getitem(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
     """x[..., :h] whose channels shrank: the slice bounds follow the new size (see ``_edge_slice``)."""
-    index = call.args.get("index")
+    # this graph's own index: the analysed call's slices may hold nodes of the analysed graph (x[:, :H])
+    index = node.args[1] if len(node.args) > 1 else call.args.get("index")
     source = node.args[0] if node.args else None
     value = source.meta.get(meta.VALUE) if isinstance(source, fx.Node) else None
     if not isinstance(value, TensorValue) or not isinstance(old, tuple):

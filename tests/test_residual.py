@@ -1,0 +1,168 @@
+"""Residual width (kinds=("residual",)): the residual stream's channels removed everywhere it is read or written.
+
+The reference is activation level: a LayerNorm over the stream normalises over the kept channels only (and
+outputs zero for the removed ones). The tests build that reference independently of fxprune: the timm model
+itself, each stream norm replaced by LayerNorm over the kept channels, the kept channels read off the pruned
+model's norm weights.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import fxprune
+from fxprune.masked_reference import norm_over_kept
+from helpers import assert_unchanged, examples, small_vit, state_snapshot
+from test_swin_property import build_swin, swin_configs
+from test_vit_property import vit_configs
+
+KIND_SETS = [("residual",), ("residual", "qk", "v", "mlp")]
+
+
+def _kept(original: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Indices of ``original`` (1-D, distinct values) that ``pruned`` kept, in order."""
+    return torch.tensor([int(torch.nonzero(original == v)[0]) for v in pruned])
+
+
+def _kept_mask(original: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(len(original), dtype=torch.bool)
+    mask[_kept(original, pruned)] = True
+    return mask
+
+
+def _layer_norm_over(module: nn.LayerNorm, kept: torch.Tensor):
+    """LayerNorm over the ``kept`` channels of the last dim (the others zero): what the pruned norm computes."""
+    def forward(x):
+        y = torch.zeros_like(x)
+        y[..., kept] = F.layer_norm(x[..., kept], (int(kept.sum()),), module.weight[kept], module.bias[kept], module.eps)
+        return y
+    return forward
+
+
+def _zero_input(kept: torch.Tensor):
+    return lambda _module, args: (torch.where(kept, args[0], 0), *args[1:])
+
+
+def vit_reference(model, plan, pruned, x):
+    """The ViT with the plan's other channels zeroed (weights) and every norm over the stream normalising over
+    the channels ``pruned`` kept. The stream is read only by those norms (and residual adds), so its removed
+    channels need no zeroing."""
+    kept = _kept_mask(model.blocks[0].norm1.weight.detach(), pruned.get_parameter("blocks.0.norm1.weight").detach())
+    reference = fxprune.mask(model, plan, example_inputs=(x,))
+    for name, module in reference.named_modules():
+        if isinstance(module, nn.LayerNorm) and not name.endswith(("q_norm", "k_norm")):
+            module.forward = _layer_norm_over(module, kept)
+    return reference, kept
+
+
+def swin_reference(model, plan, pruned, x):
+    """The Swin model with the plan's other channels zeroed (weights) and each stage's stream norms normalising over the channels ``pruned`` kept in that stage;
+    patch merging's norm (Swin) over its 4 copies of the previous stage's; its reduction reads those copies only."""
+    stages = [_kept_mask(stage.blocks[0].norm1.weight.detach(),
+                         pruned.get_parameter(f"layers.{i}.blocks.0.norm1.weight").detach())
+              for i, stage in enumerate(model.layers)]
+    reference = fxprune.mask(model, plan, example_inputs=(x,))
+    for name, module in reference.named_modules():
+        if not isinstance(module, nn.LayerNorm):
+            continue
+        parts = name.split(".")
+        stage = int(parts[1]) if parts[0] == "layers" else (0 if parts[0] == "patch_embed" else len(stages) - 1)
+        kept = stages[stage]
+        if "downsample" in parts and module.normalized_shape[0] != len(kept):
+            kept = stages[stage - 1].repeat(4)  # (2, 2, C) flattened: the channel index runs fastest
+        module.forward = _layer_norm_over(module, kept)
+    for i, stage in enumerate(reference.layers):
+        if i and not isinstance(stage.downsample, nn.Identity):
+            stage.downsample.reduction.register_forward_pre_hook(_zero_input(stages[i - 1].repeat(4)))
+    return reference, stages
+
+
+def _close(pruned, reference, x) -> float:
+    with torch.no_grad():
+        return fxprune.relative_error(pruned(x), reference(x))
+
+
+@settings(max_examples=examples(15), deadline=None)
+@given(cfg=vit_configs(), ratio=st.floats(0.1, 0.9), kinds=st.sampled_from(KIND_SETS), batch=st.integers(2, 3))
+def test_vit_residual_width_equals_layer_norm_over_kept_channels(cfg, ratio, kinds, batch):
+    model = small_vit(**cfg)
+    snapshot = state_snapshot(model)
+    analysis = fxprune.analyze(model, (torch.randn(1, 3, 16, 16),))
+    (stream,) = [g for g in analysis.groups if g.kind == "residual"]
+    assert stream.name == "patch_embed.proj:residual" and stream.prunable
+    plan = fxprune.plan(analysis, ratio, kinds=kinds)
+    pruned = fxprune.apply(analysis, plan)
+    reference, kept = vit_reference(model, plan, pruned, analysis.captured.example_inputs[0])
+    width = cfg["embed_per_head"] * cfg["num_heads"]
+    assert int(kept.sum()) == width - min(int(ratio * width + 1e-9), width - 1)
+    assert _close(pruned, reference, torch.randn(batch, 3, 16, 16)) < 1e-5
+    embed = int(kept.sum())  # every tensor that reads or writes the stream has the smaller width
+    assert pruned.get_parameter("patch_embed.proj.weight").shape[0] == embed
+    assert pruned.get_parameter("pos_embed").shape[-1] == embed
+    for i in range(cfg["depth"]):
+        assert pruned.get_parameter(f"blocks.{i}.attn.qkv.weight").shape[1] == embed
+        assert pruned.get_parameter(f"blocks.{i}.attn.proj.weight").shape[0] == embed
+        assert pruned.get_parameter(f"blocks.{i}.mlp.fc1.weight").shape[1] == embed
+        assert pruned.get_parameter(f"blocks.{i}.mlp.fc2.weight").shape[0] == embed
+        if cfg["init_values"]:
+            assert pruned.get_parameter(f"blocks.{i}.ls1.gamma").shape == (embed,)
+    for token in ("cls_token", "reg_token"):
+        if getattr(model, token, None) is not None:
+            assert pruned.get_parameter(token).shape[-1] == embed
+    assert pruned.get_parameter("head.weight").shape[1] == embed
+    assert fxprune.check_of(pruned).error < 1e-5
+    assert_unchanged(model, snapshot)
+
+
+@settings(max_examples=examples(8), deadline=None)
+@given(cfg=swin_configs(), ratio=st.floats(0.1, 0.9), kinds=st.sampled_from(KIND_SETS), batch=st.integers(2, 3))
+def test_swin_residual_width_per_stage_equals_layer_norm_over_kept_channels(cfg, ratio, kinds, batch):
+    model = build_swin(cfg)
+    size = cfg["img_size"]
+    analysis = fxprune.analyze(model, (torch.randn(1, 3, size, size),))
+    streams = [g for g in analysis.groups if g.kind == "residual"]
+    stages = len(cfg["depths"])
+    assert [g.name for g in streams] == ["patch_embed.proj:residual"] + [
+        f"layers.{i}.downsample.reduction:residual" for i in range(1, stages)]
+    assert all(g.prunable for g in streams)
+    plan = fxprune.plan(analysis, ratio, kinds=kinds)
+    pruned = fxprune.apply(analysis, plan)
+    reference, kept = swin_reference(model, plan, pruned, analysis.captured.example_inputs[0])
+    for i, stage_kept in enumerate(kept):
+        width = cfg["embed_dim"] * 2 ** i
+        assert int(stage_kept.sum()) == width - min(int(ratio * width + 1e-9), width - 1)
+    assert _close(pruned, reference, torch.randn(batch, 3, size, size)) < 1e-5
+
+
+def test_residual_is_untouched_unless_asked():
+    model = small_vit(class_token=True, reg_tokens=1, init_values=0.1)
+    x = torch.randn(1, 3, 16, 16)
+    pruned = fxprune.prune(model, 0.5, example_inputs=(x,))
+    assert pruned.get_parameter("pos_embed").shape == model.pos_embed.shape
+    assert pruned.get_parameter("blocks.0.norm1.weight").shape == (16,)
+    plan = fxprune.plan(model, 0.5, example_inputs=(x,))
+    assert "patch_embed.proj:residual" not in plan.removed
+    assert fxprune.check_of(pruned).reference == "weights"
+
+
+def test_one_norm_over_kept_channels_is_layer_norm_of_those_channels():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(3, 5, 8), torch.randn(8), torch.randn(8)
+    kept = torch.tensor([True, False, True, True, False, True, True, False])
+    got = norm_over_kept(x, kept, weight, bias, 1e-6, rms=False)
+    want = F.layer_norm(x[..., kept], (5,), weight[kept], bias[kept], 1e-6)
+    torch.testing.assert_close(got[..., kept], want)
+    assert torch.equal(got[..., ~kept], torch.zeros(3, 5, 3))
+    x[..., ~kept] = float("inf")  # removed channels never reach the statistics
+    torch.testing.assert_close(norm_over_kept(x, kept, weight, bias, 1e-6, rms=False)[..., kept], want)
+    rms = norm_over_kept(x, kept, weight, None, 1e-6, rms=True)
+    torch.testing.assert_close(rms[..., kept], F.rms_norm(x[..., kept], (5,), weight[kept], 1e-6))
+
+
+def test_pruned_norm_is_a_layer_norm_over_the_kept_width():
+    model = small_vit(num_heads=2, embed_per_head=8, depth=2)
+    pruned = fxprune.prune(model, 0.25, kinds=("residual",), example_inputs=(torch.randn(1, 3, 16, 16),))
+    sizes = [tuple(n.args[1] if len(n.args) > 1 else n.kwargs["normalized_shape"])
+             for n in pruned.graph.nodes if n.target is F.layer_norm]
+    assert sizes == [(12,)] * 5  # norm1 and norm2 of two blocks, the final norm

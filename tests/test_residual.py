@@ -5,15 +5,20 @@ outputs zero for the removed ones). The tests build that reference independently
 itself, each stream norm replaced by LayerNorm over the kept channels, the kept channels read off the pruned
 model's norm weights.
 """
+import json
+
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import fxprune
+from fxprune.cli import main as cli
+from fxprune.errors import RewriteError
 from fxprune.masked_reference import norm_over_kept
-from helpers import assert_unchanged, examples, small_vit, state_snapshot
+from helpers import assert_unchanged, examples, randomize, small_vit, state_snapshot
 from test_swin_property import build_swin, swin_configs
 from test_vit_property import vit_configs
 
@@ -166,3 +171,95 @@ def test_pruned_norm_is_a_layer_norm_over_the_kept_width():
     sizes = [tuple(n.args[1] if len(n.args) > 1 else n.kwargs["normalized_shape"])
              for n in pruned.graph.nodes if n.target is F.layer_norm]
     assert sizes == [(12,)] * 5  # norm1 and norm2 of two blocks, the final norm
+
+
+def _swin():
+    return randomize(timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=2, window_size=4,
+                                       embed_dim=16, depths=(2, 2), num_heads=(2, 4), num_classes=5)).eval()
+
+
+@pytest.mark.parametrize("build", [lambda: small_vit(class_token=True, reg_tokens=1, init_values=0.1, depth=3), _swin],
+                         ids=["vit", "swin"])
+@pytest.mark.parametrize("budget", ["target_macs", "target_params"])
+def test_budgets_count_what_narrowing_the_stream_removes(build, budget):
+    model = build()
+    size = 16 if isinstance(model, timm.models.VisionTransformer) else 32
+    x = torch.randn(1, 3, size, size)
+    analysis = fxprune.analyze(model, (x,))
+    plan = fxprune.plan(analysis, kinds=("residual", "qk", "v", "mlp"), **{budget: 0.6})
+    assert any(plan.removed.get(g.name) for g in analysis.groups if g.kind == "residual")
+    pruned = fxprune.apply(analysis, plan)
+    if budget == "target_macs":
+        reached = fxprune.count_macs(pruned, (x,)) / fxprune.count_macs(model, (x,))
+    else:
+        reached = fxprune.count_params(pruned) / fxprune.count_params(model)
+    assert reached == pytest.approx(plan.options["reached"], abs=1e-9)  # FlopCounter agrees with the estimate
+    assert abs(reached - 0.6) < 0.05
+
+
+@pytest.mark.parametrize("importance", ["l2", "l1", "random", "dimap", "taylor", "attention", "reconstruction"])
+def test_every_criterion_scores_the_stream(importance):
+    model = small_vit(init_values=0.1)
+    analysis = fxprune.analyze(model, (torch.randn(1, 3, 16, 16),))
+    plan = fxprune.plan(analysis, 0.5, kinds=("residual",), importance=importance, data=[torch.randn(4, 3, 16, 16)])
+    (removed,) = plan.removed["patch_embed.proj:residual"]
+    assert len(removed) == 8
+    if importance != "random":  # a real score: not the first positions, as tied scores would give
+        assert removed != list(range(8))
+    fxprune.apply(analysis, plan)
+
+
+@pytest.mark.parametrize("compensation", ["least_squares", "sequential", "reweight"])
+def test_compensation_runs_and_reduces_the_error(compensation):
+    model = small_vit(init_values=0.1, depth=3, num_heads=3)
+    analysis = fxprune.analyze(model, (torch.randn(1, 3, 16, 16),))
+    plan = fxprune.plan(analysis, 0.25, kinds=("residual", "qk", "v", "mlp"))
+    data = [torch.randn(32, 3, 16, 16) for _ in range(4)]
+    x = torch.randn(64, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        plain = fxprune.relative_error(fxprune.apply(analysis, plan)(x), want)
+        compensated = fxprune.apply(analysis, plan, reweight_data=data, compensation=compensation)
+        assert fxprune.relative_error(compensated(x), want) < plain
+
+
+def test_the_self_check_compares_with_norms_over_the_kept_channels(monkeypatch):
+    """Against the weight-masked original alone (norm statistics over every channel) the narrowed model
+    differs: the check would refuse a rewrite whose norms did not normalise over the kept channels."""
+    import fxprune.rewrite as rewrite
+
+    model = small_vit(init_values=0.1)
+    analysis = fxprune.analyze(model, (torch.randn(1, 3, 16, 16),))
+    plan = fxprune.plan(analysis, 0.5, kinds=("residual",))
+    fxprune.apply(analysis, plan)
+    monkeypatch.setattr(rewrite, "kept_statistics", lambda analysis, removed: analysis)
+    with pytest.raises(RewriteError, match="differs from the masked original"):
+        fxprune.apply(analysis, plan)
+
+
+@pytest.mark.parametrize("build", [lambda: small_vit(class_token=True, reg_tokens=2, init_values=0.1), _swin],
+                         ids=["vit", "swin"])
+def test_save_load_round_trip_is_bit_identical(tmp_path, build):
+    model = build()
+    size = 16 if isinstance(model, timm.models.VisionTransformer) else 32
+    pruned = fxprune.prune(model, 0.5, kinds=("residual", "mlp"), example_inputs=(torch.randn(1, 3, size, size),))
+    fxprune.save(pruned, tmp_path / "saved")
+    loaded = fxprune.load(tmp_path / "saved", model=model)
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    assert fxprune.Plan.from_json(fxprune.plan_of(pruned).to_json()).removed == fxprune.plan_of(loaded).removed
+
+
+def test_cli_prunes_the_residual_width_and_inspect_lists_the_stream(tmp_path, capsys):
+    args = ["--model-arg", "img_size=32", "--model-arg", "patch_size=8", "--model-arg", "depth=2"]
+    out = tmp_path / "narrow"
+    assert cli(["prune", "deit_tiny_patch16_224", *args, "--ratio", "0.5", "--kinds", "residual",
+                "--out", str(out), "--repeats", "1"]) == 0
+    saved = json.loads((out / "plan.json").read_text())["plan"]["removed"]
+    assert len(saved["patch_embed.proj:residual"][0]) == 96  # half of 192 channels
+    loaded = fxprune.load(out)
+    assert loaded.get_parameter("pos_embed").shape[-1] == 96
+    assert cli(["inspect", "deit_tiny_patch16_224", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "patch_embed.proj:residual" in printed and "residual=1" in printed

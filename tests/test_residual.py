@@ -5,6 +5,7 @@ outputs zero for the removed ones). The tests build that reference independently
 itself, each stream norm replaced by LayerNorm over the kept channels, the kept channels read off the pruned
 model's norm weights.
 """
+import copy
 import json
 
 import pytest
@@ -18,6 +19,8 @@ import fxprune
 from fxprune.cli import main as cli
 from fxprune.errors import RewriteError
 from fxprune.masked_reference import norm_over_kept
+from fxprune.importance.taylor import main_output
+from fxprune.verify import masked
 from helpers import assert_unchanged, examples, randomize, small_vit, state_snapshot
 from test_swin_property import build_swin, swin_configs
 from test_vit_property import vit_configs
@@ -45,29 +48,38 @@ def _layer_norm_over(module: nn.LayerNorm, kept: torch.Tensor):
     return forward
 
 
+def _weights_zeroed(model, analysis, plan):
+    """A copy of the timm model itself with the plan's removed channels' weights zeroed (its modules intact, so
+    their norms can be replaced; ``fxprune.mask`` gives fxprune's own graph for a plan that narrows a stream)."""
+    reference = masked(model, analysis, plan)
+    assert type(reference) is type(model)
+    return reference
+
+
 def _zero_input(kept: torch.Tensor):
     return lambda _module, args: (torch.where(kept, args[0], 0), *args[1:])
 
 
-def vit_reference(model, plan, pruned, x):
+def vit_reference(model, analysis, plan, pruned):
     """The ViT with the plan's other channels zeroed (weights) and every norm over the stream normalising over
     the channels ``pruned`` kept. The stream is read only by those norms (and residual adds), so its removed
     channels need no zeroing."""
     kept = _kept_mask(model.blocks[0].norm1.weight.detach(), pruned.get_parameter("blocks.0.norm1.weight").detach())
-    reference = fxprune.mask(model, plan, example_inputs=(x,))
+    reference = _weights_zeroed(model, analysis, plan)
     for name, module in reference.named_modules():
         if isinstance(module, nn.LayerNorm) and not name.endswith(("q_norm", "k_norm")):
             module.forward = _layer_norm_over(module, kept)
+    assert "forward" in vars(reference.blocks[0].norm1)  # the model's own norms, not a traced graph's calls
     return reference, kept
 
 
-def swin_reference(model, plan, pruned, x):
+def swin_reference(model, analysis, plan, pruned):
     """The Swin model with the plan's other channels zeroed (weights) and each stage's stream norms normalising over the channels ``pruned`` kept in that stage;
     patch merging's norm (Swin) over its 4 copies of the previous stage's; its reduction reads those copies only."""
     stages = [_kept_mask(stage.blocks[0].norm1.weight.detach(),
                          pruned.get_parameter(f"layers.{i}.blocks.0.norm1.weight").detach())
               for i, stage in enumerate(model.layers)]
-    reference = fxprune.mask(model, plan, example_inputs=(x,))
+    reference = _weights_zeroed(model, analysis, plan)
     for name, module in reference.named_modules():
         if not isinstance(module, nn.LayerNorm):
             continue
@@ -98,7 +110,7 @@ def test_vit_residual_width_equals_layer_norm_over_kept_channels(cfg, ratio, kin
     assert stream.name == "patch_embed.proj:residual" and stream.prunable
     plan = fxprune.plan(analysis, ratio, kinds=kinds)
     pruned = fxprune.apply(analysis, plan)
-    reference, kept = vit_reference(model, plan, pruned, analysis.captured.example_inputs[0])
+    reference, kept = vit_reference(model, analysis, plan, pruned)
     width = cfg["embed_per_head"] * cfg["num_heads"]
     assert int(kept.sum()) == width - min(int(ratio * width + 1e-9), width - 1)
     assert _close(pruned, reference, torch.randn(batch, 3, 16, 16)) < 1e-5
@@ -133,7 +145,7 @@ def test_swin_residual_width_per_stage_equals_layer_norm_over_kept_channels(cfg,
     assert all(g.prunable for g in streams)
     plan = fxprune.plan(analysis, ratio, kinds=kinds)
     pruned = fxprune.apply(analysis, plan)
-    reference, kept = swin_reference(model, plan, pruned, analysis.captured.example_inputs[0])
+    reference, kept = swin_reference(model, analysis, plan, pruned)
     for i, stage_kept in enumerate(kept):
         width = cfg["embed_dim"] * 2 ** i
         assert int(stage_kept.sum()) == width - min(int(ratio * width + 1e-9), width - 1)
@@ -263,3 +275,43 @@ def test_cli_prunes_the_residual_width_and_inspect_lists_the_stream(tmp_path, ca
     assert cli(["inspect", "deit_tiny_patch16_224", *args]) == 0
     printed = capsys.readouterr().out
     assert "patch_embed.proj:residual" in printed and "residual=1" in printed
+
+
+def test_norms_replaced_in_the_reference_are_the_model_own():
+    """The independent reference really swaps the timm model's norms (not a graph's calls)."""
+    model = _swin()
+    analysis = fxprune.analyze(model, (torch.randn(1, 3, 32, 32),))
+    plan = fxprune.plan(analysis, 0.5, kinds=("residual",))
+    reference, _ = swin_reference(model, analysis, plan, fxprune.apply(analysis, plan))
+    norms = [m for m in reference.modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all("forward" in vars(m) for m in norms)
+
+
+@pytest.mark.parametrize("family,head", [("ViT", "ViTForImageClassification"), ("BERT", "BertForSequenceClassification"),
+                                         ("DistilBERT", "DistilBertForSequenceClassification")])
+def test_hugging_face_classifiers_equal_layer_norm_over_kept_channels(family, head):
+    """A classifier's stream (a bare model's is its output, so it stays) narrows; every nn.LayerNorm of the hidden
+    width, post-norm BERT's too, then normalises over the kept channels."""
+    import transformers
+    import hf_models
+
+    config = getattr(transformers, hf_models.FAMILIES[family].config)(
+        **hf_models.FAMILIES[family].kwargs(hf_models.Arch()), num_labels=3, attn_implementation="eager")
+    model = hf_models.randomize(getattr(transformers, head)(config)).eval()
+    generator = torch.Generator().manual_seed(0)
+    analysis = fxprune.analyze(model, hf_models.inputs(family, 2, 8, generator))
+    plan = fxprune.plan(analysis, 0.5, kinds=("residual",))
+    pruned = fxprune.apply(analysis, plan)
+    hidden = config.hidden_size if hasattr(config, "hidden_size") else config.dim
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.LayerNorm) and m.normalized_shape == (hidden,)}
+    first = next(iter(norms))
+    kept = _kept_mask(norms[first].weight.detach(), pruned.get_parameter(f"{first}.weight").detach())
+    assert int(kept.sum()) == hidden // 2
+    reference = copy.deepcopy(model)
+    for name, module in reference.named_modules():
+        if name in norms:
+            module.forward = _layer_norm_over(module, kept)
+    x = hf_models.inputs(family, 3, 8, generator)
+    with torch.no_grad():
+        got, want = main_output(pruned(*x)), main_output(reference(*x))
+    assert fxprune.relative_error(got, want) < 1e-5

@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 import fxprune
 from fxprune.cli import main as cli
-from fxprune.errors import RewriteError
+from fxprune.errors import InvalidArgumentError, RewriteError
 from fxprune.masked_reference import norm_over_kept
 from fxprune.importance.taylor import main_output
 from fxprune.verify import masked
@@ -74,8 +74,9 @@ def vit_reference(model, analysis, plan, pruned):
 
 
 def swin_reference(model, analysis, plan, pruned):
-    """The Swin model with the plan's other channels zeroed (weights) and each stage's stream norms normalising over the channels ``pruned`` kept in that stage;
-    patch merging's norm (Swin) over its 4 copies of the previous stage's; its reduction reads those copies only."""
+    """The Swin model with the plan's other channels zeroed (weights) and each stage's stream norms normalising
+    over the channels ``pruned`` kept in that stage; patch merging's norm (Swin) over its 4 copies of the
+    previous stage's; its reduction reads those copies only (Swin-v2 reduces first, then norms the new stream)."""
     stages = [_kept_mask(stage.blocks[0].norm1.weight.detach(),
                          pruned.get_parameter(f"layers.{i}.blocks.0.norm1.weight").detach())
               for i, stage in enumerate(model.layers)]
@@ -315,3 +316,8 @@ def test_hugging_face_classifiers_equal_layer_norm_over_kept_channels(family, he
     with torch.no_grad():
         got, want = main_output(pruned(*x)), main_output(reference(*x))
     assert fxprune.relative_error(got, want) < 1e-5
+
+
+def test_auto_prune_refuses_residual_width():
+    with pytest.raises(InvalidArgumentError, match="residual width"):
+        fxprune.auto_prune(small_vit(), [torch.randn(2, 3, 16, 16)], 0.5, kinds=("residual", "mlp"))

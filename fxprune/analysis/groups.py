@@ -32,6 +32,7 @@ class Group:
     frozen: list[str] = field(default_factory=list)
     channels_per_atom: int = 1  # channels one atom holds in each head (2 for rotary pairs: i and its partner)
     same_count_as: list[str] = field(default_factory=list)  # groups stacked with this one in some tensor
+    stream: bool = False  # a residual stream: kind "residual" where nothing but its own norms would freeze it
 
     @property
     def prunable(self) -> bool:
@@ -81,16 +82,19 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
         roles = set().union(*(atoms.roles[a] for a in members if a in atoms.roles))
         kind = _kind(roles, member_spaces, param_ndim)
         norm_reasons = stream_norms.get(g, set())
-        if kind == "other" and norm_reasons and g not in stream_norms.get(-1, ()):
-            kind = "residual"  # its norms shrink with it: the statistics cover the kept channels
+        stream = kind == "other" and bool(norm_reasons) and g not in stream_norms.get(-1, ())
         rows, heads, head_dim, shared, problem, per_atom = _head_rows(members, layouts.get(g, []), first_id)
-        whole = {r for a in members for r in whole_reasons.get(a, ())}
-        frozen += sorted(whole if kind == "residual" else whole | norm_reasons)
+        frozen += sorted({r for a in members for r in whole_reasons.get(a, ())} | norm_reasons)
         frozen += [extra for extra in (irregular.get(g), problem) if extra]
         if not member_spaces:  # only copies made in the graph (expand_as, zeros_like): nothing to cut
             frozen.append("no parameter holds these channels (copies made in the graph)")
+        if stream and set(frozen) <= norm_reasons:
+            # only its own norms held it, and they shrink with it (statistics over the kept channels); a stream
+            # something else holds (it reaches the output) stays "other", frozen with every reason, as before
+            kind, frozen = "residual", []
         name = _name(kind, member_spaces or [spaces[s] for s in sig], param_ndim, used_names)
-        groups.append(Group(name, kind, rows, heads, head_dim, shared, member_spaces, frozen, per_atom))
+        groups.append(Group(name, kind, rows, heads, head_dim, shared, member_spaces, frozen, per_atom,
+                            stream=stream))
     owners: dict[int, set[int]] = defaultdict(set)  # channel atom -> head atoms that own it
     for head, channels in atoms.head_links.items():
         for c in channels:

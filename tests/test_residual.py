@@ -321,3 +321,19 @@ def test_hugging_face_classifiers_equal_layer_norm_over_kept_channels(family, he
 def test_auto_prune_refuses_residual_width():
     with pytest.raises(InvalidArgumentError, match="residual width"):
         fxprune.auto_prune(small_vit(), [torch.randn(2, 3, 16, 16)], 0.5, kinds=("residual", "mlp"))
+
+
+def test_export_graph_narrows_the_stream_like_the_symbolic_one():
+    """torch.export's ATen graph (aten.layer_norm on get_attr weights) narrows the same stream, equal to the
+    same independent reference."""
+    from fxprune.analysis import analyze_captured
+    from fxprune.capture import capture
+
+    model = small_vit(class_token=True, init_values=0.1)
+    analysis = analyze_captured(capture(model, (torch.randn(1, 3, 16, 16),), method="export"))
+    assert [g.kind for g in analysis.groups].count("residual") == 1
+    plan = fxprune.plan(analysis, 0.5, kinds=("residual", "qk", "v", "mlp"))
+    pruned = fxprune.apply(analysis, plan)
+    reference, kept = vit_reference(model, analysis, plan, pruned)
+    assert int(kept.sum()) == 8
+    assert _close(pruned, reference, torch.randn(3, 3, 16, 16)) < 1e-5

@@ -267,6 +267,7 @@ def _masked_copy(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.T
 def norm_over_kept(x: torch.Tensor, kept: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    eps: float | None, rms: bool) -> torch.Tensor:
     """LayerNorm (or RMSNorm with ``rms``) over the last dim's ``kept`` channels (bool); zero elsewhere."""
+    kept = kept.to(x.device)  # the mask is made on the CPU; the model may run elsewhere
     count = kept.sum()
     x = torch.where(kept, x, 0)  # where, not a product: a removed channel holding inf must still read as zero
     if eps is None:  # RMSNorm's default, as F.rms_norm
@@ -287,7 +288,6 @@ _NORM_MODULES = {nn.LayerNorm: False, nn.RMSNorm: True}  # module class -> rms
 def kept_statistics(analysis, removed: torch.Tensor):
     """The analysis with its graph replaced by a copy (sharing the modules) in which each norm over a residual
     stream that loses channels normalises over the kept ones; the analysis itself where no norm does."""
-
     changed = {n.name: kept for n in analysis.gm.graph.nodes if n.meta.get(meta.STREAM_NORM)
                for kept in [_kept_at_norm(analysis, n, removed)] if kept is not None}
     if not changed:
@@ -296,7 +296,7 @@ def kept_statistics(analysis, removed: torch.Tensor):
     reference.meta = dict(analysis.gm.meta)
     for node in list(reference.graph.nodes):
         if node.name in changed:
-            _normalise_over_kept(reference, node, analysis.gm.graph, changed[node.name])
+            _normalise_over_kept(reference, node, changed[node.name])
     reference.graph.lint()
     reference.recompile()
     return dataclasses.replace(analysis, captured=dataclasses.replace(analysis.captured, gm=reference))
@@ -316,13 +316,15 @@ def _kept_at_norm(analysis, node: fx.Node, removed: torch.Tensor) -> torch.Tenso
     return None if bool(kept.all()) else kept
 
 
-def _normalise_over_kept(gm: fx.GraphModule, node: fx.Node, original: fx.Graph, kept: torch.Tensor) -> None:
-    """Replace the norm ``node`` of ``gm``'s graph by ``norm_over_kept`` with the same input and parameters."""
-    call = next(n for n in original.nodes if n.name == node.name).meta[meta.OP]
-    by_name = {n.name: n for n in gm.graph.nodes}
+def _normalise_over_kept(gm: fx.GraphModule, node: fx.Node, kept: torch.Tensor) -> None:
+    """Replace the norm ``node`` of ``gm``'s graph by ``norm_over_kept`` with the same input and parameters
+    (read from this graph's own node: its inputs may differ from the analysed graph's, e.g. a bypassed branch)."""
+    from .analysis.rules import normalize
+
     graph = gm.graph
     mask_name = f"{meta.BUFFER_PREFIX}kept_channels_{node.name}"
     gm.register_buffer(mask_name, kept)
+    call = normalize(node, gm)
     with graph.inserting_before(node):
         if node.op == "call_module":
             module = gm.get_submodule(str(node.target))
@@ -332,15 +334,8 @@ def _normalise_over_kept(gm: fx.GraphModule, node: fx.Node, original: fx.Graph, 
             eps = module.eps
         else:
             rms = call.op == "rms_norm"
-            weight, bias = (_here(call.args.get(p), by_name) for p in ("weight", "bias"))
-            eps = call.args.get("eps", None if rms else 1e-5)
-        x = _here(call.args["input"], by_name)
+            weight, bias, eps = call.args.get("weight"), call.args.get("bias"), call.args.get("eps", None if rms else 1e-5)
         mask = graph.get_attr(mask_name)
-        new = graph.call_function(norm_over_kept, (x, mask, weight, bias, eps, rms))
+        new = graph.call_function(norm_over_kept, (call.args["input"], mask, weight, bias, eps, rms))
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-
-
-def _here(arg, by_name: dict[str, fx.Node]):
-    """An argument of the analysed graph's node, as the same node of the copy."""
-    return by_name[arg.name] if isinstance(arg, fx.Node) else arg

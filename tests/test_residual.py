@@ -337,3 +337,22 @@ def test_export_graph_narrows_the_stream_like_the_symbolic_one():
     reference, kept = vit_reference(model, analysis, plan, pruned)
     assert int(kept.sum()) == 8
     assert _close(pruned, reference, torch.randn(3, 3, 16, 16)) < 1e-5
+
+
+def test_depth_and_residual_width_together():
+    """Whole branches and the stream's width under one budget: equal to the timm model whose removed branches
+    output zero (hooks) and whose stream norms normalise over the kept channels."""
+    model = small_vit(depth=3, init_values=0.1)
+    x = torch.randn(1, 3, 16, 16)
+    analysis = fxprune.analyze(model, (x,))
+    plan = fxprune.plan(analysis, target_macs=0.5, kinds=("residual", "depth", "qk", "v", "mlp"),
+                        data=[torch.randn(4, 3, 16, 16)])
+    assert plan.branches and plan.removed.get("patch_embed.proj:residual")
+    pruned = fxprune.apply(analysis, plan)
+    assert fxprune.count_macs(pruned, (x,)) / fxprune.count_macs(model, (x,)) == pytest.approx(plan.options["reached"])
+    reference, _ = vit_reference(model, analysis, plan, pruned)
+    for name in plan.branches:
+        path, kind = name.split(":")
+        branch = reference.get_submodule(path).get_submodule("attn" if kind == "attention" else "mlp")
+        branch.register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
+    assert _close(pruned, reference, torch.randn(3, 3, 16, 16)) < 1e-5

@@ -78,7 +78,8 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, ve
     gm.graph.lint()
     gm.recompile()
     if verify:  # before reweighting, which departs from the masked original on purpose
-        reference = kept_statistics(_without(analysis, branches), removed)
+        # norms first: the graph that still reads every module keeps them all for the weight masks
+        reference = _without(kept_statistics(analysis, removed), branches)
         gm.meta[meta.CHECK] = check_pruned(reference, removed, gm)
     if reweight_data is not None and compensation != "reweight":
         from ..data import batches, input_names

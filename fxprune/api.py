@@ -15,6 +15,7 @@ from . import coverage
 from .analysis import KINDS, Analysis, analyze_captured
 from .capture import capture
 from .errors import InvalidArgumentError, PlanError
+from .masked_reference import kept_statistics
 from .plan import Plan
 from . import meta
 from .rewrite import apply_plan, check_compensation
@@ -67,6 +68,10 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     ``kinds`` may include "depth": whole residual branches (a block's attention or MLP) are removed too,
     scored by how much they change their input on ``data`` (or the example inputs): ``ratio`` of them, or
     under a target the same threshold on their quantile as on the channels' (``plan.branches``).
+    ``kinds`` may include "residual": the residual stream's width (one group per stream, a stage in Swin),
+    removed from everything that reads or writes it (embeddings, tokens, every block's projections, norms,
+    layer scales, the classifier). Its norms then normalise over the kept channels: the pruned model equals
+    the original whose stream norms compute their statistics over the kept channels (activation level).
     """
     targets = [t for t in (ratio, target_macs, target_params) if t is not None]
     if len(targets) > 1:
@@ -224,7 +229,7 @@ def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs:
     batches for data-driven importance), ``min_head_width``, ``reweight_data`` (see ``apply``),
     ``head_ratio`` (fraction of every attention's heads to remove first, at least one stays), ``heads`` (kv
     groups or query heads, see ``plan``),
-    ``kinds`` (group kinds to prune, default qk, v, mlp), ``seed`` (for ``importance="random"``),
+    ``kinds`` (group kinds to prune, default qk, v, mlp; also residual and depth, see ``plan``), ``seed`` (for ``importance="random"``),
     ``untie_shared_convs`` (see ``plan``), ``ignored_layers``, ``round_to``, ``strict`` (see ``plan``: an error
     instead of a warning when less is removed than asked), ``verify`` and ``compensation`` (see ``apply``).
     """
@@ -268,10 +273,15 @@ def mask(model: torch.nn.Module | Analysis, p: Plan, *, example_inputs: Sequence
     computes even where an op turns zeros into something else (FLatten's ReLU(x) + ε before norms).
     For a plan made with ``untie_shared_convs`` (or when given an Analysis) the copy is of the captured
     graph, which computes what the model computes but holds the untied parameters.
+    A plan that narrows a residual stream gets the activation-level reference (a copy of the captured graph):
+    each LayerNorm/RMSNorm over the stream normalises over the kept channels, as the pruned norm does.
     """
     analysis = _replay_analysis(model, p, example_inputs)
+    reference = kept_statistics(analysis, p.removed_atoms(analysis))
     if activations:
-        return masked_activations(analysis, p)
+        return masked_activations(reference, p)
+    if reference is not analysis:
+        return masked(reference.gm, analysis, p)
     if isinstance(model, Analysis):
         return masked(model.gm, model, p)
     return masked(analysis.gm if analysis.captured.untied else model, analysis, p)

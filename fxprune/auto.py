@@ -168,6 +168,9 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
     compensation = check_compensation(compensation, data)
     importance_.criterion(init_importance)  # an unknown name fails before any work
     kinds = tuple(kinds)
+    if "residual" in kinds:  # its gates would zero stream channels, which the stream's norms still count
+        raise InvalidArgumentError("fxprune: auto_prune does not prune residual width yet; use "
+                                   "fxprune.prune(model, target_macs=..., kinds=(..., 'residual'))")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

@@ -128,7 +128,8 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--target-macs", type=float, help="MACs to keep, as a fraction (instead of --ratio)")
     prune.add_argument("--importance", default="l2", help="l2, l1, dimap, random (data-free criteria)")
     prune.add_argument("--kinds", nargs="+", default=["qk", "v", "mlp"],
-                       help="what to prune: qk, v, mlp (channels), depth (whole residual branches)")
+                       help="what to prune: qk, v, mlp (channels), residual (the residual stream's width), "
+                            "depth (whole residual branches)")
     prune.add_argument("--checkpoint", help="weights (.pth state_dict or .safetensors) to load first")
     prune.add_argument("--untie", action="store_true", help="untie depthwise convs shared by heads")
     prune.add_argument("--out", help="directory to save the pruned model to")

@@ -17,6 +17,8 @@ runs. Without that, the check of a 1B-parameter decoder copied nearly all of its
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -251,3 +253,89 @@ def _masked_copy(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.T
         along = torch.zeros(tensor.shape[dim], dtype=torch.bool).index_fill_(0, kept, True)
         keep = keep & along.reshape([-1 if d == dim else 1 for d in range(tensor.ndim)])
     return tensor.masked_fill(~keep, 0)
+
+
+# --- norms over a residual stream that loses channels: the activation-level reference -------------------------
+#
+# A LayerNorm or RMSNorm normalises over the whole width: a zeroed channel still counts in its mean and
+# variance, so zeroing channels is not removing them. The pruned model's norm normalises over the kept
+# channels only; the reference does the same: in a copy of the graph (sharing the modules), every norm over a
+# residual stream that loses channels (``meta.STREAM_NORM``) computes its statistics over the kept channels
+# and outputs zero for the removed ones. Every other removed channel is zeroed as above.
+
+
+def norm_over_kept(x: torch.Tensor, kept: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float | None, rms: bool) -> torch.Tensor:
+    """LayerNorm (or RMSNorm with ``rms``) over the last dim's ``kept`` channels (bool); zero elsewhere."""
+    kept = kept.to(x.device)  # the mask is made on the CPU; the model may run elsewhere
+    count = kept.sum()
+    x = torch.where(kept, x, 0)  # where, not a product: a removed channel holding inf must still read as zero
+    if eps is None:  # RMSNorm's default, as F.rms_norm
+        eps = torch.finfo(x.dtype).eps
+    if not rms:
+        x = torch.where(kept, x - x.sum(-1, keepdim=True) / count, 0)
+    y = x * torch.rsqrt((x * x).sum(-1, keepdim=True) / count + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return torch.where(kept, y, 0)
+
+
+_NORM_MODULES = {nn.LayerNorm: False, nn.RMSNorm: True}  # module class -> rms
+
+
+def kept_statistics(analysis, removed: torch.Tensor):
+    """The analysis with its graph replaced by a copy (sharing the modules) in which each norm over a residual
+    stream that loses channels normalises over the kept ones; the analysis itself where no norm does."""
+    changed = {n.name: kept for n in analysis.gm.graph.nodes if n.meta.get(meta.STREAM_NORM)
+               for kept in [_kept_at_norm(analysis, n, removed)] if kept is not None}
+    if not changed:
+        return analysis
+    reference = fx.GraphModule(analysis.gm, copy.deepcopy(analysis.gm.graph))
+    reference.meta = dict(analysis.gm.meta)
+    for node in list(reference.graph.nodes):
+        if node.name in changed:
+            _normalise_over_kept(reference, node, changed[node.name])
+    reference.graph.lint()
+    reference.recompile()
+    return dataclasses.replace(analysis, captured=dataclasses.replace(analysis.captured, gm=reference))
+
+
+def _kept_at_norm(analysis, node: fx.Node, removed: torch.Tensor) -> torch.Tensor | None:
+    """The kept channels (bool, along the last dim) of a stream norm's input, or None when all are kept."""
+    from .analysis.labels import block_on
+
+    call = node.meta.get(meta.OP)
+    x = call.args.get("input") if call is not None else None
+    labels = x.meta.get(meta.LABELS) if isinstance(x, fx.Node) else None
+    block = block_on(labels or (), len(x.meta[meta.VALUE].shape) - 1) if labels else None
+    if block is None:
+        return None
+    kept = ~removed[analysis.atoms.atom_of[block.ids.reshape(-1)]]
+    return None if bool(kept.all()) else kept
+
+
+def _normalise_over_kept(gm: fx.GraphModule, node: fx.Node, kept: torch.Tensor) -> None:
+    """Replace the norm ``node`` of ``gm``'s graph by ``norm_over_kept`` with the same input and parameters
+    (read from this graph's own node: its inputs may differ from the analysed graph's, e.g. a bypassed branch)."""
+    from .analysis.rules import normalize
+
+    graph = gm.graph
+    mask_name = f"{meta.BUFFER_PREFIX}kept_channels_{node.name}"
+    gm.register_buffer(mask_name, kept)
+    call = normalize(node, gm)
+    with graph.inserting_before(node):
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            rms = _NORM_MODULES[next(c for c in type(module).__mro__ if c in _NORM_MODULES)]
+            weight, bias = (graph.get_attr(f"{node.target}.{p}") if getattr(module, p, None) is not None else None
+                            for p in ("weight", "bias"))
+            eps = module.eps
+        else:
+            rms = call.op == "rms_norm"
+            weight, bias, eps = call.args.get("weight"), call.args.get("bias"), call.args.get("eps", None if rms else 1e-5)
+        mask = graph.get_attr(mask_name)
+        new = graph.call_function(norm_over_kept, (call.args["input"], mask, weight, bias, eps, rms))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)

@@ -19,6 +19,9 @@ ROW_GATHER = "fxprune_row_gather"
 SLICE_PREFIX = "fxprune_slice_prefix"
 # rewrite: output dim -> the new start of such a range (rewrite/slice_starts.py, read by the slice's resize)
 SLICE_START = "fxprune_slice_start"
+# analysis: this LayerNorm/RMSNorm normalises a residual stream over its last dim; if the stream loses
+# channels, the pruned norm's statistics cover the kept ones only (the self-check's reference does the same)
+STREAM_NORM = "fxprune_stream_norm"
 
 # --- GraphModule.meta --------------------------------------------------------------------------------------
 CAPTURE_METHOD = "fxprune_capture"  # "torch.export" where capture fell back to export

@@ -74,7 +74,9 @@ class Plan:
                     raise PlanError(f"fxprune: plan removes every {what} of '{group_name}'; keep at least one")
                 if positions:
                     mask[torch.tensor([row[p] for p in positions], dtype=torch.long)] = True
-        for atom_set, reason in analysis.atoms.whole_sets:
+        residual = {a for g in analysis.groups if g.kind == "residual" for a in g.atoms}
+        norm_sets = [(s, r) for s, r in analysis.atoms.stream_norm_sets if not s <= residual]
+        for atom_set, reason in [*analysis.atoms.whole_sets, *norm_sets]:
             hit = mask[torch.tensor(sorted(atom_set), dtype=torch.long)]
             if hit.any() and not hit.all():
                 raise PlanError(f"fxprune: plan removes part of a set that must go whole ({reason})")

@@ -39,6 +39,7 @@ class ChannelIds:
         self._active: list[torch.Tensor] = []
         self._heads: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._whole: list[tuple[torch.Tensor, str]] = []
+        self._stream_norms: list[tuple[torch.Tensor, str]] = []
         self._regions: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.size = 0
 
@@ -124,6 +125,11 @@ class ChannelIds:
         """Each row is a set of ids that is removed entirely or not at all (normalised together)."""
         self._whole.append((rows.reshape(-1, rows.shape[-1]).clone(), reason))
 
+    def stream_norm(self, rows: torch.Tensor, reason: str) -> None:
+        """Each row is normalised together by a norm over a residual stream: removed whole, unless the groups
+        find it is a residual stream (kind "residual"), whose norms then compute over the kept channels."""
+        self._stream_norms.append((rows.reshape(-1, rows.shape[-1]).clone(), reason))
+
     def edges(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every coupling made so far, as two id tensors."""
         edges = self._edges + self._ties
@@ -204,6 +210,19 @@ def _heads_reading_the_same_channels(root: torch.Tensor, heads: list[tuple[torch
     return edges
 
 
+def _atom_sets(atom_of: torch.Tensor, recorded: list[tuple[torch.Tensor, str]]) -> list[tuple[frozenset, str]]:
+    """Recorded rows of ids as distinct (atom set, reason) pairs."""
+    seen: set[tuple[frozenset, str]] = set()
+    found = []
+    for rows, reason in recorded:
+        for row in atom_of[rows].tolist():
+            key = (frozenset(row), reason)
+            if key not in seen:
+                seen.add(key)
+                found.append(key)
+    return found
+
+
 @dataclass
 class Atoms:
     """Classes of ids that must be removed together: the unit a pruning plan keeps or removes."""
@@ -221,6 +240,8 @@ class Atoms:
     # query head's own channels (its q rows, its o columns, its copies of k and v) are atoms of their own
     # there; None where the model has no ties (then nothing is finer)
     fine_of: torch.Tensor | None = None
+    # atom sets a norm over a residual stream normalises: all-or-nothing unless their group is a residual stream
+    stream_norm_sets: list[tuple[frozenset, str]] = field(default_factory=list)
 
     @staticmethod
     def build(ids: ChannelIds) -> "Atoms":
@@ -248,13 +269,8 @@ class Atoms:
         for head_ids, rows in ids._heads:
             for head, row in zip(atom_of[head_ids].tolist(), atom_of[rows].tolist()):
                 atoms.head_links.setdefault(head, set()).update(row)
-        seen = set()
-        for rows, reason in ids._whole:
-            for row in atom_of[rows].tolist():
-                key = (frozenset(row), reason)
-                if key not in seen:
-                    seen.add(key)
-                    atoms.whole_sets.append(key)
+        atoms.whole_sets = _atom_sets(atom_of, ids._whole)
+        atoms.stream_norm_sets = _atom_sets(atom_of, ids._stream_norms)
         atoms.active = torch.zeros(atoms.count, dtype=torch.bool)
         if ids._active:
             atoms.active[atom_of[torch.cat(ids._active)]] = True

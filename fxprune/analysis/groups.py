@@ -11,7 +11,7 @@ from .channels import Atoms, Space
 from .labels import CHANNEL, Block
 from .query_heads import MQA, query_heads
 
-KINDS = ("qk", "v", "mlp", "heads", "other")
+KINDS = ("qk", "v", "mlp", "heads", "residual", "other")
 HEAD_SPACE = "<heads:"  # name prefix of the virtual spaces that number an attention's heads
 
 
@@ -33,6 +33,7 @@ class Group:
     frozen: list[str] = field(default_factory=list)
     channels_per_atom: int = 1  # channels one atom holds in each head (2 for rotary pairs: i and its partner)
     same_count_as: list[str] = field(default_factory=list)  # groups stacked with this one in some tensor
+    stream: bool = False  # a residual stream: kind "residual" where nothing but its own norms would freeze it
 
     @property
     def prunable(self) -> bool:
@@ -66,6 +67,7 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
     for atom_set, reason in atoms.whole_sets:
         for a in atom_set:
             whole_reasons[a].add(reason)
+    stream_norms = _stream_norms_by_group(atoms, group_of)
 
     groups: list[Group] = []
     used_names: set[str] = set()
@@ -80,13 +82,20 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
             continue
         roles = set().union(*(atoms.roles[a] for a in members if a in atoms.roles))
         kind = _kind(roles, member_spaces, param_ndim)
+        norm_reasons = stream_norms.get(g, set())
+        stream = kind == "other" and bool(norm_reasons) and g not in stream_norms.get(-1, ())
         rows, heads, head_dim, shared, problem, per_atom = _head_rows(members, layouts.get(g, []), first_id)
-        frozen += sorted({r for a in members for r in whole_reasons.get(a, ())})
+        frozen += sorted({r for a in members for r in whole_reasons.get(a, ())} | norm_reasons)
         frozen += [extra for extra in (irregular.get(g), problem) if extra]
         if not member_spaces:  # only copies made in the graph (expand_as, zeros_like): nothing to cut
             frozen.append("no parameter holds these channels (copies made in the graph)")
+        if stream and set(frozen) <= norm_reasons:
+            # only its own norms held it, and they shrink with it (statistics over the kept channels); a stream
+            # something else holds (it reaches the output) stays "other", frozen with every reason, as before
+            kind, frozen = "residual", []
         name = _name(kind, member_spaces or [spaces[s] for s in sig], param_ndim, used_names)
-        groups.append(Group(name, kind, rows, heads, head_dim, shared, member_spaces, frozen, per_atom))
+        groups.append(Group(name, kind, rows, heads, head_dim, shared, member_spaces, frozen, per_atom,
+                            stream=stream))
     owners: dict[int, set[int]] = defaultdict(set)  # channel atom -> head atoms that own it
     for head, channels in atoms.head_links.items():
         for c in channels:
@@ -98,6 +107,20 @@ def build_groups(atoms: Atoms, param_ndim: dict[str, int], blocks: Iterable[Bloc
         for g in peers:
             groups[g].same_count_as = sorted(groups[p].name for p in peers if p != g)
     return groups
+
+
+def _stream_norms_by_group(atoms: Atoms, group_of: torch.Tensor) -> dict[int, set]:
+    """Group index -> reasons of the norms over a residual stream that normalise its atoms. A norm over the
+    atoms of several groups normalises no single stream: its groups are listed under -1 as well (they keep
+    the norm's reasons as frozen ones, as a norm over channels freezes them everywhere else)."""
+    found: dict[int, set] = defaultdict(set)
+    for atom_set, reason in atoms.stream_norm_sets:
+        owners = set(group_of[torch.tensor(sorted(atom_set))].tolist())
+        for g in owners:
+            found[g].add(reason)
+        if len(owners) > 1 or -1 in owners:
+            found[-1].update(owners)
+    return found
 
 
 def _atoms_by_signature(atoms: Atoms, first_id: torch.Tensor) -> tuple[list[tuple[tuple[int, ...], list[int]]], torch.Tensor]:

@@ -75,6 +75,11 @@ class RuleContext:
     def whole(self, rows: torch.Tensor, why: str) -> None:
         self.ch.whole(rows, f"{self.node.name}: {why}")
 
+    def stream_norm(self, rows: torch.Tensor, why: str) -> None:
+        """Rows normalised together by this node, a norm over a residual stream (``ChannelIds.stream_norm``)."""
+        self.ch.stream_norm(rows, f"{self.node.name}: {why}")
+        self.node.meta[meta.STREAM_NORM] = True
+
     def freeze_labels(self, labels: Any, why: str) -> bool:
         """Freeze every block in (possibly nested) labels; True if there was any."""
         found = False

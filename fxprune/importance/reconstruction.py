@@ -11,7 +11,9 @@ least-squares compensation of the rest.
   compensation (it is not a Linear's rows: rotary embeddings, per-head norms) the residual is ``Q_cc``.
 
 Channels count the sum over every place that reads them; a head the sum of its channels. A group with a
-channel no statistic reaches (read by a convolution, say) is scored by l2 magnitude instead, all of it.
+channel no statistic reaches (read by a convolution, say) is scored by l2 magnitude instead, all of it; so is
+a residual stream (kind "residual"): every block reads it through a norm whose statistics its removal
+changes, which no single layer's least squares describes.
 Scores of different groups are on different scales (budgets compare them within their groups).
 """
 from __future__ import annotations
@@ -124,7 +126,8 @@ def reconstruction(analysis, data=None, max_batches: int | None = 8, ridge: floa
     magnitude = None
     for group in analysis.groups:
         atoms = torch.tensor(group.atoms, dtype=torch.long)
-        if group.kind in ("qk", "v", "mlp") and len(atoms) and not bool(covered[atoms].all()):
+        uncovered = group.kind in ("qk", "v", "mlp") and len(atoms) and not bool(covered[atoms].all())
+        if uncovered or group.kind == "residual":
             magnitude = l2(analysis) if magnitude is None else magnitude
             scores[atoms] = magnitude[atoms]
     return heads_from_channels(analysis, scores)

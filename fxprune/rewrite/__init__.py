@@ -29,6 +29,7 @@ from ..analysis.query_heads import removal
 from ..analysis.shapes import kept_indices, new_shapes
 from ..check import check_pruned
 from ..depth import by_name
+from ..masked_reference import kept_statistics
 from ..plan import Plan
 from .attention_scale import keep_attention_scale
 from .fix_sizes import fix_sizes
@@ -81,7 +82,9 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, ve
     gm.graph.lint()
     gm.recompile()
     if verify:  # before reweighting, which departs from the masked original on purpose
-        gm.meta[meta.CHECK] = check_pruned(_without(analysis, branches), removed, gm)
+        # norms first: the graph that still reads every module keeps them all for the weight masks
+        reference = _without(kept_statistics(analysis, removed), branches)
+        gm.meta[meta.CHECK] = check_pruned(reference, removed, gm)
     if reweight_data is not None and compensation != "reweight":
         from ..data import batches, input_names
 

@@ -360,3 +360,28 @@ def rule_resample(ctx, call: OpCall) -> Labels:
     while ids along a spatial dim would be mixed."""
     ndim = len(ctx.shape(call.args["input"]))
     return _keep_off(ctx, ctx.labels(call.args["input"]), set(range(2, ndim)), "resampled along this dim")
+
+
+def _timm_functions(name: str, modules: Sequence[str]) -> list:
+    """timm's functions ``name`` in these modules (fx keeps them whole: "notrace"), where timm provides them."""
+    found = []
+    for module in modules:
+        try:
+            found.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):  # pragma: no cover - timm is optional
+            continue
+    return found
+
+
+def _bind_window_reverse(node, args: tuple, kwargs: dict) -> dict:
+    return {"input": args[0] if args else kwargs.get("windows")}
+
+
+@register_op("window_reverse", ("input",), bind=_bind_window_reverse,
+             functions=_timm_functions("window_reverse", ("timm.models.swin_transformer",
+                                                          "timm.models.swin_transformer_v2",
+                                                          "timm.models.swin_transformer_v2_cr")))
+def rule_window_reverse(ctx, call: OpCall) -> Labels:
+    """timm Swin's ``window_reverse``: windows (nW*B, wh, ww, C) back to a map (B, H, W, C). Positions move
+    between windows and the map; each channel of the last dim stays itself (the function reads C from its input)."""
+    return _keep_off(ctx, ctx.labels(call.args["input"]), {0, 1, 2}, "windows reversed along a dim that holds ids")

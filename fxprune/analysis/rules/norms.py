@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -29,8 +30,33 @@ def _couple_param(ctx, param: Any, block: Block | None, param_dim: int, why_unla
     ctx.ch.union(shared.reshape(-1), p_block.ids.reshape(-1))
 
 
+_STATISTICS = "normalised over these channels: removing some would change the statistics"
+
+
+def _normalises_a_stream(block: Block, ndim: int, normalized: tuple) -> bool:
+    """A norm over the last dim whose channels form one row (a residual stream, not a head's channels):
+    if its group is a residual stream, the pruned norm normalises over the kept channels (``STREAM_NORM``)."""
+    return len(normalized) == 1 and block.level == CHANNEL and block.dim == ndim - 1 and not block.row_dims()
+
+
+def _resize_norm(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
+    """A norm over a residual stream that lost channels normalises over the kept ones: its normalized_shape
+    (an argument, or a module attribute) becomes the new trailing sizes."""
+    normalized = call.args.get("normalized_shape") or ()
+    count = 1 if isinstance(normalized, int) else len(normalized)
+    shape = tuple(new[len(new) - count:])
+    if tuple(old[len(old) - count:]) == shape:
+        return
+    if node.op == "call_module":
+        node.graph.owning_module.get_submodule(str(node.target)).normalized_shape = shape
+    elif "normalized_shape" in node.kwargs:
+        node.kwargs = {**node.kwargs, "normalized_shape": list(shape)}
+    else:
+        node.args = (node.args[0], list(shape), *node.args[2:])
+
+
 @register_op("layer_norm", ("input", "normalized_shape", "weight", "bias", "eps"), functions=[F.layer_norm],
-             aten=[_aten.layer_norm.default],
+             aten=[_aten.layer_norm.default], resize=_resize_norm,
              modules={nn.LayerNorm: lambda module, ref: {"normalized_shape": module.normalized_shape,
                                                           "weight": ref("weight"), "bias": ref("bias")}})
 def rule_layer_norm(ctx, call: OpCall) -> Labels:
@@ -43,7 +69,10 @@ def rule_layer_norm(ctx, call: OpCall) -> Labels:
     dims = list(range(first, ndim))
     for block in labels:
         if block.dim >= first or any(block.ids.shape[d] > 1 for d in dims):
-            whole_rows(ctx, block, dims, "normalised over these channels: removing some would change the statistics")
+            if _normalises_a_stream(block, ndim, normalized):
+                ctx.stream_norm(block.rows(), _STATISTICS)
+            else:
+                whole_rows(ctx, block, dims, _STATISTICS)
     for pdim in range(len(normalized)):
         block = block_on(labels, first + pdim)
         per_row = block is not None and block.row_dims() and all(d < first for d in block.row_dims())
@@ -59,7 +88,7 @@ def rule_layer_norm(ctx, call: OpCall) -> Labels:
 
 
 @register_op("rms_norm", ("input", "normalized_shape", "weight", "eps"), functions=[F.rms_norm],
-             aten=[_aten.rms_norm.default],
+             aten=[_aten.rms_norm.default], resize=_resize_norm,
              modules={nn.RMSNorm: lambda module, ref: {"normalized_shape": module.normalized_shape,
                                                         "weight": ref("weight")}})
 def rule_rms_norm(ctx, call: OpCall) -> Labels:

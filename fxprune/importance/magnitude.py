@@ -24,11 +24,21 @@ def _atom_sums(analysis, power: float) -> torch.Tensor:
         if not tensor.is_floating_point():  # index buffers coupled to channels (LeViT's attention_bias_idxs)
             tensor = tensor.to(torch.float64)
         others = [d for d in range(tensor.ndim) if d != space.dim]
-        # one reduction in the weights' own dtype, without copies (the float64 copy of ViT-B's weights cost ~1 s)
-        norms = torch.linalg.vector_norm(tensor, ord=power, dim=others) if others else tensor.abs()
-        per_index = norms.to(torch.float64) ** power
+        per_index = _power_sums(tensor, power, others)
         scores.index_add_(0, atoms, per_index)
     return heads_from_channels(analysis, scores)  # a head weighs what its channels weigh
+
+
+def _power_sums(tensor: torch.Tensor, power: float, dims: list[int]) -> torch.Tensor:
+    """Σ |w| ** power over ``dims``, float64. Over trailing dims one ``vector_norm`` in the weights' own dtype
+    (the float64 copy of ViT-B's weights cost ~1 s); over leading dims (a Linear's input columns) a strided
+    norm is 25x slower than powers summed row by row, which is what is done there (in float32 at least)."""
+    if not dims:
+        return tensor.abs().to(torch.float64) ** power
+    if dims == list(range(tensor.ndim - len(dims), tensor.ndim)):
+        return torch.linalg.vector_norm(tensor, ord=power, dim=dims).to(torch.float64) ** power
+    powered = tensor * tensor if power == 2.0 else tensor.abs() ** power
+    return powered.sum(dim=dims, dtype=torch.promote_types(tensor.dtype, torch.float32)).to(torch.float64)
 
 
 @register("l2")

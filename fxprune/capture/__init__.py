@@ -189,8 +189,8 @@ def _export(model_copy: torch.nn.Module, inputs: tuple, name: str) -> fx.GraphMo
 def _record_exported_values(gm: fx.GraphModule, inputs: tuple, name: str) -> None:
     """``record_values`` on fake tensors (shapes and dtypes without computing anything: a real forward of a
     1B-parameter decoder took seconds; meta tensors, as for symbolic traces, fail on the tensors an exported
-    text model creates on the CPU, e.g. its position ids and masks), falling back to the real forward wherever fake propagation fails
-    (an op without a fake kernel, a value the graph reads from data). torch.export traced this graph with
+    text model creates on the CPU, e.g. its position ids and masks), falling back to the real forward wherever
+    fake propagation fails (an op without a fake kernel, a value the graph reads from data). torch.export traced this graph with
     fake tensors already, so it propagates; the shapes a fake tensor carries are the real ones."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 

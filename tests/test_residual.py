@@ -356,3 +356,58 @@ def test_depth_and_residual_width_together():
         branch = reference.get_submodule(path).get_submodule("attn" if kind == "attention" else "mlp")
         branch.register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
     assert _close(pruned, reference, torch.randn(3, 3, 16, 16)) < 1e-5
+
+
+def _rms_norm_over(module: nn.Module, kept: torch.Tensor):
+    """Hugging Face's RMSNorm (float32 statistics, weight after the cast back) over the ``kept`` channels."""
+    def forward(x):
+        y = torch.zeros_like(x)
+        h = x[..., kept].float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        y[..., kept] = module.weight[kept] * h.to(x.dtype)
+        return y
+    return forward
+
+
+@settings(max_examples=examples(3), deadline=None)
+@given(family=st.sampled_from(["Llama", "Qwen2"]), layers=st.integers(1, 2), heads=st.sampled_from([2, 4]),
+       kv_groups=st.sampled_from([1, 2]), tie=st.booleans(), ratio=st.sampled_from([0.25, 0.5]),
+       channels_too=st.booleans(), batch=st.integers(1, 3), seq=st.integers(3, 10))
+def test_hugging_face_decoder_rms_norm_of_elementary_ops_narrows_the_stream(family, layers, heads, kv_groups, tie, ratio,
+                                                                             channels_too, batch, seq):
+    """Llama's / Qwen2's RMSNorm is pow, mean, rsqrt and multiplies; capture fuses it into one rms_norm, so the
+    stream of a causal LM narrows (embeddings and a tied or untied lm_head lose the same columns). Equal to the
+    model itself whose RMSNorms normalise over the kept channels, at another batch size and length."""
+    import transformers
+    import hf_models
+
+    arch = hf_models.Arch(heads=heads, layers=layers, kv_groups=kv_groups)
+    config = getattr(transformers, hf_models.FAMILIES[family].config)(
+        **hf_models.FAMILIES[family].kwargs(arch), tie_word_embeddings=tie, attn_implementation="eager")
+    model = hf_models.randomize(getattr(transformers, f"{family}ForCausalLM")(config)).eval()
+    snapshot = state_snapshot(model)
+    analysis = fxprune.analyze(model, hf_models.inputs(family, 2, 8, torch.Generator().manual_seed(0)))
+    kinds = ("residual", "qk", "v", "mlp") if channels_too else ("residual",)
+    plan = fxprune.plan(analysis, ratio, kinds=kinds)
+    pruned = fxprune.apply(analysis, plan)
+    hidden = config.hidden_size
+    norms = {name: m for name, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")
+             and tuple(m.weight.shape) == (hidden,)}
+    assert len(norms) == 2 * layers + 1
+    first = next(iter(norms))
+    kept = _kept_mask(norms[first].weight.detach(), pruned.get_parameter(f"{first}.weight").detach())
+    assert int(kept.sum()) == hidden - int(ratio * hidden)
+    embed, head = pruned.get_parameter("model.embed_tokens.weight"), pruned.get_parameter("lm_head.weight")
+    assert embed.shape == head.shape == (config.vocab_size, int(kept.sum()))
+    assert (embed is head) == tie  # tied weights stay one tensor
+    reference = _weights_zeroed(model, analysis, plan) if channels_too else copy.deepcopy(model)
+    for name, module in reference.named_modules():
+        if name in norms:
+            module.forward = _rms_norm_over(module, kept)
+    x = hf_models.inputs(family, batch, seq, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = main_output(pruned(*x)), main_output(reference(*x))
+        whole_width = main_output(fxprune.mask(model, fxprune.plan(analysis, 0.0))(*x))  # nothing removed
+    assert fxprune.relative_error(got, want) < 1e-5
+    assert fxprune.relative_error(got, whole_width) > 1e-3  # the comparison can tell a narrowed stream apart
+    assert_unchanged(model, snapshot)

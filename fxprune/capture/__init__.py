@@ -88,9 +88,9 @@ def _capture(model: torch.nn.Module, example_inputs: Sequence | None, method: st
     else:
         gm = _symbolic_or_export(model, model_copy, inputs, method)
     from .decompose import make_attention_visible  # these passes need the recorded shapes
-    from .normalize import unpack_stacked_heads
+    from .normalize import fuse_rms_norm, unpack_stacked_heads
 
-    for normalise in (make_attention_visible, unpack_stacked_heads):
+    for normalise in (make_attention_visible, unpack_stacked_heads, fuse_rms_norm):
         if normalise(gm).modified:  # values of the nodes the pass added; the others kept their shapes
             record_values_on_meta(gm, inputs, type(model).__name__, only_missing=True)
     cfg = getattr(model, "pretrained_cfg", None)

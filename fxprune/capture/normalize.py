@@ -135,3 +135,92 @@ def unpack_stacked_heads(gm: fx.GraphModule) -> PassResult:
         gm.graph.lint()
         gm.recompile()
     return PassResult(gm, count > 0)
+
+
+# --- RMSNorm written out of elementary ops -------------------------------------------------------------------
+#
+# Hugging Face's Llama / Qwen / Mistral RMSNorm is ``x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``
+# (between dtype casts, then ``weight * that``). Read op by op, its mean of squares is a reduction over every
+# channel, which freezes the residual stream. As one ``rms_norm`` op (weight-less: the casts and the weight's
+# multiply stay as they were) the norm rule sees a norm over the stream, so the residual machinery narrows it
+# and normalises over the kept channels.
+
+_POW = (torch.ops.aten.pow.Tensor_Scalar, torch.pow, operator.pow)
+_MEAN = (torch.ops.aten.mean.dim, torch.mean)
+_ADD = (torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar, torch.add, operator.add)
+_RSQRT = (torch.ops.aten.rsqrt.default, torch.rsqrt)
+_MUL = (torch.ops.aten.mul.Tensor, torch.mul, operator.mul)
+
+
+def _calls(node: object, functions: tuple, method: str) -> bool:
+    return isinstance(node, fx.Node) and ((node.op == "call_function" and node.target in functions)
+                                          or (node.op == "call_method" and node.target == method))
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _mean_over_last_dim(node: fx.Node, ndim: int) -> bool:
+    args = list(node.args[1:]) + [node.kwargs.get(k) for k in ("dim", "keepdim") if k in node.kwargs]
+    if len(args) != 2:
+        return False
+    dim, keepdim = args
+    dims = list(dim) if isinstance(dim, (tuple, list)) else [dim]
+    return keepdim is True and len(dims) == 1 and isinstance(dims[0], int) and dims[0] % ndim == ndim - 1
+
+
+def _match_rms_norm(pow_node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
+    """(x, the final multiply, eps) where ``pow_node`` starts ``x * rsqrt(mean(x ** 2, -1, keepdim) + eps)``."""
+    if not _calls(pow_node, _POW, "pow") or len(pow_node.args) != 2 or pow_node.args[1] != 2 or pow_node.kwargs:
+        return None
+    x = pow_node.args[0]
+    value = x.meta.get(meta.VALUE) if isinstance(x, fx.Node) else None
+    if not isinstance(value, TensorValue) or not value.dtype.is_floating_point or not value.shape:
+        return None
+    mean = _only_user(pow_node)
+    if not _calls(mean, _MEAN, "mean") or mean.args[0] is not pow_node or not _mean_over_last_dim(mean, len(value.shape)):
+        return None
+    add = _only_user(mean)
+    if not _calls(add, _ADD, "add") or add.kwargs or len(add.args) != 2:
+        return None
+    eps = add.args[1] if add.args[0] is mean else add.args[0]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        return None
+    rsqrt = _only_user(add)
+    if not _calls(rsqrt, _RSQRT, "rsqrt") or rsqrt.args != (add,):
+        return None
+    mul = _only_user(rsqrt)
+    if not _calls(mul, _MUL, "mul") or mul.kwargs or set(mul.args) != {x, rsqrt} or len(mul.args) != 2:
+        return None
+    out = mul.meta.get(meta.VALUE)
+    if not isinstance(out, TensorValue) or tuple(out.shape) != tuple(value.shape) or out.dtype != value.dtype:
+        return None  # a broadcast or promotion the plain norm would not do
+    return x, mul, float(eps)
+
+
+def fuse_rms_norm(gm: fx.GraphModule) -> PassResult:
+    """Pass: every ``x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps)`` becomes one ``rms_norm`` over the last dim
+    (``aten.rms_norm`` in an ATen graph, ``F.rms_norm`` in a symbolic one)."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        match = _match_rms_norm(node)
+        if match is None:
+            continue
+        x, mul, eps = match
+        aten = node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+        width = x.meta[meta.VALUE].shape[-1]
+        with gm.graph.inserting_before(mul):
+            fused = gm.graph.call_function(torch.ops.aten.rms_norm.default if aten else torch.nn.functional.rms_norm,
+                                           (x, [width], None, eps))
+        mul.replace_all_uses_with(fused)
+        chain = [mul]
+        while chain[-1] is not node:  # mul <- rsqrt <- add <- mean <- pow
+            chain.append(next(a for a in chain[-1].all_input_nodes if a is not x))
+        for dead in chain:
+            gm.graph.erase_node(dead)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, count > 0)

@@ -35,11 +35,20 @@ def _fix_module_attributes(module: nn.Module, was_depthwise: bool) -> None:
         module.num_features = reference.shape[0]
 
 
+def _aliases(gm: nn.Module, tensor: torch.Tensor) -> list[str]:
+    """Every name under which ``gm`` holds ``tensor`` (as a parameter or buffer)."""
+    return [n for n, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+            if t is tensor]
+
+
 def slice_parameters(gm: fx.GraphModule, keep: dict[str, dict[int, torch.Tensor]]) -> PassResult:
     """Pass: index every kept channel out of each parameter and buffer named in ``keep``; modules follow."""
     touched: dict[int, tuple[nn.Module, bool]] = {}
+    sliced: set[int] = set()  # tensors this pass made (an alias of an earlier name is already one)
     for name, dims in keep.items():
         owner, attr = _owner(gm, name)
+        if id(getattr(owner, attr)) in sliced:
+            continue
         if id(owner) not in touched:
             depthwise = isinstance(owner, nn.modules.conv._ConvNd) and owner.groups > 1 and owner.groups == owner.out_channels \
                 and owner.weight.shape[1] == 1
@@ -50,9 +59,19 @@ def slice_parameters(gm: fx.GraphModule, keep: dict[str, dict[int, torch.Tensor]
             new = new.index_select(dim, index)
         new = new.contiguous()
         if isinstance(old, nn.Parameter):
-            setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
-        else:
-            owner.register_buffer(attr, new, persistent=attr not in getattr(owner, "_non_persistent_buffers_set", set()))
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        # every name of the old tensor gets the new one: tied weights (a Hugging Face lm_head and embed_tokens,
+        # of which torch.export's graph reads one name) stay tied instead of leaving a stale full-size copy
+        for alias in _aliases(gm, old):
+            alias_owner, alias_attr = _owner(gm, alias)
+            if isinstance(new, nn.Parameter):
+                setattr(alias_owner, alias_attr, new)
+            else:
+                alias_owner.register_buffer(alias_attr, new, persistent=alias_attr not in getattr(
+                    alias_owner, "_non_persistent_buffers_set", set()))
+            if alias_owner is not owner and id(alias_owner) not in touched:
+                touched[id(alias_owner)] = (alias_owner, False)
+        sliced.add(id(new))
     for owner, depthwise in touched.values():
         _fix_module_attributes(owner, depthwise)
     return PassResult(gm, bool(keep))

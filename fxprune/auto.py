@@ -26,6 +26,15 @@ Only the paper's abstract is public; this is fxprune's formulation of its five p
 
 The final selection meets the MACs target within the global-budget search (``fxprune.plan(target_macs=)``)
 using the trained indicators as importance. Deterministic under ``seed``.
+
+``kinds`` may add "residual" and "depth". A residual stream channel's indicator is applied where the stream
+is read (``fxprune.gating``: the stream's norms weight their mean and variance by it, Linear inputs are
+multiplied by it), so at 0 it is exactly the channel removed and the training sees what narrowing the stream
+does to the norms. A residual branch (``fxprune.depth``) gets one indicator multiplying its output before
+the residual add (0 is exactly the branch removed), its cost the MACs the branch holds, its start from the
+branch score ‖f(x)‖ / ‖x‖ ranked like the channels'. The differentiable MACs estimate adds the branches' and
+the channels' savings, counting a channel inside a removed branch twice; the final budget search counts
+exactly.
 """
 from __future__ import annotations
 
@@ -34,7 +43,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import budget
+from . import budget, depth
 from . import importance as importance_
 from .allocate import DEFAULT_KINDS, global_budget
 from .analysis import analyze_captured
@@ -47,6 +56,14 @@ from .rewrite import apply_plan, check_compensation
 
 def _prunable(analysis, kinds: tuple) -> list:
     return [g for g in analysis.groups if g.kind in kinds and g.prunable and not g.same_count_as]
+
+
+def branch_costs(analysis, branches: list) -> torch.Tensor:
+    """Exact MACs of each residual branch: what removing it alone saves."""
+    nothing = torch.zeros(analysis.atoms.count, dtype=torch.bool)
+    full = budget.macs(analysis, nothing)
+    return torch.tensor([float(full - budget.macs(analysis, nothing, depth.dropped_nodes([b]))) for b in branches],
+                        dtype=torch.float64)
 
 
 def channel_costs(analysis, groups: list) -> torch.Tensor:
@@ -74,6 +91,8 @@ def redundancy(analysis, groups: list) -> torch.Tensor:
             vectors.setdefault(atom, []).append(rows[i])
     result = torch.zeros(analysis.atoms.count, dtype=torch.float64)
     for group in groups:
+        if group.kind == "residual":
+            continue  # a stream channel's weights span every layer; the similarity is of channels within a head
         for row in group.rows:
             if len(row) < 2 or any(a not in vectors for a in row):
                 continue
@@ -84,14 +103,19 @@ def redundancy(analysis, groups: list) -> torch.Tensor:
     return result
 
 
+def _ranked_logits(scores: torch.Tensor) -> torch.Tensor:
+    """Scores' ranks mapped to logits in [-1, 3] (the lowest score nearest -1)."""
+    ranks = torch.argsort(torch.argsort(scores)).to(torch.float64)
+    return -1.0 + 4.0 * (ranks + 0.5) / len(scores)
+
+
 def _initial_logits(analysis, groups: list, scores: torch.Tensor | None) -> torch.Tensor:
     theta = torch.full((analysis.atoms.count,), 3.0, dtype=torch.float64)
     if scores is None:
         return theta
     for group in groups:
         atoms = torch.tensor(group.atoms)
-        ranks = torch.argsort(torch.argsort(scores[atoms])).to(torch.float64)
-        theta[atoms] = -1.0 + 4.0 * (ranks + 0.5) / len(atoms)
+        theta[atoms] = _ranked_logits(scores[atoms])
     return theta
 
 
@@ -110,16 +134,18 @@ def _selection(indicators: torch.Tensor, costs: torch.Tensor, prunable: torch.Te
 
 def _train_indicators(analysis, prunable: torch.Tensor, costs: torch.Tensor, theta: torch.Tensor, calibration: list,
                       target_macs: float, *, steps: int, lr: float, penalty: float, progress: bool,
-                      settle: float | None = None) -> tuple[torch.Tensor, int]:
+                      settle: float | None = None, branches: Sequence = (),
+                      stream_gates: bool = False) -> tuple[torch.Tensor, int]:
     """Train the indicator logits ``theta``: distil the unpruned model's output through soft gates
-    (sigmoid(theta)) under a MACs penalty. Returns the indicators (float64), one per atom, and the steps run.
+    (sigmoid(theta)) under a MACs penalty. Returns the indicators (float64), one per atom then one per branch of
+    ``branches``, and the steps run.
 
     With ``settle``, training stops early once the channels the budget would remove (the lowest indicators
     worth the MACs to save) change by at most that fraction between looks, ``SETTLE_CHECKS`` looks in a row."""
     from tqdm.auto import tqdm
 
     full = float(budget.macs(analysis, torch.zeros(analysis.atoms.count, dtype=torch.bool)))
-    gm = gated_graph(analysis).eval()
+    gm = gated_graph(analysis, stream_gates=stream_gates, branches=branches).eval()
     for p in gm.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
@@ -167,10 +193,9 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
         raise InvalidArgumentError(f"fxprune: target_macs must be in (0, 1], got {target_macs!r}")
     compensation = check_compensation(compensation, data)
     importance_.criterion(init_importance)  # an unknown name fails before any work
-    kinds = tuple(kinds)
-    if "residual" in kinds:  # its gates would zero stream channels, which the stream's norms still count
-        raise InvalidArgumentError("fxprune: auto_prune does not prune residual width yet; use "
-                                   "fxprune.prune(model, target_macs=..., kinds=(..., 'residual'))")
+    from .api import _check_kinds, _measure
+
+    kinds = _check_kinds(kinds)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -182,19 +207,31 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
         captured = capture(model, example_inputs if example_inputs is not None else tuple(x[:1] for x in calibration[0]))
         analysis = analyze_captured(captured)
         groups = _prunable(analysis, kinds)
-        prunable = torch.zeros(analysis.atoms.count, dtype=torch.bool)
+        branches = depth.find_branches(analysis) if "depth" in kinds else []
+        prunable = torch.zeros(analysis.atoms.count + len(branches), dtype=torch.bool)
         for group in groups:
             prunable[torch.tensor(group.atoms)] = True
+        prunable[analysis.atoms.count:] = True
         costs = channel_costs(analysis, groups)
         if similarity:
             costs = costs * (1 + redundancy(analysis, groups))
+        costs = torch.cat([costs, branch_costs(analysis, branches)])
         init = importance_.score(analysis, init_importance, data=calibration, seed=seed) if attention_init else None
-        theta = _initial_logits(analysis, groups, init).to(torch.float32).requires_grad_(True)
+        theta = _initial_logits(analysis, groups, init)
+        if branches:  # branch indicators start from the branch score (how much each changes its input)
+            start = depth.branch_scores(analysis, branches, calibration) if attention_init else None
+            theta = torch.cat([theta, _ranked_logits(torch.tensor([start[b.name] for b in branches], dtype=torch.float64))
+                               if start else torch.full((len(branches),), 3.0, dtype=torch.float64)])
+        theta = theta.to(torch.float32).requires_grad_(True)
 
-        scores, steps_run = _train_indicators(analysis, prunable, costs, theta, calibration, target_macs, steps=steps,
-                                              lr=lr, penalty=penalty, progress=progress, settle=settle)
-        plan = global_budget(analysis, scores, lambda removed: budget.macs(analysis, removed), float(target_macs),
+        indicators, steps_run = _train_indicators(analysis, prunable, costs, theta, calibration, target_macs,
+                                                  steps=steps, lr=lr, penalty=penalty, progress=progress, settle=settle,
+                                                  branches=branches, stream_gates="residual" in kinds)
+        scores = indicators[:analysis.atoms.count]
+        branch_indicators = {b.name: float(indicators[analysis.atoms.count + i]) for i, b in enumerate(branches)}
+        plan = global_budget(analysis, scores, _measure(analysis, "macs", branches), float(target_macs),
                              kinds, per_group_normalisation=False, per_row="mean" if equal_heads else "min",
+                             branch_scores=branch_indicators or None,
                              options={"importance": "auto", "steps": steps, "similarity": similarity,
                                       "attention_init": attention_init, "reweight": reweight, "seed": seed,
                                       "equal_heads": equal_heads, "compensation": compensation,
@@ -203,6 +240,8 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
         pruned = apply_plan(analysis, plan, train=captured.was_training,
                             reweight_data=calibration if reweight else None, compensation=compensation)
         plan.options["indicators"] = {g.name: [[round(float(scores[a]), 4) for a in row] for row in g.rows] for g in groups}
+        if branches:
+            plan.options["branch_indicators"] = {name: round(value, 4) for name, value in branch_indicators.items()}
         return pruned
     finally:
         torch.random.set_rng_state(generator_state)

@@ -316,14 +316,12 @@ def _kept_at_norm(analysis, node: fx.Node, removed: torch.Tensor) -> torch.Tenso
     return None if bool(kept.all()) else kept
 
 
-def _normalise_over_kept(gm: fx.GraphModule, node: fx.Node, kept: torch.Tensor) -> None:
-    """Replace the norm ``node`` of ``gm``'s graph by ``norm_over_kept`` with the same input and parameters
-    (read from this graph's own node: its inputs may differ from the analysed graph's, e.g. a bypassed branch)."""
+def norm_arguments(gm: fx.GraphModule, node: fx.Node) -> tuple:
+    """(input, weight, bias, eps, rms) of the LayerNorm / RMSNorm ``node`` in ``gm``'s graph, as graph nodes and
+    values to call ``norm_over_kept``-like functions with (get_attr nodes inserted before ``node``)."""
     from .analysis.rules import normalize
 
     graph = gm.graph
-    mask_name = f"{meta.BUFFER_PREFIX}kept_channels_{node.name}"
-    gm.register_buffer(mask_name, kept)
     call = normalize(node, gm)
     with graph.inserting_before(node):
         if node.op == "call_module":
@@ -335,7 +333,18 @@ def _normalise_over_kept(gm: fx.GraphModule, node: fx.Node, kept: torch.Tensor) 
         else:
             rms = call.op == "rms_norm"
             weight, bias, eps = call.args.get("weight"), call.args.get("bias"), call.args.get("eps", None if rms else 1e-5)
+    return call.args["input"], weight, bias, eps, rms
+
+
+def _normalise_over_kept(gm: fx.GraphModule, node: fx.Node, kept: torch.Tensor) -> None:
+    """Replace the norm ``node`` of ``gm``'s graph by ``norm_over_kept`` with the same input and parameters
+    (read from this graph's own node: its inputs may differ from the analysed graph's, e.g. a bypassed branch)."""
+    graph = gm.graph
+    mask_name = f"{meta.BUFFER_PREFIX}kept_channels_{node.name}"
+    gm.register_buffer(mask_name, kept)
+    x, weight, bias, eps, rms = norm_arguments(gm, node)
+    with graph.inserting_before(node):
         mask = graph.get_attr(mask_name)
-        new = graph.call_function(norm_over_kept, (call.args["input"], mask, weight, bias, eps, rms))
+        new = graph.call_function(norm_over_kept, (x, mask, weight, bias, eps, rms))
     node.replace_all_uses_with(new)
     graph.erase_node(node)

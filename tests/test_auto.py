@@ -215,6 +215,69 @@ def test_auto_prune_on_swin_and_flatten():
         assert abs(fxprune.count_macs(pruned, (x,)) / fxprune.count_macs(model, (x,)) - 0.6) <= 0.02
 
 
+def _swin(version):
+    from test_swin_property import build_swin
+
+    return build_swin(dict(version=version, img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
+                           num_heads=(2, 4), fused_attn=True))
+
+
+@pytest.mark.parametrize("build,size", [(lambda: small_vit(num_heads=4, embed_per_head=8, depth=2, init_values=0.1), 16),
+                                        (lambda: _swin("swin"), 32), (lambda: _swin("swinv2"), 32)],
+                         ids=["vit", "swin", "swinv2"])
+def test_stream_and_branch_gates_at_zero_and_one_are_removal(build, size):
+    """The graph auto_prune trains: with each removed channel's and branch's gate at 0 and the others at 1 it
+    computes what the pruned model computes (stream norms weighted by the gates, stream inputs gated, branch
+    outputs gated), so the indicators are trained on what removal does."""
+    from fxprune.depth import find_branches
+    from fxprune.gating import gated_graph
+
+    model = build()
+    x = torch.randn(1, 3, size, size)
+    analysis = fxprune.analyze(model, (x,))
+    plan = fxprune.plan(analysis, target_macs=0.5, kinds=("residual", "depth", "qk", "v", "mlp"),
+                        data=[torch.randn(4, 3, size, size)])
+    assert plan.branches and any(name.endswith(":residual") for name in plan.removed)
+    pruned = fxprune.apply(analysis, plan)
+    branches = find_branches(analysis)
+    gates = torch.cat([(~plan.removed_atoms(analysis)).float(),
+                       torch.tensor([float(b.name not in plan.branches) for b in branches])])
+    gated = gated_graph(analysis, stream_gates=True, branches=branches)
+    with torch.no_grad():
+        assert fxprune.relative_error(gated(gates, x), pruned(x)) < 1e-5
+        # the stream's gates matter: without them (writers gated, norms over the whole width) it differs
+        plain = gated_graph(analysis, branches=branches)
+        assert fxprune.relative_error(plain(gates, x), pruned(x)) > 1e-3
+
+
+@pytest.mark.parametrize("extra", [("residual",), ("depth",), ("residual", "depth")])
+def test_auto_prune_with_residual_width_and_depth(model, runs, extra):
+    """The new kinds meet the budget (counted on the pruned model), pass the self-check, and change the selection."""
+    kinds = ("qk", "v", "mlp", *extra)
+    pruned = runs(kinds=kinds)
+    assert abs(_macs_fraction(model, pruned) - TARGET) <= 0.01
+    check = fxprune.check_of(pruned)
+    assert check is not None and check.error < 1e-4
+    plan, without = fxprune.plan_of(pruned), fxprune.plan_of(runs())
+    assert plan.removed != without.removed
+    if "residual" in extra:
+        assert plan.removed.get("patch_embed.proj:residual")
+        assert "patch_embed.proj:residual" in plan.options["indicators"]
+    else:
+        assert "patch_embed.proj:residual" not in plan.removed
+    if "depth" in extra:
+        assert set(plan.options["branch_indicators"]) == {f"blocks.{i}:{k}" for i in range(2) for k in ("attention", "mlp")}
+    if "depth" not in extra:
+        assert not plan.branches
+    with torch.no_grad():
+        assert torch.isfinite(pruned(HELD_OUT[0])).all()
+
+
+def test_auto_prune_rejects_an_unknown_kind(model):
+    with pytest.raises(fxprune.InvalidArgumentError, match="unknown kind"):
+        fxprune.auto_prune(model, DATA, target_macs=0.5, kinds=("qk", "width"), progress=False)
+
+
 def test_training_stops_when_the_selection_settles(runs):
     every_step = fxprune.plan_of(runs(settle=None)).options["steps_run"]
     loose = fxprune.plan_of(runs(settle=0.2)).options["steps_run"]

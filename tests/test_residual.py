@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 import fxprune
 from fxprune.cli import main as cli
-from fxprune.errors import InvalidArgumentError, RewriteError
+from fxprune.errors import RewriteError
 from fxprune.masked_reference import norm_over_kept
 from fxprune.importance.taylor import main_output
 from fxprune.verify import masked
@@ -316,11 +316,6 @@ def test_hugging_face_classifiers_equal_layer_norm_over_kept_channels(family, he
     with torch.no_grad():
         got, want = main_output(pruned(*x)), main_output(reference(*x))
     assert fxprune.relative_error(got, want) < 1e-5
-
-
-def test_auto_prune_refuses_residual_width():
-    with pytest.raises(InvalidArgumentError, match="residual width"):
-        fxprune.auto_prune(small_vit(), [torch.randn(2, 3, 16, 16)], 0.5, kinds=("residual", "mlp"))
 
 
 def test_export_graph_narrows_the_stream_like_the_symbolic_one():

@@ -11,12 +11,18 @@ the pruned features to the original's on the held-out images.
     python benchmarks/accuracy.py                           # everything: table, results/accuracy.json, docs/*.png
     python benchmarks/accuracy.py --models tiny-swin --methods l2 taylor --targets 0.6
     python benchmarks/accuracy.py --markdown                # README tables
+    python benchmarks/accuracy.py --models tiny-swin --methods l2 torch-pruning --targets 0.4 \
+        --kinds qk,v,mlp qk,v,mlp,residual qk,v,mlp,residual,depth --json benchmarks/results/accuracy_kinds.json
 
 Methods: l2, dimap (data-free), taylor, attention, reconstruction (calibration batches), auto
 (fxprune.auto_prune, the automatic method), torch-pruning (benchmarks/peer.py; needs `pip install torch-pruning`).
 Every fxprune row is compensated three ways from the same calibration batches: reweight nodes (the old
 default), least squares and sequential least squares (folded into the weights; the default is sequential).
 Fine-tuning starts from the least-squares model (from the reweighted one before least squares existed).
+``--kinds`` runs every fxprune method once per kind set (comma-separated kinds, e.g. ``qk,v,mlp,residual``;
+default ``qk,v,mlp``); Torch-Pruning runs its own recipe once (its kinds are fixed: head dims, MLP hidden
+channels and the residual width where the recipe reaches it). Rows name their kinds. Plots are written only
+with the default ``--json``.
 """
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ DOCS = Path(__file__).parent.parent / "docs"
 METHODS = ("l2", "dimap", "taylor", "attention", "reconstruction", "auto", "torch-pruning")
 COMPENSATIONS = ("least_squares", "sequential")  # evaluated besides the reweight nodes, before fine-tuning
 TARGETS = (0.8, 0.6, 0.4)
+DEFAULT_KINDS = ("qk", "v", "mlp")
+PEER_KINDS = "Torch-Pruning recipe"  # the peer's kinds are its recipe's, whatever --kinds says
 AUTO_STEPS = 60  # auto_prune's indicator-training steps (its default is 100; fewer keep the run under 20 min)
 
 
@@ -138,9 +146,21 @@ def kept_fractions(analysis, plan) -> dict[str, float]:
     return out
 
 
-def run_method(task: Task, analysis, method: str, target: float, log) -> dict:
+def removed_structure(analysis, plan) -> dict:
+    """What a plan takes beyond q/k, v and MLP channels: the residual width kept, the branches removed."""
+    out: dict = {"branches": len(plan.branches)}
+    for group in analysis.groups:
+        if group.prunable and group.kind == "residual":
+            removed = sum(len(r) for r in plan.removed.get(group.name, []))
+            out.setdefault("residual_kept", {})[group.name] = 1 - removed / len(group.atoms)
+    return out
+
+
+def run_method(task: Task, analysis, method: str, target: float, log,
+               kinds: tuple[str, ...] = DEFAULT_KINDS) -> dict:
     full = fxprune.count_macs(task.model, (task.example,))
-    row: dict = {"model": task.name, "method": method, "target": target}
+    row: dict = {"model": task.name, "method": method, "target": target,
+                 "kinds": PEER_KINDS if method == "torch-pruning" else ",".join(kinds)}
     started = time.perf_counter()
     if method == "torch-pruning":
         pruned, _, note = peer.prune_to_macs(task.model, task.example, target, task.labelled,
@@ -151,14 +171,16 @@ def run_method(task: Task, analysis, method: str, target: float, log) -> dict:
         reweighted = None
     elif method == "auto":
         reweighted = fxprune.auto_prune(task.model, task.calibration, target, example_inputs=(task.example,),
-                                        steps=AUTO_STEPS, progress=False, compensation="reweight")
+                                        steps=AUTO_STEPS, progress=False, compensation="reweight", kinds=kinds)
         pruned = fxprune.apply(analysis, fxprune.plan_of(reweighted))
         row["kept"] = kept_fractions(analysis, fxprune.plan_of(reweighted))
+        row.update(removed_structure(analysis, fxprune.plan_of(reweighted)))
     else:
-        plan = fxprune.plan(analysis, target_macs=target, importance=method, data=task.calibration)
+        plan = fxprune.plan(analysis, target_macs=target, importance=method, data=task.calibration, kinds=kinds)
         pruned = fxprune.apply(analysis, plan)
         reweighted = fxprune.apply(analysis, plan, reweight_data=task.calibration, compensation="reweight")
         row["kept"] = kept_fractions(analysis, plan)
+        row.update(removed_structure(analysis, plan))
     row["prune_s"] = time.perf_counter() - started
     row["macs"] = fxprune.count_macs(pruned, (task.example,)) / full
     row["params"] = fxprune.count_params(pruned) / fxprune.count_params(task.model)
@@ -190,18 +212,19 @@ def markdown(rows: list[dict], originals: dict) -> str:
         mine = [r for r in rows if r["model"] == model]
         has_cosine = "cosine" in originals[model]
         lines += [f"\n**{model}**: unpruned top-1 {100 * originals[model]['top1']:.1f}%\n",
-                  "| MACs target | method | MACs kept | params kept | top-1 pruned | reweighted | least squares | "
+                  "| MACs target | method | kinds | MACs kept | params kept | top-1 pruned | reweighted | least squares | "
                   "sequential LS | fine-tuned |"
                   + (" cosine pruned / reweighted / LS / seq. LS / fine-tuned |" if has_cosine else ""),
-                  "|---|---|---|---|---|---|---|---|---|" + ("---|" if has_cosine else "")]
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if has_cosine else "")]
         for r in mine:
+            kinds = r.get("kinds", ",".join(DEFAULT_KINDS))
             if "macs" not in r:
-                lines.append(f"| {r['target']:.0%} | {r['method']} | {r.get('note', '-')} | | | | | | |"
+                lines.append(f"| {r['target']:.0%} | {r['method']} | {kinds} | {r.get('note', '-')} | | | | | | |"
                              + (" |" if has_cosine else ""))
                 continue
             stages = ("pruned", "reweighted", *COMPENSATIONS, "finetuned")
             cosine = " / ".join(_cell(r, s, "cosine") for s in stages)
-            lines.append(f"| {r['target']:.0%} | {r['method']} | {r['macs']:.1%} | {r['params']:.1%} | "
+            lines.append(f"| {r['target']:.0%} | {r['method']} | {kinds} | {r['macs']:.1%} | {r['params']:.1%} | "
                          + " | ".join(_cell(r, s) for s in stages) + " |"
                          + (f" {cosine} |" if has_cosine else ""))
     return "\n".join(lines)
@@ -272,10 +295,19 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--finetune-steps", type=int, default=None,
                         help="distillation steps per pruned model (default 20 for DINOv2, 60 for the tiny models)")
+    parser.add_argument("--kinds", nargs="+", default=[",".join(DEFAULT_KINDS)],
+                        help="kind sets for the fxprune methods, each comma-separated (e.g. qk,v,mlp "
+                             "qk,v,mlp,residual qk,v,mlp,residual,depth); Torch-Pruning runs its recipe once")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", default=str(RESULTS / "accuracy.json"))
     args = parser.parse_args()
+    kind_sets = [tuple(k for k in spec.split(",") if k) for spec in args.kinds]
+    from fxprune.api import KINDS_ASKED
+    for kinds in kind_sets:
+        unknown = [k for k in kinds if k not in KINDS_ASKED]
+        if unknown or not kinds:
+            parser.error(f"--kinds: unknown or empty kind set {','.join(kinds)!r} (kinds: {','.join(KINDS_ASKED)})")
     torch.set_num_threads(args.threads)
     log = lambda message: print(message, flush=True)  # noqa: E731
     methods = peer.usable(args.methods, log)
@@ -287,9 +319,10 @@ def main() -> None:
         log(f"{task.name}: unpruned {originals[task.name]}")
         analysis = fxprune.analyze(task.model, (task.example,))
         for target in args.targets:
-            for method in methods:
+            runs = [(m, k) for m in methods for k in ([DEFAULT_KINDS] if m == "torch-pruning" else kind_sets)]
+            for method, kinds in runs:
                 torch.manual_seed(0)
-                row = run_method(task, analysis, method, target, log)
+                row = run_method(task, analysis, method, target, log, kinds)
                 rows.append(row)
                 if "macs" in row:
                     stages = "  ".join(f"{s} {_cell(row, s)}" for s in ("pruned", "reweighted", *COMPENSATIONS,
@@ -297,12 +330,13 @@ def main() -> None:
                     summary = f"{stages}  MACs {row['macs']:.3f}"
                 else:
                     summary = row.get("note", "")
-                log(f"  {target:.0%} {method:13s} {summary}  [{time.perf_counter() - started:.0f}s]")
+                log(f"  {target:.0%} {method:13s} {row['kinds']:24s} {summary}  [{time.perf_counter() - started:.0f}s]")
     Path(args.json).parent.mkdir(exist_ok=True)
     Path(args.json).write_text(json.dumps({"originals": originals, "rows": rows, "threads": args.threads,
-                                           "seconds": time.perf_counter() - started}, indent=1))
-    plot(rows, originals, DOCS / "accuracy_vs_macs.png")
-    plot_kept(rows, DOCS / "kept_channels.png")
+                                           "kinds": args.kinds, "seconds": time.perf_counter() - started}, indent=1))
+    if Path(args.json).resolve() == (RESULTS / "accuracy.json").resolve():  # a partial run leaves the docs' plots
+        plot(rows, originals, DOCS / "accuracy_vs_macs.png")
+        plot_kept(rows, DOCS / "kept_channels.png")
     print(markdown(rows, originals) if args.markdown else json.dumps(originals))
     log(f"total {time.perf_counter() - started:.0f}s")
 

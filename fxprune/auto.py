@@ -188,7 +188,9 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
     indicators start from the ``init_importance`` criterion (e.g. "reconstruction" instead of "attention").
     ``steps`` is the most indicator-training steps; with ``settle`` (a fraction) training stops once the
     channels the budget would remove change by at most that fraction between looks ten steps apart, twice in
-    a row (``None``: every step runs). The plan records the steps run in ``options["steps_run"]``."""
+    a row (``None``: every step runs). The plan records the steps run in ``options["steps_run"]``.
+    ``kinds``: as ``fxprune.plan``'s, "residual" (the stream's width, indicators applied where the stream is
+    read) and "depth" (one indicator per residual branch; ``options["branch_indicators"]``) included."""
     if not 0.0 < float(target_macs) <= 1.0:
         raise InvalidArgumentError(f"fxprune: target_macs must be in (0, 1], got {target_macs!r}")
     compensation = check_compensation(compensation, data)

@@ -407,3 +407,57 @@ def test_hugging_face_decoder_rms_norm_of_elementary_ops_narrows_the_stream(tie,
     assert fxprune.relative_error(got, want) < 1e-5
     assert fxprune.relative_error(got, whole_width) > 1e-3  # the comparison can tell a narrowed stream apart
     assert_unchanged(model, snapshot)
+
+
+class _WrittenOutRMSNorm(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.3 * torch.randn(width))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class _PreNormMLPs(nn.Module):
+    """Tokens -> Linear embedding -> pre-norm MLP blocks (hand-written RMSNorm) -> norm -> head."""
+
+    def __init__(self, width: int = 12, blocks: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, width)
+        self.norms = nn.ModuleList(_WrittenOutRMSNorm(width) for _ in range(blocks))
+        self.fcs = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+        self.norm, self.head = _WrittenOutRMSNorm(width), nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for norm, fc in zip(self.norms, self.fcs):
+            x = x + fc(norm(x))
+        return self.head(self.norm(x))
+
+
+def test_symbolic_trace_fuses_a_written_out_rms_norm():
+    """The same fusion on a symbolic trace (call_method pow / mean, torch.rsqrt, operator ops): the stream
+    narrows, equal to the model whose norms normalise over the kept channels."""
+    torch.manual_seed(0)
+    model = _PreNormMLPs().eval()
+    analysis = fxprune.analyze(model, (torch.randn(2, 7, 5),))
+    assert [g.kind for g in analysis.groups if g.prunable].count("residual") == 1
+    pruned = fxprune.prune(model, 0.5, kinds=("residual",), example_inputs=(torch.randn(2, 7, 5),))
+    kept = _kept_mask(model.norm.weight.detach(), pruned.get_parameter("norm.weight").detach())
+    assert int(kept.sum()) == 6
+
+    def over_kept(module):
+        def forward(x):
+            h = x[..., kept]
+            y = torch.zeros_like(x)
+            y[..., kept] = module.weight[kept] * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+            return y
+        return forward
+
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if isinstance(module, _WrittenOutRMSNorm):
+            module.forward = over_kept(module)
+    x = torch.randn(3, 4, 5)
+    with torch.no_grad():
+        assert fxprune.relative_error(pruned(x), reference(x)) < 1e-5

@@ -44,10 +44,16 @@ def _aliases(gm: nn.Module, tensor: torch.Tensor) -> list[str]:
 def slice_parameters(gm: fx.GraphModule, keep: dict[str, dict[int, torch.Tensor]]) -> PassResult:
     """Pass: index every kept channel out of each parameter and buffer named in ``keep``; modules follow."""
     touched: dict[int, tuple[nn.Module, bool]] = {}
-    sliced: set[int] = set()  # tensors this pass made (an alias of an earlier name is already one)
+    sliced: dict[int, dict[int, torch.Tensor]] = {}  # tensors this pass made -> the kept indices they were cut to
     for name, dims in keep.items():
         owner, attr = _owner(gm, name)
-        if id(getattr(owner, attr)) in sliced:
+        if id(getattr(owner, attr)) in sliced:  # an alias of an earlier name, already cut
+            done = sliced[id(getattr(owner, attr))]
+            if set(done) != set(dims) or not all(torch.equal(done[d], dims[d]) for d in dims):
+                from ..errors import RewriteError
+
+                raise RewriteError(f"fxprune: '{name}' is the same tensor as another parameter that keeps other "
+                                   "channels; tied weights must lose the same channels")
             continue
         if id(owner) not in touched:
             depthwise = isinstance(owner, nn.modules.conv._ConvNd) and owner.groups > 1 and owner.groups == owner.out_channels \
@@ -71,7 +77,7 @@ def slice_parameters(gm: fx.GraphModule, keep: dict[str, dict[int, torch.Tensor]
                     alias_owner, "_non_persistent_buffers_set", set()))
             if alias_owner is not owner and id(alias_owner) not in touched:
                 touched[id(alias_owner)] = (alias_owner, False)
-        sliced.add(id(new))
+        sliced[id(new)] = dims
     for owner, depthwise in touched.values():
         _fix_module_attributes(owner, depthwise)
     return PassResult(gm, bool(keep))

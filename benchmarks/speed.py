@@ -1,7 +1,7 @@
 """Real speedup on this CPU against the MACs cut, for fxprune and Torch-Pruning at equal MACs.
 
-For each model: the original, fxprune's graph with nothing removed (the cost of the graph itself), and fxprune
-and Torch-Pruning's recipe (benchmarks/peer.py) at the same MACs target, each at ``round_to`` 1 (widths as
+For each model: the original, fxprune's graph with nothing removed (the cost of the graph itself), fxprune (q/k,
+v, heads and MLP channels; "+residual": the residual width too, unless ``--no-residual``) and Torch-Pruning's recipe (benchmarks/peer.py) at the same MACs target, each at ``round_to`` 1 (widths as
 they fall) and 8 (kept widths rounded to multiples of 8: fxprune's ``round_to``, MetaPruner's ``round_to``).
 Every variant's name and JSON row say its ``round_to``. Latency is the median of interleaved runs (every
 variant runs once per round, so drift hits all alike) at 2 threads, batch 1 / 8 / 32, eager and
@@ -27,6 +27,7 @@ import torch
 
 import fxprune
 import peer
+from fxprune.allocate import DEFAULT_KINDS
 
 RESULTS = Path(__file__).parent / "results"
 ROUND_TO = (1, 8)
@@ -55,16 +56,20 @@ def interleaved_latency(models: dict[str, torch.nn.Module], x: torch.Tensor | tu
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def variants(model: torch.nn.Module, example: torch.Tensor, target: float, log) -> tuple[dict, dict, dict, dict]:
-    """(models, MACs, notes on Torch-Pruning's runs, round_to) by variant name."""
+def variants(model: torch.nn.Module, example: torch.Tensor, target: float, log,
+             residual: bool = True) -> tuple[dict, dict, dict, dict]:
+    """(models, MACs, notes on Torch-Pruning's runs, round_to) by variant name. With ``residual``, fxprune also
+    prunes the residual width (``kinds`` with "residual"), as Torch-Pruning's recipe does."""
     analysis = fxprune.analyze(model, (example,))
     out = {"original": model,
            "fxprune graph, nothing removed": fxprune.apply(analysis, fxprune.plan(analysis, 0.0))}
     round_tos: dict[str, int | None] = dict.fromkeys(out)
-    for round_to in ROUND_TO:
-        plan = fxprune.plan(analysis, target_macs=target, round_to=round_to)
-        name = variant_name("fxprune", target, round_to)
-        out[name], round_tos[name] = fxprune.apply(analysis, plan), round_to
+    kind_sets = {"fxprune": DEFAULT_KINDS, **({"fxprune +residual": (*DEFAULT_KINDS, "residual")} if residual else {})}
+    for method, kinds in kind_sets.items():
+        for round_to in ROUND_TO:
+            plan = fxprune.plan(analysis, target_macs=target, round_to=round_to, kinds=kinds)
+            name = variant_name(method, target, round_to)
+            out[name], round_tos[name] = fxprune.apply(analysis, plan), round_to
     notes = {}
     for round_to in ROUND_TO if peer.available() else ():
         name = variant_name("torch-pruning", target, round_to)
@@ -97,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-residual", action="store_true", help="without the fxprune rows that prune residual width")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", default=str(RESULTS / "speed.json"))
@@ -110,7 +116,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = timm.create_model(name).eval()
         example = torch.randn(1, 3, size, size)
-        models, macs, notes, round_tos = variants(model, example, args.target, log)
+        models, macs, notes, round_tos = variants(model, example, args.target, log, residual=not args.no_residual)
         for note in notes.items():
             log(f"  {label}: {note[0]} {note[1]}")
         for batch in args.batches:

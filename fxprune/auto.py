@@ -179,7 +179,7 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
                example_inputs: Sequence | None = None, lr: float = 0.05, penalty: float = 50.0,
                similarity: bool = True, attention_init: bool = True, reweight: bool = True, equal_heads: bool = True,
                kinds: Iterable[str] = DEFAULT_KINDS, seed: int = 0, progress: bool = True,
-               compensation: str | None = None, init_importance: str = "attention", settle: float | None = 0.02):
+               compensation: str | None = None, init_importance: str = "attention", settle: float | None = 0.05):
     """Prune ``model`` to ``target_macs`` (a fraction of its MACs) with the automatic method; returns the pruned,
     reweighted GraphModule (its plan from ``fxprune.plan_of``, the trained indicators in the plan options).
     With ``reweight``, the removed channels are compensated on ``data`` as ``compensation`` says (see

@@ -20,6 +20,18 @@ from .analysis.rules import ParamRef
 
 # ridge of the least-squares solves, relative to the mean diagonal of the Gram: keeps near-collinear inputs stable
 RIDGE = 1e-3
+# ... raised to RIDGE_PER_FEATURE x features / rows where calibration data are few for the features: a fit's
+# variance grows with that ratio (with 966 token rows for 768 features, MiniLM's fc2 fitted the calibration
+# batches and lost on held-out sentences)
+RIDGE_PER_FEATURE = 0.3
+
+
+def relative_ridge(features: int, rows: int, ridge: float | None = None) -> float:
+    """The ridge relative to the Gram's mean diagonal for ``features`` inputs fitted on ``rows`` rows; an explicit
+    ``ridge`` is used as it is."""
+    if ridge is not None:
+        return float(ridge)
+    return max(RIDGE, RIDGE_PER_FEATURE * features / max(rows, 1))
 
 
 def tensor_name(x: Any) -> str | None:

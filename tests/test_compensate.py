@@ -10,7 +10,7 @@ from fxprune import meta
 from fxprune.analysis.shapes import kept_indices
 from fxprune.errors import InvalidArgumentError
 from fxprune.rewrite.compensate import ridge_solve
-from fxprune.statistics import RIDGE
+from fxprune.statistics import RIDGE, RIDGE_PER_FEATURE, relative_ridge
 from helpers import assert_unchanged, examples, small_vit, state_snapshot
 
 X = torch.randn(1, 3, 16, 16)
@@ -62,7 +62,10 @@ def test_layer_weights_are_the_ridge_fit_of_the_unpruned_layer_folded_into_a_pla
         target = hidden @ model.fc2.weight.double().T + model.fc2.bias.double()
     design = torch.cat([hidden[:, kept], torch.ones(len(hidden), 1, dtype=torch.float64)], 1)
     prior = torch.cat([model.fc2.weight.double()[:, kept].T, model.fc2.bias.double()[None]])
-    strength = RIDGE * float((design.T @ design).diagonal().mean())
+    # few rows for the features: the ridge is raised with features / rows above its floor
+    ridge = relative_ridge(design.shape[1], len(design))
+    assert ridge == RIDGE_PER_FEATURE * 13 / 72 > RIDGE
+    strength = ridge * float((design.T @ design).diagonal().mean())
     expected = _explicit_ridge(design, target, prior, strength)
     assert torch.allclose(pruned.fc2.weight.double(), expected[:-1].T, atol=1e-5)
     assert torch.allclose(pruned.fc2.bias.double(), expected[-1], atol=1e-5)
@@ -250,7 +253,8 @@ def test_reconstruction_removes_the_query_channel_its_head_can_rebuild():
     with torch.no_grad():
         full = _logits(model, model.q.weight, model.q.bias, model.k.weight, model.k.bias, data)
         compensated = _logits(model, pruned.q.weight, pruned.q.bias, pruned.k.weight, pruned.k.bias, data)
-    assert float((compensated - full).square().mean()) < 1e-6 * float(full.square().mean())
+    # not zero: the ridge (7 features fitted on 84 query rows per head: 2.5e-2) shrinks the rebuilt share
+    assert float((compensated - full).square().mean()) < 1e-5 * float(full.square().mean())
 
 
 def plan_for(analysis, data):
@@ -309,6 +313,6 @@ def test_sequential_fits_each_layer_on_the_model_compensated_before_it_in_an_exp
     design = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
     weight, bias = analysis.tensor(last.weight).double(), analysis.tensor(last.bias).double()
     prior = torch.cat([weight[:, last.kept].T, bias[None]])
-    strength = RIDGE * float((design.T @ design).diagonal().mean())
+    strength = relative_ridge(design.shape[1], len(design)) * float((design.T @ design).diagonal().mean())
     expected = _explicit_ridge(design, y, prior, strength)
     assert torch.allclose(pruned.get_parameter(last.weight).double(), expected[:-1].T, atol=1e-4, rtol=1e-3)

@@ -35,6 +35,7 @@ from .attention_scale import keep_attention_scale
 from .fix_sizes import fix_sizes
 from .compensate import least_squares
 from .drop_branches import bypass, drop_branches
+from .editable_copy import editable_copy
 from .gather_rows import gather_rows
 from .reweight import consumers, fit_reweight, insert_reweights, record_inputs
 from .slice_parameters import slice_parameters
@@ -67,7 +68,7 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, ve
     keep = kept_indices(analysis, removed)
     # tensors about to be sliced are not copied first (slicing makes new ones): the copy costs what is kept
     sliced = {id(t): t for t in (analysis.tensor(name) for name, dims in keep.items() if dims)}
-    gm = copy.deepcopy(analysis.gm, sliced)
+    gm = editable_copy(analysis.gm, sliced)
     reweighting = reweight_data is not None and compensation == "reweight"
     fits = _fit_reweights(analysis, keep, reweight_data) if reweighting else {}
     slice_parameters(gm, keep)

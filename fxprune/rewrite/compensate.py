@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..statistics import RIDGE, LinearCall, Product, Runner, attention_products, linear_calls, watch
+from ..statistics import RIDGE, LinearCall, Product, Runner, attention_products, linear_calls, relative_ridge, watch
 
 
 
@@ -137,10 +137,11 @@ def _layer_callback(layer: Layer, statistics: _LayerStatistics) -> Callable:
     return record
 
 
-def _query_callback(site: QkSite, grams: dict[str, torch.Tensor]) -> Callable:
+def _query_callback(site: QkSite, grams: dict[str, torch.Tensor], counts: dict[str, int]) -> Callable:
     def record(args: tuple, output: Any) -> None:
         rows = site.product.query.rows(args[site.product.query.position].detach().float())
         grams[site.product.node] = grams.get(site.product.node, 0) + (rows.transpose(1, 2) @ rows).double()
+        counts[site.product.node] = counts.get(site.product.node, 0) + rows.shape[1]
     return record
 
 
@@ -205,16 +206,17 @@ def _fold_layer(gm: fx.GraphModule, layer: Layer, v: torch.Tensor) -> None:
         set_tensor(gm, layer.bias, v[k])
 
 
-def _solve_layer(gm, analysis, keep, layer: Layer, statistics: _LayerStatistics, ridge: float) -> Fitted:
+def _solve_layer(gm, analysis, keep, layer: Layer, statistics: _LayerStatistics, ridge: float | None) -> Fitted:
     prior = _original_rows(analysis, keep, layer)
     xx, xy = statistics.xx, statistics.xy
-    v = ridge_solve(xx, xy, prior, ridge)  # Y was recorded at the kept outputs only
+    v = ridge_solve(xx, xy, prior, relative_ridge(xx.shape[0], statistics.rows, ridge))  # Y was recorded at the kept outputs only
     before, after = (_error(xx, xy, statistics.yy, m) for m in (prior, v))
     _fold_layer(gm, layer, v)
     return Fitted(layer.node, before, after)
 
 
-def _fold_keys(gm, analysis, keep, site: QkSite, gram: torch.Tensor, removed: torch.Tensor, ridge: float) -> list[Fitted]:
+def _fold_keys(gm, analysis, keep, site: QkSite, gram: torch.Tensor, rows_seen: int, removed: torch.Tensor,
+               ridge: float | None) -> list[Fitted]:
     """Move every head's removed k rows, regressed through its queries, into its kept k rows."""
     atom_of = analysis.atoms.atom_of
     original = analysis.tensor(site.weight).detach().to(torch.float64)
@@ -241,7 +243,7 @@ def _fold_keys(gm, analysis, keep, site: QkSite, gram: torch.Tensor, removed: to
         rows = site.key_rows[key]
         kept_pos, gone_pos = torch.nonzero(~gone).flatten(), torch.nonzero(gone).flatten()
         q_kk, q_kr = q_gram[kept_pos][:, kept_pos], q_gram[kept_pos][:, gone_pos]
-        b = ridge_solve(q_kk, q_kr, torch.zeros_like(q_kr), ridge)  # q_R ≈ bᵀ q_K
+        b = ridge_solve(q_kk, q_kr, torch.zeros_like(q_kr), relative_ridge(len(kept_pos), rows_seen, ridge))  # q_R ≈ bᵀ q_K
         targets = rows[kept_pos]
         where = torch.searchsorted(rows_kept, targets) if rows_kept is not None else targets
         pruned[where] = original[targets] + b @ original[rows[gone_pos]]
@@ -256,15 +258,18 @@ def _fold_keys(gm, analysis, keep, site: QkSite, gram: torch.Tensor, removed: to
 
 
 def least_squares(gm: fx.GraphModule, analysis, keep: dict, removed: torch.Tensor, batches: Iterable[tuple],
-                  sequential: bool = False, ridge: float = RIDGE) -> list[Fitted]:
-    """Pass: compensate ``gm`` (the pruned copy of ``analysis.gm``) in place; returns what was fitted."""
+                  sequential: bool = False, ridge: float | None = None) -> list[Fitted]:
+    """Pass: compensate ``gm`` (the pruned copy of ``analysis.gm``) in place; returns what was fitted. ``ridge``
+    (relative to each Gram's mean diagonal; default: ``statistics.relative_ridge`` of the layer's features and
+    calibration rows) regularises every solve towards the uncompensated weights."""
     batches = list(batches)
     present = {n.name for n in gm.graph.nodes}  # a removed residual branch takes its layers with it
     layers = [layer for layer in shrinking_layers(analysis, keep) if layer.node in present]
     sites = [site for site in qk_sites(analysis, removed) if site.product.node in present]
     grams: dict[str, torch.Tensor] = {}
+    query_rows: dict[str, int] = {}
     statistics = {layer.node: _LayerStatistics(layer) for layer in layers}
-    callbacks = {site.product.node: _query_callback(site, grams) for site in sites}
+    callbacks = {site.product.node: _query_callback(site, grams, query_rows) for site in sites}
     out_kept = {layer.node: keep.get(layer.weight, {}).get(1 - layer.in_dim) for layer in layers}
     if not sequential:
         callbacks.update({layer.node: _layer_callback(layer, statistics[layer.node]) for layer in layers})
@@ -272,7 +277,8 @@ def least_squares(gm: fx.GraphModule, analysis, keep: dict, removed: torch.Tenso
     fitted = []
     for site in sites:
         if site.product.node in grams:
-            fitted += _fold_keys(gm, analysis, keep, site, grams[site.product.node], removed, ridge)
+            fitted += _fold_keys(gm, analysis, keep, site, grams[site.product.node], query_rows[site.product.node],
+                                 removed, ridge)
     if sequential:
         return fitted + _sequential(gm, analysis, keep, layers, statistics, out_kept, batches, ridge)
     return fitted + [_solve_layer(gm, analysis, keep, layer, statistics[layer.node], ridge) for layer in layers]
@@ -286,7 +292,7 @@ def _kept_outputs(callback: Callable, out_kept: torch.Tensor | None) -> Callable
 
 
 def _sequential(gm, analysis, keep, layers: list[Layer], statistics: dict, out_kept: dict, batches: list[tuple],
-                ridge: float) -> list[Fitted]:
+                ridge: float | None) -> list[Fitted]:
     """Layer after layer: X_K from the pruned model as compensated so far, Y from the unpruned model."""
     originals = [Runner(analysis.gm, batch) for batch in batches]
     pruned = [Runner(gm, batch) for batch in batches]

@@ -73,7 +73,10 @@ def _features(model: torch.nn.Module, images: torch.Tensor, batch: int = 64) -> 
         return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
-def dinov2_task(steps: int, log) -> Task:
+def dinov2_task(steps: int, log, classifier: bool = False) -> Task:
+    """DINOv2-S/14 features scored by a digits probe; with ``classifier``, the backbone and the probe as one
+    model (images -> logits), so the residual width can go: the probe's columns go with it (a feature
+    extractor's output is its residual width, which must stay)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -109,6 +112,12 @@ def dinov2_task(steps: int, log) -> Task:
     calibration = [images[train[i:i + 16]] for i in range(0, 128, 16)]
     shuffled = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))]
     fine_tune = [images[shuffled[(i * 16) % len(shuffled):][:16]] for i in range(steps)]
+    if classifier:
+        def evaluate_logits(pruned: torch.nn.Module) -> dict:
+            return {"top1": float((_features(pruned, images[test]).argmax(1) == labels[test]).float().mean())}
+
+        return Task("DINOv2-S/14 + digits probe, one model", torch.nn.Sequential(model, head).eval(), images[:1],
+                    evaluate_logits, calibration, None, fine_tune, "kl", lr=5e-6)
     return Task("DINOv2-S/14 (digits probe)", model, images[:1], evaluate, calibration, None, fine_tune, "kl",
                 lr=5e-6, keep_output_width=True, head=head)
 
@@ -124,7 +133,8 @@ def tiny_task(name: str, steps: int, log) -> Task:
                 [x for x, _ in calibration], calibration, fine_tune, "kl", lr=5e-4)
 
 
-TASKS = {"dinov2-s": dinov2_task, **{name: partial(tiny_task, name) for name in offline.TINY_MODELS}}
+TASKS = {"dinov2-s": dinov2_task, "dinov2-s-classifier": partial(dinov2_task, classifier=True),
+         **{name: partial(tiny_task, name) for name in offline.TINY_MODELS}}
 
 
 def _finetune(task: Task, pruned: torch.nn.Module) -> dict:
@@ -313,7 +323,7 @@ def main() -> None:
     methods = peer.usable(args.methods, log)
     rows, originals, started = [], {}, time.perf_counter()
     for key in args.models:
-        steps = args.finetune_steps or (20 if key == "dinov2-s" else 60)
+        steps = args.finetune_steps or (20 if key.startswith("dinov2") else 60)
         task = TASKS[key](steps, log)
         originals[task.name] = task.evaluate(task.model)
         log(f"{task.name}: unpruned {originals[task.name]}")

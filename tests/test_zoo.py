@@ -34,6 +34,7 @@ MORE_SUPPORTED = {
     "LowFormer": "ConvTranspose2d (the upsampling that reads v)",
     "LambdaNet": "Conv3d whose kernel leaves the channel dim alone (position lambdas)",
     "CoaT": "heads split between depthwise convolutions of several kernel sizes: each group has its heads' rows",
+    "EfficientViT-MIT": "grouped 1x1 convolution (each group's own weight columns) and a constant pad beside v",
     "MaxViT": "heads too: the relative position bias (timm's tf-style einsum lookup) follows the heads",
 }
 IN_FLOAT64 = {  # masked-equal exactly, but float32 rounding through the deep reparameterised conv stem reaches ~4e-5

@@ -182,16 +182,18 @@ def _head_layouts(atoms: Atoms, group_of: torch.Tensor) -> tuple[dict[int, list[
 
 def _split_by_group(rows: torch.Tensor, group_of: torch.Tensor, layouts: dict[int, list[torch.Tensor]]) -> bool:
     """Rows (heads) that each hold the same number of channels of every group they touch: each group gets the
-    rows restricted to its own channels (every group keeping the same count per head keeps the heads equal).
+    rows touching it, restricted to its own channels (every group keeping the same count per head keeps the heads equal).
     False (nothing recorded) where the counts differ between heads."""
     owners = group_of[rows]
     pieces = {}
     for g in torch.unique(owners).tolist():
         mine = owners == g
         counts = mine.sum(1)
-        if int(counts.min()) != int(counts.max()):
+        touching = counts > 0  # heads of several groups side by side (EfficientViT-MIT's v of two scales, each
+        # beside a padded column): each group's layout is the heads holding its channels
+        if int(counts[touching].min()) != int(counts[touching].max()):
             return False
-        pieces[g] = rows[mine].reshape(rows.shape[0], -1)
+        pieces[g] = rows[touching][mine[touching]].reshape(int(touching.sum()), -1)
     for g, piece in pieces.items():
         layouts[g].append(piece)
     return True

@@ -299,9 +299,34 @@ def _keep_off(ctx, labels: Labels, dims: set[int], why: str) -> Labels:
 @register_op("pad", ("input", "pad", "mode", "value"), functions=[F.pad],
              aten=[_aten.pad.default, _aten.constant_pad_nd.default])
 def rule_pad(ctx, call: OpCall) -> Labels:
-    """F.pad on the trailing dims: ids on a padded dim would gain positions."""
-    padded = {ctx.out.ndim - 1 - i // 2 for i, amount in enumerate(call.args.get("pad") or ()) if amount != 0}
-    return _keep_off(ctx, ctx.labels(call.args["input"]), padded, "padded along its channel dim")
+    """F.pad on the trailing dims. A constant pad of a channel dim (EfficientViT-MIT's column of ones beside v)
+    adds positions of its own, which stay (frozen ids of a virtual space): the padded channels keep their
+    values and the pad its amounts whatever the channels kept. Other modes copy channels into the padding;
+    positions of other padded dims shift, so channels along them are kept."""
+    amounts = list(call.args.get("pad") or ())
+    ndim = ctx.out.ndim
+    padded = {ndim - 1 - i // 2 for i, amount in enumerate(amounts) if amount != 0}
+    if call.args.get("mode", "constant") != "constant" or any(a < 0 for a in amounts):
+        return _keep_off(ctx, ctx.labels(call.args["input"]), padded, "padded along its channel dim")
+    out = []
+    for block in ctx.labels(call.args["input"]):
+        others = padded - {block.dim}
+        if block.dim not in padded or any(block.ids.shape[d] > 1 for d in others):
+            out.extend(_keep_off(ctx, (block,), others, "padded along its channel dim"))
+            continue
+        i = 2 * (ndim - 1 - block.dim)
+        before, after = amounts[i], amounts[i + 1] if i + 1 < len(amounts) else 0
+        pieces = []
+        for side, amount in (("before", before), ("after", after)):
+            if amount:
+                shape = [1] * block.ids.ndim
+                shape[block.dim] = amount
+                ids = ctx.ch.space(f"<{ctx.node.name} pad {side}>", 0, amount, virtual=True).reshape(shape)
+                ctx.freeze(ids, "constant padding along the channel dim")
+                pieces.append(ids.expand([n if d != block.dim else amount for d, n in enumerate(block.ids.shape)]))
+        pieces.insert(1 if before else 0, block.ids)
+        out.append(block.moved(torch.cat(pieces, block.dim), block.dim))
+    return tuple(out)
 
 
 @register_op("roll", ("input", "shifts", "dims"), functions=[torch.roll], methods=["roll"], aten=[_aten.roll.default])

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ... import meta
-from ..labels import CHANNEL, Block, Labels, block_on, make_block, merge
-from .registry import OpCall, register_op
+from ..labels import CHANNEL, Block, GroupedInput, Labels, block_on, make_block, merge
+from .registry import OpCall, ParamRef, register_op
 
 _aten = torch.ops.aten
 
@@ -139,6 +139,8 @@ def rule_conv(ctx, call: OpCall) -> Labels:
                 result = in_rows.ids.reshape(in_rows.ids.shape[0], -1, *([1] * (len(w_shape) - 2)))
         elif out_ids is not None:
             ctx.freeze(out_ids, f"depthwise {ctx.describe(weight)} follows channels that are not prunable")
+    elif in_channels == groups * w_shape[1] and w_shape[0] % groups == 0:
+        _grouped_conv(ctx, weight, in_block, w_labels, out_ids, groups, in_channels)
     else:
         for block in (in_block,) + tuple(w_labels):
             if block is not None:
@@ -149,6 +151,32 @@ def rule_conv(ctx, call: OpCall) -> Labels:
     if bias is not None and ctx.labels(bias):
         ctx.ch.union(out_ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
     return merge(ctx.ch, [make_block(result if result is not None else out_ids, 1), *passed])
+
+
+def _grouped_conv(ctx, weight: Any, in_block: Block | None, w_labels: Labels, out_ids: torch.Tensor | None,
+                  groups: int, in_channels: int) -> None:
+    """A grouped convolution that is not depthwise (EfficientViT-MIT's 1x1 aggregation, one group per q, k or
+    v of a head): group g's outputs read only group g's inputs, through weight columns of their own. So an
+    input channel goes on its own (the rewrite gathers each group's kept columns, rewrite/slice_grouped.py)
+    and the weight's column dim is no channel space; every group keeps as many inputs, and as many outputs."""
+    w_in = block_on(w_labels, 1)
+    if w_in is not None:  # indexed by the input channels, per group: the rewrite slices it from them
+        ctx.freeze(w_in.ids, f"columns of {ctx.describe(weight)} are read per group: they follow the input channels")
+    if out_ids is not None:
+        ctx.ch.record_rows(out_ids.reshape(groups, -1))
+    if in_block is None:
+        return
+    name = weight.name if isinstance(weight, ParamRef) else str(weight.target) \
+        if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+    if name is None:
+        ctx.freeze(in_block.ids, f"grouped convolution (groups={groups}) with a computed weight: its columns cannot be sliced")
+        return
+    if in_block.ids.numel() != in_channels:  # ids broadcast along the channels: no channel of its own per group
+        ctx.freeze(in_block.ids, f"grouped convolution (groups={groups}) reads channels that do not vary along dim 1")
+        return
+    rows = in_block.ids.reshape(groups, -1)
+    ctx.ch.record_rows(rows)
+    ctx.node.meta[meta.GROUPED_INPUT] = GroupedInput(name, rows.clone(), groups)
 
 
 def _conv_transpose_macs(call: OpCall, out: tuple, shape_of: Callable[[Any], tuple | None]) -> int:

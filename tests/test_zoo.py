@@ -35,6 +35,9 @@ MORE_SUPPORTED = {
     "LambdaNet": "Conv3d whose kernel leaves the channel dim alone (position lambdas)",
     "CoaT": "heads split between depthwise convolutions of several kernel sizes: each group has its heads' rows",
     "EfficientViT-MIT": "grouped 1x1 convolution (each group's own weight columns) and a constant pad beside v",
+    "CaiT": "heads too: the talking heads' proj_l / proj_w lose the removed heads' rows and columns",
+    "XCiT": "heads too: the per-head temperature on the channel x channel map follows its head",
+    "EdgeNeXt": "heads too: its transposed attention's per-head temperature follows its head",
     "MaxViT": "heads too: the relative position bias (timm's tf-style einsum lookup) follows the heads",
 }
 IN_FLOAT64 = {  # masked-equal exactly, but float32 rounding through the deep reparameterised conv stem reaches ~4e-5
@@ -42,10 +45,6 @@ IN_FLOAT64 = {  # masked-equal exactly, but float32 rounding through the deep re
 }
 MLP_ONLY = {  # attention stays whole in these; only MLPs shrink, so neither this test nor the zoo calls them supported
     "MViT-v2": "no q/k/v groups found (pooling attention)",
-}
-HEAD_REMOVAL_BREAKS = {  # heads are offered for removal but the pruned model does not run (fxprune bugs)
-    "CaiT": "talking heads: proj_l / proj_w mix the heads and keep their full width",
-    "XCiT": "the per-head temperature keeps every head",
 }
 
 
@@ -86,7 +85,7 @@ def test_family_prunes_equal_to_masked_on_fresh_batches(family):
         analysis = fxprune.analyze(model)
     inputs = analysis.captured.example_inputs
     assert inputs[0].shape[0] == 1
-    heads = _removable_heads(analysis) and family not in HEAD_REMOVAL_BREAKS
+    heads = _removable_heads(analysis)
     with warnings.catch_warnings():  # MLP-only families remove less than asked, and say so
         warnings.simplefilter("ignore", fxprune.PruningShortfallWarning)
         plan = fxprune.plan(analysis, 0.25, head_ratio=0.5 if heads else 0.0)
@@ -113,16 +112,22 @@ def test_family_prunes_equal_to_masked_on_fresh_batches(family):
         assert heads_removed or not heads, "whole heads are removable here, yet none were removed"
 
 
-@pytest.mark.parametrize("family", sorted(HEAD_REMOVAL_BREAKS))
-def test_head_removal_that_would_break_the_model_is_refused(family):
-    """Heads are offered for removal but the rewrite cannot carry it out (fxprune bugs): the self-check
-    refuses to return the broken model, naming what failed; with verify=False it would not run."""
+@pytest.mark.parametrize("family, mixers", [("CaiT", ("attn.proj_l.weight", "attn.proj_w.weight")),
+                                             ("XCiT", ("attn.temperature",))])
+def test_per_head_parameters_lose_the_removed_heads(family, mixers):
+    """CaiT's talking heads mix the heads' maps (Linear over the head dim, before and after the softmax) and XCiT
+    scales each head's channel x channel map by its own temperature: removing half the heads halves them."""
     model = _build(family)
     analysis = fxprune.analyze(model)
-    assert _removable_heads(analysis)
-    plan = fxprune.plan(analysis, 0.0, head_ratio=0.5)
-    with pytest.raises(fxprune.RewriteError, match="pruned model (fails at batch size|differs from the masked)"):
-        fxprune.apply(analysis, plan)
+    pruned = fxprune.prune(analysis, 0.0, head_ratio=0.5)
+    for name in mixers:
+        before = analysis.tensor(f"blocks.0.{name}").shape
+        after = pruned.get_parameter(f"blocks.0.{name}").shape
+        assert after == tuple(n // 2 if n == before[0] else n for n in before), (name, before, after)
+    x = torch.randn(2, *analysis.captured.example_inputs[0].shape[1:])
+    reference = fxprune.mask(model, fxprune.plan_of(pruned), example_inputs=analysis.captured.example_inputs)
+    with torch.no_grad():
+        assert fxprune.relative_error(pruned(x), reference(x)) < TOLERANCE
 
 
 def test_gemma4_heads_go_whole_where_the_channels_are_normalised_per_head():

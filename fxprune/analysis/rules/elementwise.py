@@ -82,11 +82,14 @@ def rule_elementwise(ctx, call: OpCall) -> Labels:
         aligned.append((x, (1,) * pad + tuple(shape), [b.unsqueezed(pad) for b in ctx.labels(x)]))
     aligned = _tables_read_per_row(ctx, call, aligned)
     activation_levels: dict[int, set[str]] = {}
+    row_dims: set[int] = set()  # dims along which an activation's channels come in rows (heads)
     for x, _, blocks in aligned:
         if not ctx.is_const(x):
             for b in blocks:
                 if b.level != FREE:
                     activation_levels.setdefault(b.dim, set()).add(b.level)
+                if b.level == CHANNEL:
+                    row_dims.update(b.row_dims())
     adjusted = []
     out_shape = ctx.out.shape
     for x, shape, blocks in aligned:
@@ -100,7 +103,11 @@ def rule_elementwise(ctx, call: OpCall) -> Labels:
                 continue
             if ctx.is_const(x) and has_activation and block.level == CHANNEL:
                 levels = activation_levels.get(block.dim, set())
-                if not levels:
+                if not levels and block.dim in row_dims:
+                    # one entry per row of channels (XCiT's per-head temperature on a channel × channel map,
+                    # which has no head ids yet): it goes with its head
+                    block = Block(block.ids, block.dim, HEAD)
+                elif not levels:
                     continue  # a parameter broadcast along a dim that holds no channels (e.g. positions)
                 if CHANNEL not in levels:  # a per-head parameter (bias table, logit scale) meets heads
                     block = Block(block.ids, block.dim, HEAD)

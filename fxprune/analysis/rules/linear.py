@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ... import meta
-from ..labels import CHANNEL, Block, GroupedInput, Labels, block_on, make_block, merge
+from ..labels import CHANNEL, HEAD, Block, GroupedInput, Labels, block_on, make_block, merge
 from .registry import OpCall, ParamRef, register_op
 
 _aten = torch.ops.aten
@@ -45,6 +45,9 @@ def _linear(ctx, x: Any, weight: Any, w_in: Block | None, w_out: Block | None, b
     """x·Wᵀ + b given the weight's input-feature and output-feature blocks, wherever the weight stores them."""
     last = len(ctx.shape(x)) - 1
     out: list[Block] = []
+    mixed = _heads_mixed(ctx, x, w_in, w_out, last)
+    if mixed is not None:
+        return _mix_heads(ctx, x, mixed, w_in, w_out, bias, last)
     for block in ctx.labels(x):
         if block.dim == last:
             if block.level == CHANNEL:
@@ -65,6 +68,35 @@ def _linear(ctx, x: Any, weight: Any, w_in: Block | None, w_out: Block | None, b
             ctx.ch.union(out_ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
         out.append(Block(out_ids, last))
     return merge(ctx.ch, out)
+
+
+def _heads_mixed(ctx, x: Any, w_in: Block | None, w_out: Block | None, last: int) -> Block | None:
+    """The head block of a square Linear over an attention's head dim (CaiT's talking heads: the maps of all
+    heads mixed into as many new heads, before and after the softmax), or None for any other Linear."""
+    labels = ctx.labels(x)
+    heads = block_on(labels, last, HEAD)
+    if heads is None or block_on(labels, last) is not None or w_in is None or w_out is None:
+        return None
+    width = ctx.shape(x)[last]
+    if heads.ids.shape[last] != width or w_in.ids.numel() != width or w_out.ids.numel() != width:
+        return None
+    return heads
+
+
+def _mix_heads(ctx, x: Any, heads: Block, w_in: Block, w_out: Block, bias: Any, last: int) -> Labels:
+    """Head h's map enters column h and leaves as row h: removing head h removes both (and the bias entry), so
+    the heads kept mix exactly as before and the removed one contributes nothing (its map and its value are
+    zero in the masked original). The output keeps head ids along the same dim."""
+    in_ids = ctx.ch.union_within(heads.ids, tuple(heads.row_dims()))
+    ctx.ch.union(in_ids.reshape(-1), w_in.ids.reshape(-1))
+    ctx.ch.union(w_in.ids.reshape(-1), w_out.ids.reshape(-1))
+    if bias is not None and ctx.labels(bias):
+        ctx.ch.union(w_out.ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
+    out = [b for b in ctx.labels(x) if b.dim != last and b.ids.shape[last] == 1]
+    for b in ctx.labels(x):
+        if b.dim != last and b.ids.shape[last] > 1:
+            ctx.freeze(b.ids, f"mixed across the heads by {ctx.describe(w_in)}")
+    return merge(ctx.ch, [*out, Block(in_ids, last, HEAD)])
 
 
 def _conv_args(module: nn.Module, ref) -> dict:

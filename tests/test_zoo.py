@@ -38,6 +38,8 @@ MORE_SUPPORTED = {
     "CaiT": "heads too: the talking heads' proj_l / proj_w lose the removed heads' rows and columns",
     "XCiT": "heads too: the per-head temperature on the channel x channel map follows its head",
     "EdgeNeXt": "heads too: its transposed attention's per-head temperature follows its head",
+    "MobileViT-v2": "no q·kᵀ: key and value channels pooled by a one-channel context score are v (query stays)",
+    "SwiftFormer": "no q·kᵀ: additive attention; the query/key channels pooled by its weights over tokens are v",
     "MaxViT": "heads too: the relative position bias (timm's tf-style einsum lookup) follows the heads",
 }
 IN_FLOAT64 = {  # masked-equal exactly, but float32 rounding through the deep reparameterised conv stem reaches ~4e-5

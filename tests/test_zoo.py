@@ -46,7 +46,7 @@ IN_FLOAT64 = {  # masked-equal exactly, but float32 rounding through the deep re
     "FastViT": "float64 error 4e-14",
 }
 MLP_ONLY = {  # attention stays whole in these; only MLPs shrink, so neither this test nor the zoo calls them supported
-    "MViT-v2": "no q/k/v groups found (pooling attention)",
+    "MViT-v2": "q/k/v normalised per head (LayerNorm over head_dim); heads share the pooling convs' and norms' offsets",
 }
 
 
@@ -151,3 +151,17 @@ def test_gemma4_heads_go_whole_where_the_channels_are_normalised_per_head():
     reference = fxprune.mask(analysis, fxprune.plan_of(pruned))
     with torch.no_grad():
         assert fxprune.relative_error(pruned(x), reference(x)) < TOLERANCE
+
+
+def test_mvit_v2_says_why_its_attention_stays():
+    """MViT-v2's pooling attention is seen through timm's notrace functions (reshape_pre_pool / reshape_post_pool,
+    cal_rel_pos_type): q, k and v are normalised over each head's channels (a real constraint: only whole heads
+    could go), and the depthwise pooling convs, the norms and the relative position tables are shared by every
+    head, so every head keeps the same offsets and whole heads cannot go either."""
+    model = _build("MViT-v2")
+    analysis = fxprune.analyze(model)
+    assert not [op for op in analysis.unknown_ops if op.touched_channels]
+    attention = [g for g in analysis.groups if g.kind in ("qk", "v")]
+    assert attention and all(any("normalised over these channels" in r for r in g.frozen) for g in attention)
+    heads = [g for g in analysis.groups if g.kind == "heads"]
+    assert heads and all(any("shared across heads" in r for r in g.frozen) for g in heads)

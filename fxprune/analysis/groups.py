@@ -214,6 +214,8 @@ def _describe_heads(group: Group, members: list[int], atoms: Atoms, owners: dict
         one_kv_head = layout is not None and len(layout) == 1 and len(layout[0]) > 1
         group.frozen.append(MQA if one_kv_head else "channels are shared across heads (the same offsets in every head)")
     for c in sorted(linked):
+        if group_of[c] >= 0 and not groups[group_of[c]].members:
+            continue  # positions no parameter holds (EfficientViT-MIT's padded column): they go with the head's row
         for reason in atoms.frozen.get(c, []):
             if reason not in group.frozen:
                 group.frozen.append(reason)

@@ -150,6 +150,9 @@ def rule_conv(ctx, call: OpCall) -> Labels:
         if (block.dim >= 2 and block.level == CHANNEL and _pointwise_along(call, w_shape, block.dim)
                 and not block.row_dims()):
             passed.append(block)
+        elif (block.dim == 1 and block.level == HEAD and groups == 1
+              and any(b.dim == 1 and b.level == CHANNEL for b in ctx.labels(x))):
+            pass  # heads merged into the input channels end here, as at a Linear: the weight columns carry them
         elif block.dim != 1 or block.level != CHANNEL:
             ctx.freeze(block.ids, f"convolution input has {block.level} ids along dim {block.dim}")
         else:  # filters are shared by every batch item and position: rows there (e.g. heads) share offsets
@@ -208,6 +211,8 @@ def _grouped_conv(ctx, weight: Any, in_block: Block | None, w_labels: Labels, ou
         return
     rows = in_block.ids.reshape(groups, -1)
     ctx.ch.record_rows(rows)
+    if out_ids is not None:  # a group cannot keep inputs without outputs: heads owning either go together
+        ctx.ch.rows_together(rows, out_ids.reshape(groups, -1))
     ctx.node.meta[meta.GROUPED_INPUT] = GroupedInput(name, rows.clone(), groups)
 
 

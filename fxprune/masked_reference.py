@@ -134,6 +134,12 @@ def weight_masked(analysis, removed: torch.Tensor) -> WeightMasked:
             result.inputs[name] = input_
         keep.pop(f"{name}.weight", None)
         keep.pop(f"{name}.bias", None)
+    for node in analysis.gm.graph.nodes:  # a grouped conv's removed inputs: its weight columns in that group
+        grouped = node.meta.get(meta.GROUPED_INPUT)
+        if grouped is not None and node.op == "call_module" and str(node.target) not in result.inputs:
+            kept = ~removed[analysis.atoms.atom_of[grouped.ids]].reshape(-1)
+            if not bool(kept.all()):
+                result.inputs[str(node.target)] = ChannelMask(kept, analysis.tensor(grouped.weight).ndim - 2)
     for weight, bias in _maskable_linear_calls(analysis.gm).items():
         if weight not in keep:
             continue  # keeps all its channels: nothing to mask

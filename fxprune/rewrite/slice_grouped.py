@@ -64,13 +64,9 @@ def slice_grouped(gm: fx.GraphModule, atom_of: torch.Tensor, removed: torch.Tens
         else:
             owner.register_buffer(attr, new)
         groups = int(alive.numel())
-        if isinstance(owner, nn.modules.conv._ConvNd) and node.op == "call_module":
-            owner.groups = groups  # slice_parameters sets in_channels from the weight and the groups
-            owner.in_channels = new.shape[1] * groups
-        elif groups != grouped.groups:  # a functional convolution bakes its group count (its 7th argument)
-            if len(node.args) > 6:
-                node.args = (*node.args[:6], groups, *node.args[7:])
-            else:
-                node.kwargs = {**node.kwargs, "groups": groups}
+        if not isinstance(owner, nn.modules.conv._ConvNd):  # the analysis records Conv modules only
+            raise RewriteError(f"fxprune: grouped convolution '{node.name}' is not a Conv module")
+        owner.groups = groups  # slice_parameters then sets in_channels from the weight and the groups
+        owner.in_channels = new.shape[1] * groups
         modified = True
     return PassResult(gm, modified)

@@ -64,9 +64,13 @@ def slice_grouped(gm: fx.GraphModule, atom_of: torch.Tensor, removed: torch.Tens
         else:
             owner.register_buffer(attr, new)
         groups = int(alive.numel())
-        if not isinstance(owner, nn.modules.conv._ConvNd):  # the analysis records Conv modules only
-            raise RewriteError(f"fxprune: grouped convolution '{node.name}' is not a Conv module")
-        owner.groups = groups  # slice_parameters then sets in_channels from the weight and the groups
-        owner.in_channels = new.shape[1] * groups
+        if node.op == "call_module" and isinstance(owner, nn.modules.conv._ConvNd):
+            owner.groups = groups  # slice_parameters then sets in_channels from the weight and the groups
+            owner.in_channels = new.shape[1] * groups
+        elif groups != grouped.groups:  # a functional / ATen convolution bakes its group count (7th argument)
+            if len(node.args) > 6:
+                node.args = (*node.args[:6], groups, *node.args[7:])
+            else:
+                node.kwargs = {**node.kwargs, "groups": groups}
         modified = True
     return PassResult(gm, modified)

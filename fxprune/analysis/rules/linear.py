@@ -201,10 +201,11 @@ def _grouped_conv(ctx, weight: Any, in_block: Block | None, w_labels: Labels, ou
         ctx.ch.record_rows(out_ids.reshape(groups, -1))
     if in_block is None:
         return
-    if not isinstance(weight, ParamRef):  # the rewrite and the masked reference work on Conv modules
-        ctx.freeze(in_block.ids, f"grouped convolution (groups={groups}) outside a Conv module: its inputs are kept")
+    name = weight.name if isinstance(weight, ParamRef) else str(weight.target) \
+        if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+    if name is None:
+        ctx.freeze(in_block.ids, f"grouped convolution (groups={groups}) with a computed weight: its columns cannot be sliced")
         return
-    name = weight.name
     if in_block.ids.numel() != in_channels:  # ids broadcast along the channels: no channel of its own per group
         ctx.freeze(in_block.ids, f"grouped convolution (groups={groups}) reads channels that do not vary along dim 1")
         return

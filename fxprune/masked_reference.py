@@ -134,6 +134,18 @@ def weight_masked(analysis, removed: torch.Tensor) -> WeightMasked:
             result.inputs[name] = input_
         keep.pop(f"{name}.weight", None)
         keep.pop(f"{name}.bias", None)
+    grouped_calls = []
+    for node in analysis.gm.graph.nodes:  # a grouped conv's removed inputs: its weight columns in that group
+        grouped = node.meta.get(meta.GROUPED_INPUT)
+        if grouped is None:
+            continue
+        kept = ~removed[analysis.atoms.atom_of[grouped.ids]]  # (groups, inputs per group)
+        if bool(kept.all()):
+            continue
+        if node.op == "call_module" and str(node.target) not in result.inputs:
+            result.inputs[str(node.target)] = ChannelMask(kept.reshape(-1), analysis.tensor(grouped.weight).ndim - 2)
+        elif node.op != "call_module":  # a functional / ATen call: zero the columns in a copy of its weight
+            grouped_calls.append((grouped.weight, kept))
     for weight, bias in _maskable_linear_calls(analysis.gm).items():
         if weight not in keep:
             continue  # keeps all its channels: nothing to mask
@@ -146,6 +158,10 @@ def weight_masked(analysis, removed: torch.Tensor) -> WeightMasked:
         keep.pop(bias, None)
     for name, dims in keep.items():
         result.tensors[name] = _masked_copy(analysis.tensor(name).detach(), dims)
+    for name, kept in grouped_calls:
+        weight = result.tensors.get(name, analysis.tensor(name).detach())
+        columns = kept.repeat_interleave(weight.shape[0] // kept.shape[0], 0)  # (out rows, inputs per group)
+        result.tensors[name] = weight * columns.reshape(*columns.shape, *[1] * (weight.ndim - 2)).to(weight.dtype)
     return result
 
 

@@ -14,6 +14,13 @@ ATTENTION_OUTPUT = "fxprune_attention_output"  # analysis: this node computes an
 # analysis: operands read per head through a gather (a rotary cos/sin table shared by all heads):
 # list of RowGather (rewrite/gather_rows.py)
 ROW_GATHER = "fxprune_row_gather"
+# analysis: a grouped (not depthwise) convolution whose input channels are prunable: GroupedInput (the input's
+# ids per group); the rewrite gathers each group's kept weight columns (rewrite/slice_grouped.py)
+GROUPED_INPUT = "fxprune_grouped_input"
+# analysis: weights over positions with no channels of their own (a softmax or normalize over a dim holding no
+# ids, of a one-channel score: MobileViT-v2's context scores, SwiftFormer's additive attention); channels
+# multiplied by them are pooled by attention, the role of v
+ATTENTION_WEIGHTS = "fxprune_attention_weights"
 # analysis: a middle range of channels sliced out (a fused q/k/v projection's k): output dim -> Block of the ids
 # before the range, whose kept count is the range's new start
 SLICE_PREFIX = "fxprune_slice_prefix"

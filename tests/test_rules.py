@@ -596,3 +596,39 @@ def test_interpolation_passes_channels_and_freezes_resampled_ids():
     fc1 = next(g for g in analysis.groups if "fc1" in g.name)
     assert conv.prunable and pruned.get_parameter("conv.weight").shape[0] == 4
     assert any("resampled along this dim" in why for why in fc1.frozen)
+
+
+class GroupedConvMlp(torch.nn.Module):
+    """fc1 -> a grouped 1x1 conv (4 groups of 3 inputs, 6 outputs each) -> fc2; then a constant pad of the
+    channels (a column of ones, EfficientViT-MIT's beside v) read back apart."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Conv2d(dim, 12, 1)
+        self.grouped = torch.nn.Conv2d(12, 24, 1, groups=4)
+        self.fc2 = torch.nn.Conv2d(24, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.grouped(torch.relu(self.fc1(x)))
+        h = torch.nn.functional.pad(h.transpose(1, -1), (0, 1), value=1.0)
+        h = (h[..., :-1] / (h[..., -1:] + 1.0)).transpose(1, -1)
+        return x + self.fc2(h)
+
+
+def test_grouped_conv_keeps_each_groups_own_input_columns():
+    """fc1's channels have no weight column of a consumer of their own (the grouped conv reads them per group):
+    the group is of kind "other", so it is asked for by kind."""
+    torch.manual_seed(0)
+    model = GroupedConvMlp().eval()
+    snapshot = state_snapshot(model)
+    x = torch.randn(3, 8, 5, 5)
+    analysis = fxprune.analyze(model, (x[:1],))
+    plan = fxprune.plan(analysis, 0.5, kinds=("mlp", "other"))
+    pruned = fxprune.apply(analysis, plan)
+    assert masked_error(model, analysis, plan, pruned, x) < 1e-5
+    assert_unchanged(model, snapshot)
+    grouped = pruned.get_submodule("grouped")
+    assert grouped.groups == 4 and grouped.in_channels == pruned.get_submodule("fc1").out_channels == 8
+    assert grouped.weight.shape == (12, 2, 1, 1) and grouped.out_channels == 12
+    removed = plan.removed[next(g.name for g in analysis.groups if "fc1.weight" in {s.param for s in g.members})]
+    assert len(removed) == 4 and len({tuple(r) for r in removed}) > 1  # each group chose its own inputs

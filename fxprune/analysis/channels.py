@@ -41,6 +41,7 @@ class ChannelIds:
         self._whole: list[tuple[torch.Tensor, str]] = []
         self._stream_norms: list[tuple[torch.Tensor, str]] = []
         self._regions: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._rows_together: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.size = 0
 
     def space(self, param: str, dim: int, size: int, virtual: bool = False) -> torch.Tensor:
@@ -120,6 +121,11 @@ class ChannelIds:
         self._regions.append((rows.clone(), region.clone()))
         inside = rows[:, region]
         self.union(inside, self.space(f"<region {len(self._regions)}>", 0, inside.numel(), True).reshape(inside.shape))
+
+    def rows_together(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Row r of ``a`` and row r of ``b`` (rows, channels) lose all their channels together or not at all (a
+        grouped convolution's input and output channels of one group): the heads owning them are coupled."""
+        self._rows_together.append((a.reshape(a.shape[0], -1).clone(), b.reshape(b.shape[0], -1).clone()))
 
     def whole(self, rows: torch.Tensor, reason: str) -> None:
         """Each row is a set of ids that is removed entirely or not at all (normalised together)."""
@@ -210,6 +216,28 @@ def _heads_reading_the_same_channels(root: torch.Tensor, heads: list[tuple[torch
     return edges
 
 
+def _heads_of_rows_together(root: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tensor]],
+                            together: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Couplings of the heads owning row r of ``a`` with the heads owning row r of ``b`` (``rows_together``):
+    removing one head then removes the other, so no group keeps its inputs without its outputs."""
+    if not together or not heads:
+        return []
+    owner: dict[int, int] = {}  # channel root -> head root owning it
+    for head_ids, rows in heads:
+        for head, row in zip(root[head_ids].tolist(), root[rows].tolist()):
+            for channel in row:
+                owner.setdefault(channel, head)
+    src, dst = [], []
+    for a, b in together:
+        for row_a, row_b in zip(root[a].tolist(), root[b].tolist()):
+            found = {owner[c] for c in row_a + row_b if c in owner}
+            first = min(found, default=None)
+            for head in found - {first}:
+                src.append(head)
+                dst.append(first)
+    return [(torch.tensor(src), torch.tensor(dst))] if src else []
+
+
 def _atom_sets(atom_of: torch.Tensor, recorded: list[tuple[torch.Tensor, str]]) -> list[tuple[frozenset, str]]:
     """Recorded rows of ids as distinct (atom set, reason) pairs."""
     seen: set[tuple[frozenset, str]] = set()
@@ -253,6 +281,9 @@ class Atoms:
         grouped = _heads_reading_the_same_channels(root, ids._heads)
         if grouped:
             root = _components(ids.size, edges + shared + grouped)
+        together = _heads_of_rows_together(root, ids._heads, ids._rows_together)
+        if together:
+            root = _components(ids.size, edges + shared + grouped + together)
         roots, atom_of = torch.unique(root, return_inverse=True)
         atoms = Atoms(ids=ids, atom_of=atom_of, count=len(roots))
         if ids._ties:

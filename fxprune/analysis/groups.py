@@ -182,16 +182,18 @@ def _head_layouts(atoms: Atoms, group_of: torch.Tensor) -> tuple[dict[int, list[
 
 def _split_by_group(rows: torch.Tensor, group_of: torch.Tensor, layouts: dict[int, list[torch.Tensor]]) -> bool:
     """Rows (heads) that each hold the same number of channels of every group they touch: each group gets the
-    rows restricted to its own channels (every group keeping the same count per head keeps the heads equal).
+    rows touching it, restricted to its own channels (every group keeping the same count per head keeps the heads equal).
     False (nothing recorded) where the counts differ between heads."""
     owners = group_of[rows]
     pieces = {}
     for g in torch.unique(owners).tolist():
         mine = owners == g
         counts = mine.sum(1)
-        if int(counts.min()) != int(counts.max()):
+        touching = counts > 0  # heads of several groups side by side (EfficientViT-MIT's v of two scales, each
+        # beside a padded column): each group's layout is the heads holding its channels
+        if int(counts[touching].min()) != int(counts[touching].max()):
             return False
-        pieces[g] = rows[mine].reshape(rows.shape[0], -1)
+        pieces[g] = rows[touching][mine[touching]].reshape(int(touching.sum()), -1)
     for g, piece in pieces.items():
         layouts[g].append(piece)
     return True
@@ -212,6 +214,8 @@ def _describe_heads(group: Group, members: list[int], atoms: Atoms, owners: dict
         one_kv_head = layout is not None and len(layout) == 1 and len(layout[0]) > 1
         group.frozen.append(MQA if one_kv_head else "channels are shared across heads (the same offsets in every head)")
     for c in sorted(linked):
+        if group_of[c] >= 0 and not groups[group_of[c]].members:
+            continue  # positions no parameter holds (EfficientViT-MIT's padded column): they go with the head's row
         for reason in atoms.frozen.get(c, []):
             if reason not in group.frozen:
                 group.frozen.append(reason)

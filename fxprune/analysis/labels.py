@@ -114,6 +114,17 @@ class RowGather:
     channel_dim: int
 
 
+@dataclass
+class GroupedInput:
+    """The input of a grouped convolution (``groups`` > 1, not depthwise): ``ids`` (groups, channels per group)
+    are the input channel ids of each group, read by the weight ``weight``'s columns (dim 1) of that group
+    only, so each group keeps its own columns; ``groups`` is the original group count."""
+
+    weight: str
+    ids: torch.Tensor
+    groups: int
+
+
 def param_labels(ch: ChannelIds, name: str, shape: Sequence[int], virtual: bool = False, level: str = CHANNEL) -> Labels:
     """Every dimension of size > 1 of a parameter is a candidate channel space of its own."""
     blocks = []

@@ -3,7 +3,8 @@
 Every pass takes the graph module (and what it needs from the analysis) and returns torch.fx's
 ``PassResult(graph_module, modified)``.
 
-1. ``slice_parameters``     parameters and buffers lose their removed channels; module attributes follow
+1. ``slice_grouped``        a grouped convolution keeps each group's columns of its kept inputs
+   ``slice_parameters``     parameters and buffers lose their removed channels; module attributes follow
 2. ``slice_starts``         a middle range of channels sliced by position learns its new start
    ``fix_sizes``            sizes baked into the graph shrink (each op's ``resize``); other shape-derived
                             values keep their original value
@@ -38,6 +39,7 @@ from .drop_branches import bypass, drop_branches
 from .editable_copy import editable_copy
 from .gather_rows import gather_rows
 from .reweight import consumers, fit_reweight, insert_reweights, record_inputs
+from .slice_grouped import slice_grouped
 from .slice_parameters import slice_parameters
 from .slice_starts import slice_starts
 
@@ -71,6 +73,7 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, ve
     gm = editable_copy(analysis.gm, sliced)
     reweighting = reweight_data is not None and compensation == "reweight"
     fits = _fit_reweights(analysis, keep, reweight_data) if reweighting else {}
+    slice_grouped(gm, analysis.atoms.atom_of, removed, keep)
     slice_parameters(gm, keep)
     shapes = new_shapes(gm, analysis.atoms.atom_of, removed)
     slice_starts(gm, analysis.atoms.atom_of, removed)

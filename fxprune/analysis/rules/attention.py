@@ -297,3 +297,33 @@ def rule_einsum(ctx, call: OpCall) -> Labels:
         for channel in (b for b in out_blocks if b.level == CHANNEL):
             link_heads(ctx, head, channel)
     return merge(ctx.ch, heads + out_blocks)
+
+
+def _timm_function(module: str, name: str) -> list:
+    try:
+        return [getattr(__import__(module, fromlist=[name]), name)]
+    except (ImportError, AttributeError):  # pragma: no cover - timm is optional
+        return []
+
+
+@register_op("mvit_rel_pos", ("attn", "q", "has_cls_token", "q_size", "k_size", "rel_pos_h", "rel_pos_w"),
+             functions=_timm_function("timm.models.mvitv2", "cal_rel_pos_type"))
+def rule_mvit_rel_pos(ctx, call: OpCall) -> Labels:
+    """MViT-v2's ``cal_rel_pos_type``: q's channels meet two (positions, d) tables every head shares (einsum
+    over d) and the products are added into the attention map in place. The tables' columns join q's
+    channels in every head (the same offsets); their rows are gathered by position. The map keeps its ids."""
+    q = call.args["q"]
+    for name in ("rel_pos_h", "rel_pos_w"):
+        table = call.args[name]
+        labels = ctx.labels(table)
+        rows, columns = block_on(labels, 0), block_on(labels, 1)
+        if rows is not None:
+            ctx.freeze(rows.ids, f"relative positions of {ctx.describe(table)} are gathered by position")
+        q_block = block_on(ctx.labels(q), len(ctx.shape(q)) - 1)
+        if columns is not None and q_block is not None:
+            ctx.ch.union(q_block.ids, columns.ids.reshape(-1))
+        elif columns is not None:
+            ctx.freeze(columns.ids, f"{ctx.describe(table)} meets a query without prunable channels")
+        elif q_block is not None:
+            ctx.freeze(q_block.ids, f"the query meets {ctx.describe(table)}, which has no prunable channels")
+    return ctx.labels(call.args["attn"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -60,7 +61,10 @@ def _optional(module: str, name: str) -> list:
                         *_optional("torchvision.ops.stochastic_depth", "stochastic_depth")],
              methods=_UNARY, aten=_aten_overloads(_UNARY_ATEN), modules={m: lambda module, ref: {} for m in _UNARY_MODULES})
 def rule_unary(ctx, call: OpCall) -> Labels:
-    return ctx.labels(call.args["input"])
+    x = call.args["input"]
+    if isinstance(x, fx.Node) and x.meta.get(meta.ATTENTION_WEIGHTS):  # dropout on attention weights
+        ctx.node.meta[meta.ATTENTION_WEIGHTS] = True
+    return ctx.labels(x)
 
 
 def _bind_operands(node, args: tuple, kwargs: dict) -> dict:
@@ -82,11 +86,14 @@ def rule_elementwise(ctx, call: OpCall) -> Labels:
         aligned.append((x, (1,) * pad + tuple(shape), [b.unsqueezed(pad) for b in ctx.labels(x)]))
     aligned = _tables_read_per_row(ctx, call, aligned)
     activation_levels: dict[int, set[str]] = {}
+    row_dims: set[int] = set()  # dims along which an activation's channels come in rows (heads)
     for x, _, blocks in aligned:
         if not ctx.is_const(x):
             for b in blocks:
                 if b.level != FREE:
                     activation_levels.setdefault(b.dim, set()).add(b.level)
+                if b.level == CHANNEL:
+                    row_dims.update(b.row_dims())
     adjusted = []
     out_shape = ctx.out.shape
     for x, shape, blocks in aligned:
@@ -100,12 +107,17 @@ def rule_elementwise(ctx, call: OpCall) -> Labels:
                 continue
             if ctx.is_const(x) and has_activation and block.level == CHANNEL:
                 levels = activation_levels.get(block.dim, set())
-                if not levels:
+                if not levels and block.dim in row_dims:
+                    # one entry per row of channels (XCiT's per-head temperature on a channel × channel map,
+                    # which has no head ids yet): it goes with its head
+                    block = Block(block.ids, block.dim, HEAD)
+                elif not levels:
                     continue  # a parameter broadcast along a dim that holds no channels (e.g. positions)
                 if CHANNEL not in levels:  # a per-head parameter (bias table, logit scale) meets heads
                     block = Block(block.ids, block.dim, HEAD)
             own.append(block)
         adjusted.append((x, shape, own))
+    _tag_pooled_by_attention(ctx, call, adjusted)
     result = merge(ctx.ch, [b for _, _, own in adjusted for b in own])
     for head in (b for b in result if b.level == HEAD):
         for channel in (b for b in result if b.level == CHANNEL and b.ids.shape[head.dim] > 1):
@@ -119,6 +131,26 @@ def rule_elementwise(ctx, call: OpCall) -> Labels:
                 what = "heads" if block.level == HEAD else "channels"
                 ctx.freeze(block.ids, f"combined with {ctx.describe(x)}, which has no prunable {what} on dim {block.dim}")
     return result
+
+
+_PRODUCTS = {operator.mul, torch.mul, "mul", _aten.mul.Tensor}
+
+
+def _tag_pooled_by_attention(ctx, call: OpCall, adjusted: list) -> None:
+    """Channels multiplied by attention weights over positions (``meta.ATTENTION_WEIGHTS``), to be pooled over
+    them, play the role of v: attention without q·kᵀ (MobileViT-v2's key channels weighted by a one-channel
+    context score, SwiftFormer's query weighted by its additive attention)."""
+    if call.node.target not in _PRODUCTS:
+        return
+    weights = [x for x, _, _ in adjusted if isinstance(x, fx.Node) and x.meta.get(meta.ATTENTION_WEIGHTS)]
+    if not weights:
+        return
+    for x, _, own in adjusted:
+        if x in weights or ctx.is_const(x):
+            continue
+        for block in own:
+            if block.level == CHANNEL and block.ids.shape[block.dim] > 1:
+                ctx.ch.tag(block.ids, "v")
 
 
 def _tables_read_per_row(ctx, call: OpCall, aligned: list) -> list:

@@ -5,6 +5,7 @@ split) declare how the rewrite shrinks those sizes (``resize``).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -299,9 +300,34 @@ def _keep_off(ctx, labels: Labels, dims: set[int], why: str) -> Labels:
 @register_op("pad", ("input", "pad", "mode", "value"), functions=[F.pad],
              aten=[_aten.pad.default, _aten.constant_pad_nd.default])
 def rule_pad(ctx, call: OpCall) -> Labels:
-    """F.pad on the trailing dims: ids on a padded dim would gain positions."""
-    padded = {ctx.out.ndim - 1 - i // 2 for i, amount in enumerate(call.args.get("pad") or ()) if amount != 0}
-    return _keep_off(ctx, ctx.labels(call.args["input"]), padded, "padded along its channel dim")
+    """F.pad on the trailing dims. A constant pad of a channel dim (EfficientViT-MIT's column of ones beside v)
+    adds positions of its own, which stay (frozen ids of a virtual space): the padded channels keep their
+    values and the pad its amounts whatever the channels kept. Other modes copy channels into the padding;
+    positions of other padded dims shift, so channels along them are kept."""
+    amounts = list(call.args.get("pad") or ())
+    ndim = ctx.out.ndim
+    padded = {ndim - 1 - i // 2 for i, amount in enumerate(amounts) if amount != 0}
+    if (call.args.get("mode", "constant") != "constant"
+            or not all(isinstance(a, int) and a >= 0 for a in amounts)):  # amounts computed in the graph: kept off
+        return _keep_off(ctx, ctx.labels(call.args["input"]), padded, "padded along its channel dim")
+    out = []
+    for block in ctx.labels(call.args["input"]):
+        others = padded - {block.dim}
+        if block.dim not in padded or any(block.ids.shape[d] > 1 for d in others):
+            out.extend(_keep_off(ctx, (block,), others, "padded along its channel dim"))
+            continue
+        i = 2 * (ndim - 1 - block.dim)
+        before, after = amounts[i], amounts[i + 1] if i + 1 < len(amounts) else 0
+        pieces = []
+        for side, amount in (("before", before), ("after", after)):
+            if amount:  # ids of its own in every row (head): a removed head takes its padding along
+                shape = [n if d != block.dim else amount for d, n in enumerate(block.ids.shape)]
+                ids = ctx.ch.space(f"<{ctx.node.name} pad {side}>", 0, math.prod(shape), virtual=True).reshape(shape)
+                ctx.freeze(ids, "constant padding along the channel dim")
+                pieces.append(ids)
+        pieces.insert(1 if before else 0, block.ids)
+        out.append(block.moved(torch.cat(pieces, block.dim), block.dim))
+    return tuple(out)
 
 
 @register_op("roll", ("input", "shifts", "dims"), functions=[torch.roll], methods=["roll"], aten=[_aten.roll.default])
@@ -385,3 +411,51 @@ def rule_window_reverse(ctx, call: OpCall) -> Labels:
     """timm Swin's ``window_reverse``: windows (nW*B, wh, ww, C) back to a map (B, H, W, C). Positions move
     between windows and the map; each channel of the last dim stays itself (the function reads C from its input)."""
     return _keep_off(ctx, ctx.labels(call.args["input"]), {0, 1, 2}, "windows reversed along a dim that holds ids")
+
+
+def _timm_function(module: str, name: str) -> list:
+    """A timm "notrace" function fx keeps whole, when timm provides it."""
+    try:
+        return [getattr(__import__(module, fromlist=[name]), name)]
+    except (ImportError, AttributeError):  # pragma: no cover - timm is optional
+        return []
+
+
+@register_op("mvit_pre_pool", ("input", "feat_size", "has_cls_token"),
+             functions=_timm_function("timm.models.mvitv2", "reshape_pre_pool"))
+def rule_mvit_pre_pool(ctx, call: OpCall) -> list:
+    """MViT-v2's ``reshape_pre_pool``: (B, heads, N, d) -> ((B * heads, d, H, W), class token (B, heads, 1, d)
+    or None). Heads merge into the batch dim (one row of channels per head there, as a depthwise conv the
+    heads share keeps them) and the channels move to dim 1; the sizes come from the input, none is baked."""
+    x = call.args["input"]
+    shape = ctx.shape(x)
+    kept, out = [], []
+    for block in ctx.labels(x):
+        ids = block.ids
+        if block.level != CHANNEL or block.dim != 3 or ids.shape[0] > 1 or ids.shape[2] > 1 \
+                or (ids.shape[1] > 1 and shape[0] != 1):
+            ctx.freeze(ids, "MViT-v2 pooling: ids other than per-head channels (or heads merged into a batch of "
+                            "several items)")
+            continue
+        kept.append(block)
+        out.append(Block(ids.reshape(ids.shape[1], ids.shape[3], 1, 1), 1))
+    return [tuple(out), tuple(kept) if call.args.get("has_cls_token", True) else None]
+
+
+@register_op("mvit_post_pool", ("input", "num_heads", "cls_tok"),
+             functions=_timm_function("timm.models.mvitv2", "reshape_post_pool"))
+def rule_mvit_post_pool(ctx, call: OpCall) -> list:
+    """MViT-v2's ``reshape_post_pool``: (B * heads, d, H, W) -> ((B, heads, 1 + H * W, d), [H, W]), the class
+    token concatenated back along the tokens (its channels are the same channels). ``num_heads`` is baked in:
+    heads that share channel offsets here (the pooling conv and norms are shared) are never removed alone."""
+    blocks = []
+    for block in ctx.labels(call.args["input"]):
+        ids = block.ids
+        if block.level != CHANNEL or block.dim != 1 or any(n > 1 for n in ids.shape[2:]):
+            ctx.freeze(ids, "MViT-v2 pooling: ids other than channels along dim 1")
+            continue
+        blocks.append(Block(ids.reshape(1, ids.shape[0], 1, ids.shape[1]), 3))
+    cls = call.args.get("cls_tok")
+    if cls is not None:
+        blocks.extend(ctx.labels(cls) or ())  # None where the class token was not split off
+    return [merge(ctx.ch, blocks), None]

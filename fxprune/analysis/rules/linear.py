@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ... import meta
-from ..labels import CHANNEL, Block, Labels, block_on, make_block, merge
-from .registry import OpCall, register_op
+from ..labels import CHANNEL, HEAD, Block, GroupedInput, Labels, block_on, make_block, merge
+from .registry import OpCall, ParamRef, register_op
 
 _aten = torch.ops.aten
 
@@ -45,6 +45,9 @@ def _linear(ctx, x: Any, weight: Any, w_in: Block | None, w_out: Block | None, b
     """x·Wᵀ + b given the weight's input-feature and output-feature blocks, wherever the weight stores them."""
     last = len(ctx.shape(x)) - 1
     out: list[Block] = []
+    mixed = _heads_mixed(ctx, x, w_in, w_out, last)
+    if mixed is not None:
+        return _mix_heads(ctx, x, mixed, w_in, w_out, bias, last)
     for block in ctx.labels(x):
         if block.dim == last:
             if block.level == CHANNEL:
@@ -65,6 +68,35 @@ def _linear(ctx, x: Any, weight: Any, w_in: Block | None, w_out: Block | None, b
             ctx.ch.union(out_ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
         out.append(Block(out_ids, last))
     return merge(ctx.ch, out)
+
+
+def _heads_mixed(ctx, x: Any, w_in: Block | None, w_out: Block | None, last: int) -> Block | None:
+    """The head block of a square Linear over an attention's head dim (CaiT's talking heads: the maps of all
+    heads mixed into as many new heads, before and after the softmax), or None for any other Linear."""
+    labels = ctx.labels(x)
+    heads = block_on(labels, last, HEAD)
+    if heads is None or block_on(labels, last) is not None or w_in is None or w_out is None:
+        return None
+    width = ctx.shape(x)[last]
+    if heads.ids.shape[last] != width or w_in.ids.numel() != width or w_out.ids.numel() != width:
+        return None
+    return heads
+
+
+def _mix_heads(ctx, x: Any, heads: Block, w_in: Block, w_out: Block, bias: Any, last: int) -> Labels:
+    """Head h's map enters column h and leaves as row h: removing head h removes both (and the bias entry), so
+    the heads kept mix exactly as before and the removed one contributes nothing (its map and its value are
+    zero in the masked original). The output keeps head ids along the same dim."""
+    in_ids = ctx.ch.union_within(heads.ids, tuple(heads.row_dims()))
+    ctx.ch.union(in_ids.reshape(-1), w_in.ids.reshape(-1))
+    ctx.ch.union(w_in.ids.reshape(-1), w_out.ids.reshape(-1))
+    if bias is not None and ctx.labels(bias):
+        ctx.ch.union(w_out.ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
+    out = [b for b in ctx.labels(x) if b.dim != last and b.ids.shape[last] == 1]
+    for b in ctx.labels(x):
+        if b.dim != last and b.ids.shape[last] > 1:
+            ctx.freeze(b.ids, f"mixed across the heads by {ctx.describe(w_in)}")
+    return merge(ctx.ch, [*out, Block(in_ids, last, HEAD)])
 
 
 def _conv_args(module: nn.Module, ref) -> dict:
@@ -118,6 +150,9 @@ def rule_conv(ctx, call: OpCall) -> Labels:
         if (block.dim >= 2 and block.level == CHANNEL and _pointwise_along(call, w_shape, block.dim)
                 and not block.row_dims()):
             passed.append(block)
+        elif (block.dim == 1 and block.level == HEAD and groups == 1
+              and any(b.dim == 1 and b.level == CHANNEL for b in ctx.labels(x))):
+            pass  # heads merged into the input channels end here, as at a Linear: the weight columns carry them
         elif block.dim != 1 or block.level != CHANNEL:
             ctx.freeze(block.ids, f"convolution input has {block.level} ids along dim {block.dim}")
         else:  # filters are shared by every batch item and position: rows there (e.g. heads) share offsets
@@ -139,6 +174,8 @@ def rule_conv(ctx, call: OpCall) -> Labels:
                 result = in_rows.ids.reshape(in_rows.ids.shape[0], -1, *([1] * (len(w_shape) - 2)))
         elif out_ids is not None:
             ctx.freeze(out_ids, f"depthwise {ctx.describe(weight)} follows channels that are not prunable")
+    elif in_channels == groups * w_shape[1] and w_shape[0] % groups == 0:
+        _grouped_conv(ctx, weight, in_block, w_labels, out_ids, groups, in_channels)
     else:
         for block in (in_block,) + tuple(w_labels):
             if block is not None:
@@ -149,6 +186,34 @@ def rule_conv(ctx, call: OpCall) -> Labels:
     if bias is not None and ctx.labels(bias):
         ctx.ch.union(out_ids.reshape(-1), ctx.labels(bias)[0].ids.reshape(-1))
     return merge(ctx.ch, [make_block(result if result is not None else out_ids, 1), *passed])
+
+
+def _grouped_conv(ctx, weight: Any, in_block: Block | None, w_labels: Labels, out_ids: torch.Tensor | None,
+                  groups: int, in_channels: int) -> None:
+    """A grouped convolution that is not depthwise (EfficientViT-MIT's 1x1 aggregation, one group per q, k or
+    v of a head): group g's outputs read only group g's inputs, through weight columns of their own. So an
+    input channel goes on its own (the rewrite gathers each group's kept columns, rewrite/slice_grouped.py)
+    and the weight's column dim is no channel space; every group keeps as many inputs, and as many outputs."""
+    w_in = block_on(w_labels, 1)
+    if w_in is not None:  # indexed by the input channels, per group: the rewrite slices it from them
+        ctx.freeze(w_in.ids, f"columns of {ctx.describe(weight)} are read per group: they follow the input channels")
+    if out_ids is not None:
+        ctx.ch.record_rows(out_ids.reshape(groups, -1))
+    if in_block is None:
+        return
+    name = weight.name if isinstance(weight, ParamRef) else str(weight.target) \
+        if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+    if name is None:
+        ctx.freeze(in_block.ids, f"grouped convolution (groups={groups}) with a computed weight: its columns cannot be sliced")
+        return
+    if in_block.ids.numel() != in_channels:  # ids broadcast along the channels: no channel of its own per group
+        ctx.freeze(in_block.ids, f"grouped convolution (groups={groups}) reads channels that do not vary along dim 1")
+        return
+    rows = in_block.ids.reshape(groups, -1)
+    ctx.ch.record_rows(rows)
+    if out_ids is not None:  # a group cannot keep inputs without outputs: heads owning either go together
+        ctx.ch.rows_together(rows, out_ids.reshape(groups, -1))
+    ctx.node.meta[meta.GROUPED_INPUT] = GroupedInput(name, rows.clone(), groups)
 
 
 def _conv_transpose_macs(call: OpCall, out: tuple, shape_of: Callable[[Any], tuple | None]) -> int:

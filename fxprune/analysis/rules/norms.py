@@ -9,6 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ... import meta
 from ..labels import CHANNEL, Block, Labels, block_on
 from .common import dims_of, drop_dims, whole_rows
 from .registry import OpCall, register_op
@@ -164,7 +165,17 @@ def rule_softmax(ctx, call: OpCall) -> Labels:
     for block in labels:
         if block.dim == dim or block.ids.shape[dim] > 1:
             whole_rows(ctx, block, [dim], "softmax over these ids: removing some would change the normaliser")
+    _mark_attention_weights(ctx, labels, dim)
     return labels
+
+
+def _mark_attention_weights(ctx, labels: Labels, dim: int) -> None:
+    """Flag weights over positions (``meta.ATTENTION_WEIGHTS``): normalised over a dim that holds no ids, with
+    at most one channel (a one-channel context score); an attention map's heads do not count as channels."""
+    if any(b.dim == dim or b.ids.shape[dim] > 1 for b in labels):
+        return
+    if all(b.level != CHANNEL or b.ids.shape[b.dim] == 1 for b in labels) and not ctx.is_const(ctx.node):
+        ctx.node.meta[meta.ATTENTION_WEIGHTS] = True
 
 
 @register_op("normalize", ("input", "p", "dim", "eps"), functions=[F.normalize])
@@ -177,6 +188,7 @@ def rule_normalize(ctx, call: OpCall) -> Labels:
         on_dim = block.dim == dim or block.ids.shape[dim] > 1
         if on_dim and (block.level != CHANNEL or not (isinstance(p, (int, float)) and p > 0)):
             whole_rows(ctx, block, [dim], f"normalised (p={p}) over these ids")
+    _mark_attention_weights(ctx, labels, dim)
     return labels
 
 

@@ -18,7 +18,8 @@ Methods: l2, dimap (data-free), taylor, attention, reconstruction (calibration b
 (fxprune.auto_prune, the automatic method), torch-pruning (benchmarks/peer.py; needs `pip install torch-pruning`).
 Every fxprune row is compensated three ways from the same calibration batches: reweight nodes (the old
 default), least squares and sequential least squares (folded into the weights; the default is sequential).
-Fine-tuning starts from the least-squares model (from the reweighted one before least squares existed).
+Fine-tuning starts from the sequential least-squares model, the default compensation (from the one-shot
+least-squares model until 2026-11-30, from the reweighted one before least squares existed).
 ``--kinds`` runs every fxprune method once per kind set (comma-separated kinds, e.g. ``qk,v,mlp,residual``;
 default ``qk,v,mlp``); Torch-Pruning runs its own recipe once (its kinds are fixed: head dims, MLP hidden
 channels and the residual width where the recipe reaches it). Rows name their kinds. Plots are written only
@@ -204,7 +205,7 @@ def run_method(task: Task, analysis, method: str, target: float, log,
                                         compensation=compensation, verify=False)
             row[f"{compensation}_s"] = time.perf_counter() - started
             row[compensation] = task.evaluate(compensated)
-            start_from = compensated if compensation == "least_squares" else start_from
+            start_from = compensated if compensation == "sequential" else start_from
     started = time.perf_counter()
     row["finetuned"] = _finetune(task, start_from)
     row["finetune_s"] = time.perf_counter() - started

@@ -57,7 +57,10 @@ def prune_at_ratio(model: nn.Module, example: torch.Tensor, ratio: float, labell
     import torch_pruning as tp
 
     model = copy.deepcopy(model).eval()
-    ignored: list = [model.head] if isinstance(getattr(model, "head", None), nn.Module) else []
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Module) and isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
+        head = model[-1]  # a backbone and its classifier as one model: the classes stay
+    ignored: list = [head] if isinstance(head, nn.Module) else []
     if keep_output_width:  # feature extractors: the residual width is the output width
         ignored.append(model.norm)
     for attention in _attentions(model):

@@ -35,16 +35,21 @@ def _fix_module_attributes(module: nn.Module, was_depthwise: bool) -> None:
         module.num_features = reference.shape[0]
 
 
-def _aliases(gm: nn.Module, tensor: torch.Tensor) -> list[str]:
-    """Every name under which ``gm`` holds ``tensor`` (as a parameter or buffer)."""
-    return [n for n, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
-            if t is tensor]
+def _names_by_tensor(gm: nn.Module) -> dict[int, tuple[torch.Tensor, list[str]]]:
+    """Every name under which ``gm`` holds each parameter or buffer, by the tensor's id, with the tensor (which
+    keeps the id from being reused). Collected once: asked per sliced tensor, the walk over all names made the
+    pass quadratic in depth."""
+    names: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for n, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), (t, []))[1].append(n)
+    return names
 
 
 def slice_parameters(gm: fx.GraphModule, keep: dict[str, dict[int, torch.Tensor]]) -> PassResult:
     """Pass: index every kept channel out of each parameter and buffer named in ``keep``; modules follow."""
     touched: dict[int, tuple[nn.Module, bool]] = {}
     sliced: dict[int, dict[int, torch.Tensor]] = {}  # tensors this pass made -> the kept indices they were cut to
+    names = _names_by_tensor(gm)  # of the tensors before slicing; each is sliced once, under all its names
     for name, dims in keep.items():
         owner, attr = _owner(gm, name)
         if id(getattr(owner, attr)) in sliced:  # an alias of an earlier name, already cut
@@ -68,7 +73,7 @@ def slice_parameters(gm: fx.GraphModule, keep: dict[str, dict[int, torch.Tensor]
             new = nn.Parameter(new, requires_grad=old.requires_grad)
         # every name of the old tensor gets the new one: tied weights (a Hugging Face lm_head and embed_tokens,
         # of which torch.export's graph reads one name) stay tied instead of leaving a stale full-size copy
-        for alias in _aliases(gm, old):
+        for alias in names.get(id(old), (old, [name]))[1]:
             alias_owner, alias_attr = _owner(gm, alias)
             if isinstance(new, nn.Parameter):
                 setattr(alias_owner, alias_attr, new)

@@ -140,7 +140,7 @@ def _module_shortcut(module: nn.Module, params: dict, args: tuple, kwargs: dict)
             and x.shape[-1] == module.in_features:
         return x.new_empty((*x.shape[:-1], module.out_features))  # F.linear on meta: 2.5 ms a call
     if kind in _SAME_AS_INPUT_MODULES and _same_as_input(x, list(params.values())):
-        if kind is nn.LayerNorm and tuple(x.shape[x.ndim - len(module.normalized_shape):]) != tuple(module.normalized_shape):
+        if kind is nn.LayerNorm and not _normalises_last_dims((x, module.normalized_shape), {}):
             return None
         return torch.empty_like(x)
     return None

@@ -15,9 +15,12 @@ the pruned features to the original's on the held-out images.
         --kinds qk,v,mlp qk,v,mlp,residual qk,v,mlp,residual,depth --json benchmarks/results/accuracy_kinds.json
 
 Methods: l2, dimap (data-free), taylor, attention, reconstruction (calibration batches), auto
-(fxprune.auto_prune, the automatic method), torch-pruning (benchmarks/peer.py; needs `pip install torch-pruning`).
-Every fxprune row is compensated three ways from the same calibration batches: reweight nodes (the old
-default), least squares and sequential least squares (folded into the weights; the default is sequential).
+(fxprune.auto_prune, the automatic method, with its default steps: at most 100, stopping once the selection
+settles; 60 fixed steps until 2026-11-30), torch-pruning (benchmarks/peer.py; needs `pip install torch-pruning`).
+Every fxprune row is compensated from the same calibration batches by the reweight nodes (the old default,
+kept for comparison) and by sequential least squares (folded into the weights; fxprune's default);
+``--compensations least_squares sequential`` adds one-shot least squares as a column (it was left out of the
+default run on 2026-12-01 to keep it under 20 minutes; sequential was ahead of it in every row before).
 Fine-tuning starts from the sequential least-squares model, the default compensation (from the one-shot
 least-squares model until 2026-11-30, from the reweighted one before least squares existed).
 ``--kinds`` runs every fxprune method once per kind set (comma-separated kinds, e.g. ``qk,v,mlp,residual``;
@@ -45,11 +48,16 @@ import peer
 RESULTS = Path(__file__).parent / "results"
 DOCS = Path(__file__).parent.parent / "docs"
 METHODS = ("l2", "dimap", "taylor", "attention", "reconstruction", "auto", "torch-pruning")
-COMPENSATIONS = ("least_squares", "sequential")  # evaluated besides the reweight nodes, before fine-tuning
+# least-squares compensations evaluated besides the reweight nodes, before fine-tuning; one-shot least squares
+# only with --compensations (sequential beats it in every row so far, and it keeps the full run under 20 min)
+COMPENSATIONS = ("least_squares", "sequential")
+DEFAULT_COMPENSATIONS = ("sequential",)
+COLUMNS = {"pruned": "top-1 pruned", "reweighted": "reweighted", "least_squares": "least squares",
+           "sequential": "sequential LS", "finetuned": "fine-tuned"}
 TARGETS = (0.8, 0.6, 0.4)
 DEFAULT_KINDS = ("qk", "v", "mlp")
 PEER_KINDS = "Torch-Pruning recipe"  # the peer's kinds are its recipe's, whatever --kinds says
-AUTO_STEPS = 60  # auto_prune's indicator-training steps (its default is 100; fewer keep the run under 20 min)
+AUTO_STEPS = None  # auto_prune's own default: at most 100 steps, stopping once the selection settles
 
 
 @dataclass
@@ -167,8 +175,8 @@ def removed_structure(analysis, plan) -> dict:
     return out
 
 
-def run_method(task: Task, analysis, method: str, target: float, log,
-               kinds: tuple[str, ...] = DEFAULT_KINDS) -> dict:
+def run_method(task: Task, analysis, method: str, target: float, log, kinds: tuple[str, ...] = DEFAULT_KINDS,
+               compensations: tuple[str, ...] = DEFAULT_COMPENSATIONS, auto_steps: int | None = AUTO_STEPS) -> dict:
     full = fxprune.count_macs(task.model, (task.example,))
     row: dict = {"model": task.name, "method": method, "target": target,
                  "kinds": PEER_KINDS if method == "torch-pruning" else ",".join(kinds)}
@@ -181,8 +189,9 @@ def run_method(task: Task, analysis, method: str, target: float, log,
             return row
         reweighted = None
     elif method == "auto":
+        steps = {} if auto_steps is None else {"steps": auto_steps}
         reweighted = fxprune.auto_prune(task.model, task.calibration, target, example_inputs=(task.example,),
-                                        steps=AUTO_STEPS, progress=False, compensation="reweight", kinds=kinds)
+                                        progress=False, compensation="reweight", kinds=kinds, **steps)
         pruned = fxprune.apply(analysis, fxprune.plan_of(reweighted))
         row["kept"] = kept_fractions(analysis, fxprune.plan_of(reweighted))
         row.update(removed_structure(analysis, fxprune.plan_of(reweighted)))
@@ -199,13 +208,13 @@ def run_method(task: Task, analysis, method: str, target: float, log,
     start_from = pruned
     if reweighted is not None:
         row["reweighted"] = task.evaluate(reweighted)
-        for compensation in COMPENSATIONS:  # the same plan, compensated by least squares instead
+        for compensation in compensations:  # the same plan, compensated by least squares instead
             started = time.perf_counter()
             compensated = fxprune.apply(analysis, fxprune.plan_of(reweighted), reweight_data=task.calibration,
                                         compensation=compensation, verify=False)
             row[f"{compensation}_s"] = time.perf_counter() - started
             row[compensation] = task.evaluate(compensated)
-            start_from = compensated if compensation == "sequential" else start_from
+            start_from = compensated if compensation == "sequential" or len(compensations) == 1 else start_from
     started = time.perf_counter()
     row["finetuned"] = _finetune(task, start_from)
     row["finetune_s"] = time.perf_counter() - started
@@ -217,23 +226,27 @@ def _cell(row: dict, stage: str, key: str = "top1") -> str:
     return "-" if value is None else (f"{100 * value:.1f}" if key == "top1" else f"{value:.3f}")
 
 
-def markdown(rows: list[dict], originals: dict) -> str:
+def stages_of(compensations: tuple[str, ...]) -> tuple[str, ...]:
+    return ("pruned", "reweighted", *compensations, "finetuned")
+
+
+def markdown(rows: list[dict], originals: dict, compensations: tuple[str, ...] = DEFAULT_COMPENSATIONS) -> str:
+    stages = stages_of(compensations)
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         has_cosine = "cosine" in originals[model]
         lines += [f"\n**{model}**: unpruned top-1 {100 * originals[model]['top1']:.1f}%\n",
-                  "| MACs target | method | kinds | MACs kept | params kept | top-1 pruned | reweighted | least squares | "
-                  "sequential LS | fine-tuned |"
-                  + (" cosine pruned / reweighted / LS / seq. LS / fine-tuned |" if has_cosine else ""),
-                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if has_cosine else "")]
+                  "| MACs target | method | kinds | MACs kept | params kept | "
+                  + " | ".join(COLUMNS[s] for s in stages) + " |"
+                  + (f" cosine {' / '.join(COLUMNS[s].removeprefix('top-1 ') for s in stages)} |" if has_cosine else ""),
+                  "|---|---|---|---|---|" + "---|" * len(stages) + ("---|" if has_cosine else "")]
         for r in mine:
             kinds = r.get("kinds", ",".join(DEFAULT_KINDS))
             if "macs" not in r:
-                lines.append(f"| {r['target']:.0%} | {r['method']} | {kinds} | {r.get('note', '-')} | | | | | | |"
-                             + (" |" if has_cosine else ""))
+                lines.append(f"| {r['target']:.0%} | {r['method']} | {kinds} | {r.get('note', '-')} |"
+                             + " |" * (len(stages) + 1) + (" |" if has_cosine else ""))
                 continue
-            stages = ("pruned", "reweighted", *COMPENSATIONS, "finetuned")
             cosine = " / ".join(_cell(r, s, "cosine") for s in stages)
             lines.append(f"| {r['target']:.0%} | {r['method']} | {kinds} | {r['macs']:.1%} | {r['params']:.1%} | "
                          + " | ".join(_cell(r, s) for s in stages) + " |"
@@ -309,11 +322,17 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=[",".join(DEFAULT_KINDS)],
                         help="kind sets for the fxprune methods, each comma-separated (e.g. qk,v,mlp "
                              "qk,v,mlp,residual qk,v,mlp,residual,depth); Torch-Pruning runs its recipe once")
+    parser.add_argument("--compensations", nargs="+", default=list(DEFAULT_COMPENSATIONS), choices=COMPENSATIONS,
+                        help="least-squares columns besides the reweight nodes (default: sequential only; "
+                             "fine-tuning starts from the sequential one, else from the last)")
+    parser.add_argument("--auto-steps", type=int, default=AUTO_STEPS,
+                        help="auto_prune's most indicator steps (default: its own, 100, stopping once settled)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", default=str(RESULTS / "accuracy.json"))
     args = parser.parse_args()
     kind_sets = [tuple(k for k in spec.split(",") if k) for spec in args.kinds]
+    compensations = tuple(c for c in COMPENSATIONS if c in args.compensations)
     from fxprune.api import KINDS_ASKED
     for kinds in kind_sets:
         unknown = [k for k in kinds if k not in KINDS_ASKED]
@@ -333,22 +352,23 @@ def main() -> None:
             runs = [(m, k) for m in methods for k in ([DEFAULT_KINDS] if m == "torch-pruning" else kind_sets)]
             for method, kinds in runs:
                 torch.manual_seed(0)
-                row = run_method(task, analysis, method, target, log, kinds)
+                row = run_method(task, analysis, method, target, log, kinds, compensations, args.auto_steps)
                 rows.append(row)
                 if "macs" in row:
-                    stages = "  ".join(f"{s} {_cell(row, s)}" for s in ("pruned", "reweighted", *COMPENSATIONS,
-                                                                         "finetuned"))
+                    stages = "  ".join(f"{s} {_cell(row, s)}" for s in stages_of(compensations))
                     summary = f"{stages}  MACs {row['macs']:.3f}"
                 else:
                     summary = row.get("note", "")
                 log(f"  {target:.0%} {method:13s} {row['kinds']:24s} {summary}  [{time.perf_counter() - started:.0f}s]")
     Path(args.json).parent.mkdir(exist_ok=True)
     Path(args.json).write_text(json.dumps({"originals": originals, "rows": rows, "threads": args.threads,
-                                           "kinds": args.kinds, "seconds": time.perf_counter() - started}, indent=1))
+                                           "kinds": args.kinds, "compensations": list(compensations),
+                                           "auto_steps": args.auto_steps, "seconds": time.perf_counter() - started},
+                                          indent=1))
     if Path(args.json).resolve() == (RESULTS / "accuracy.json").resolve():  # a partial run leaves the docs' plots
         plot(rows, originals, DOCS / "accuracy_vs_macs.png")
         plot_kept(rows, DOCS / "kept_channels.png")
-    print(markdown(rows, originals) if args.markdown else json.dumps(originals))
+    print(markdown(rows, originals, compensations) if args.markdown else json.dumps(originals))
     log(f"total {time.perf_counter() - started:.0f}s")
 
 

@@ -24,7 +24,7 @@ import torch
 
 from ..data import batches, input_names
 from ..errors import InvalidArgumentError
-from ..statistics import RIDGE, LinearCall, Product, attention_products, linear_calls, watch
+from ..statistics import LinearCall, Product, attention_products, linear_calls, relative_ridge, watch
 from . import heads_from_channels, register
 from .magnitude import l2
 
@@ -38,37 +38,41 @@ def _input_space(analysis, call: LinearCall):
     return next((s for s in analysis.ids.param_spaces if s.param == call.weight and s.dim == call.in_dim), None)
 
 
-def _gram_callback(call: LinearCall, grams: dict) -> Callable:
+def _gram_callback(call: LinearCall, grams: dict, rows: dict) -> Callable:
     def record(args: tuple, output: Any) -> None:
         x = args[call.input_position].detach()
         x = x.reshape(-1, x.shape[-1]).float()
         if call.bias is not None:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
         grams[call.node] = grams.get(call.node, 0) + (x.T @ x).double()
+        rows[call.node] = rows.get(call.node, 0) + x.shape[0]
     return record
 
 
-def _product_callback(product: Product, moments: dict) -> Callable:
+def _product_callback(product: Product, moments: dict, rows: dict) -> Callable:
     def record(args: tuple, output: Any) -> None:
         q = product.query.rows(args[product.query.position].detach().float())
         k = product.key.rows(args[product.key.position].detach().float())
         q_gram, k_energy = (q.transpose(1, 2) @ q).double(), k.square().sum(1).double()
         old = moments.get(product.node)
         moments[product.node] = (q_gram, k_energy) if old is None else (old[0] + q_gram, old[1] + k_energy)
+        rows[product.node] = rows.get(product.node, 0) + q.shape[1]  # query positions, as compensation counts them
     return record
 
 
-def _layer_costs(analysis, call: LinearCall, gram: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _layer_costs(analysis, call: LinearCall, gram: torch.Tensor, rows: int,
+                 ridge: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids, squared-error increase of removing each input alone) for one layer."""
     space = _input_space(analysis, call)
     weight = analysis.tensor(call.weight).detach().to(torch.float64)
     column_energy = weight.square().sum(1 - call.in_dim)  # per input feature
-    inverse_diagonal = _ridged_inverse_diagonal(gram, ridge)[:space.size]
+    strength = relative_ridge(gram.shape[0], rows, ridge)
+    inverse_diagonal = _ridged_inverse_diagonal(gram, strength)[:space.size]
     return torch.arange(space.start, space.start + space.size), column_energy / inverse_diagonal
 
 
-def _product_costs(analysis, product: Product, q_gram: torch.Tensor, k_energy: torch.Tensor,
-                   ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _product_costs(analysis, product: Product, q_gram: torch.Tensor, k_energy: torch.Tensor, rows: int,
+                   ridge: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(atoms, squared logit error of removing each q/k channel alone) for one attention product, head by head."""
     atom_of = analysis.atoms.atom_of
     queries: dict[tuple, torch.Tensor] = {}
@@ -83,7 +87,10 @@ def _product_costs(analysis, product: Product, q_gram: torch.Tensor, k_energy: t
     for key, gram in queries.items():
         if key not in energies:
             continue
-        residual = 1 / _ridged_inverse_diagonal(gram, ridge) if product.key_source is not None else gram.diagonal()
+        if product.key_source is not None:
+            residual = 1 / _ridged_inverse_diagonal(gram, relative_ridge(gram.shape[0], rows, ridge))
+        else:
+            residual = gram.diagonal()
         atoms.append(torch.tensor(key))
         costs.append(residual * energies[key])
     if not atoms:
@@ -92,7 +99,11 @@ def _product_costs(analysis, product: Product, q_gram: torch.Tensor, k_energy: t
 
 
 @register("reconstruction", needs_data=True)
-def reconstruction(analysis, data=None, max_batches: int | None = 8, ridge: float = RIDGE, **_) -> torch.Tensor:
+def reconstruction(analysis, data=None, max_batches: int | None = 8, ridge: float | None = None,
+                   **_) -> torch.Tensor:
+    """Scores from ``max_batches`` calibration batches. ``ridge`` (relative to each Gram's mean diagonal) is by
+    default compensation's rule, ``statistics.relative_ridge`` of the Gram's features (all of them: which go is
+    not known yet) and calibration rows, so scores and compensation regularise alike."""
     calibration = list(batches(data, max_batches, input_names(analysis.gm)))
     if not calibration:
         raise InvalidArgumentError("fxprune: the calibration data yielded no batch")
@@ -109,18 +120,19 @@ def reconstruction(analysis, data=None, max_batches: int | None = 8, ridge: floa
     products = [p for p in attention_products(analysis) if bool(prunable[atom_of[p.query.ids]].any())]
     grams: dict[str, torch.Tensor] = {}
     moments: dict[str, tuple] = {}
-    callbacks = {call.node: _gram_callback(call, grams) for call in layers}
-    callbacks.update({product.node: _product_callback(product, moments) for product in products})
+    rows: dict[str, int] = {}
+    callbacks = {call.node: _gram_callback(call, grams, rows) for call in layers}
+    callbacks.update({product.node: _product_callback(product, moments, rows) for product in products})
     watch(analysis.gm, calibration, callbacks)
 
     scores = torch.zeros(analysis.atoms.count, dtype=torch.float64)
     covered = torch.zeros(analysis.atoms.count, dtype=torch.bool)
     for call in layers:
-        ids, costs = _layer_costs(analysis, call, grams[call.node], ridge)
+        ids, costs = _layer_costs(analysis, call, grams[call.node], rows[call.node], ridge)
         scores.index_add_(0, atom_of[ids], costs)
         covered[atom_of[ids]] = True
     for product in products:
-        atoms, costs = _product_costs(analysis, product, *moments[product.node], ridge)
+        atoms, costs = _product_costs(analysis, product, *moments[product.node], rows[product.node], ridge)
         scores.index_add_(0, atoms, costs)
         covered[atoms] = True
     magnitude = None

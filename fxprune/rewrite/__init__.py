@@ -38,7 +38,7 @@ from .compensate import least_squares
 from .drop_branches import bypass, drop_branches
 from .editable_copy import editable_copy
 from .gather_rows import gather_rows
-from .reweight import consumers, fit_reweight, insert_reweights, record_inputs
+from .reweight import consumers, insert_reweights, reweight_statistics
 from .slice_grouped import slice_grouped
 from .slice_parameters import slice_parameters
 from .slice_starts import slice_starts
@@ -121,10 +121,6 @@ def _fit_reweights(analysis, keep, data) -> dict:
     """Least-squares reweights for every Linear whose inputs shrink, from the unpruned graph's activations."""
     from ..data import batches, input_names
 
-    targets = consumers(analysis, keep)
-    inputs = record_inputs(analysis.gm, [name for name, _, _ in targets], list(batches(data, names=input_names(analysis.gm))))
-    fits = {}
-    for name, weight, kept in targets:
-        if name in inputs:
-            fits[name] = fit_reweight(analysis.tensor(weight), inputs[name], kept)
-    return fits
+    targets = [(name, analysis.tensor(weight), kept) for name, weight, kept in consumers(analysis, keep)]
+    statistics = reweight_statistics(analysis.gm, targets, batches(data, names=input_names(analysis.gm)))
+    return {name: stats.fit() for name, stats in statistics.items()}

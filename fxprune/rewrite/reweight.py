@@ -4,7 +4,8 @@ After pruning, every Linear whose input lost channels (an attention's output pro
 a per-channel scale and bias on its remaining inputs, ``x * scale + bias``, as plain graph nodes (so a
 reweighted model can be analysed and pruned again). They are fitted by least squares so the layer
 reproduces the unpruned layer's output on calibration data (the removed channels' mean contribution goes into
-the bias, their correlation with kept channels into the scales), with a small ridge towards the identity;
+the bias, their correlation with kept channels into the scales), with a small ridge towards the identity. The
+fit needs only statistics of the layer's inputs (accumulated over every calibration row, never the rows);
 then they train like any parameter. ``fold_reweights`` merges them into the following Linear:
 ``W (x s + b) + c = (W diag(s)) x + (W b + c)``.
 """
@@ -17,11 +18,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.interpreter import Interpreter
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import meta
-from ..statistics import tensor_name
+from ..statistics import tensor_name, watch
 from .compensate import set_tensor
 
 PREFIX = meta.REWEIGHT_PREFIX
@@ -40,46 +40,57 @@ def consumers(analysis, keep: dict[str, dict[int, torch.Tensor]]) -> list[tuple[
     return found
 
 
-class _Recorder(Interpreter):
-    def __init__(self, gm: fx.GraphModule, names: set[str], max_rows: int) -> None:
-        super().__init__(gm)
-        self.names, self.max_rows = names, max_rows
-        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+class ReweightStatistics:
+    """What the fit of one Linear's reweight needs, accumulated batch by batch (float32 products, float64 sums):
+    the kept inputs' Gram X_KᵀX_K, the cross term Σ_n x_K ⊙ (x Wᵀ W_K), the inputs' sums and the row count."""
 
-    def run_node(self, n: fx.Node):
-        if n.name in self.names:
-            x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else None
-            if isinstance(x, torch.Tensor) and sum(t.shape[0] for t in self.inputs[n.name]) < self.max_rows:
-                self.inputs[n.name].append(x.detach().reshape(-1, x.shape[-1]).to(torch.float64))
-        return super().run_node(n)
+    def __init__(self, weight: torch.Tensor, kept: torch.Tensor) -> None:
+        self.weight, self.kept = weight.detach(), kept
+        self.rows, self.xx, self.cross, self.sums = 0, 0, 0, 0
+
+    def add(self, x: torch.Tensor) -> None:
+        dtype = torch.promote_types(x.dtype, torch.float32)  # float32 products unless the inputs are float64
+        x = x.detach().reshape(-1, x.shape[-1]).to(dtype)
+        w = self.weight.to(dtype)
+        x_k = x[:, self.kept]
+        through = (x @ w.T) @ w[:, self.kept]              # (N, K): the unpruned output seen through W_K
+        self.xx = self.xx + (x_k.T @ x_k).double()
+        self.cross = self.cross + (x_k * through).sum(0).double()
+        self.sums = self.sums + x.sum(0).double()
+        self.rows += x.shape[0]
+
+    def fit(self, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale s and bias b on the kept inputs so that W_K (x_K s + b) best matches W x (least squares). With
+        C = W_KᵀW_K the normal equations are ``[C ⊙ X_KᵀX_K, C ⊙ Σx_K; C ⊙ Σx_Kᵀ, n C] [s; b] = [cross; Σx Wᵀ W_K]``."""
+        w = self.weight.to(torch.float64)
+        w_k = w[:, self.kept]
+        coupling = w_k.T @ w_k                             # (K, K)
+        sums_k = self.sums[self.kept]
+        top = torch.cat([coupling * self.xx, coupling * sums_k[:, None]], 1)
+        bottom = torch.cat([coupling * sums_k[None, :], coupling * self.rows], 1)
+        system = torch.cat([top, bottom], 0)
+        rhs = torch.cat([self.cross, self.sums @ w.T @ w_k])
+        k = len(self.kept)
+        strength = ridge * system.diagonal().mean().clamp_min(1e-12)
+        prior = torch.cat([torch.ones(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)])
+        solution = torch.linalg.solve(system + strength * torch.eye(2 * k, dtype=torch.float64),
+                                      rhs + strength * prior)
+        return solution[:k], solution[k:]
 
 
-def record_inputs(gm: fx.GraphModule, names: Iterable[str], data: Iterable[tuple], max_rows: int = 8192):
-    names = set(names)
-    recorder = _Recorder(gm, names, max_rows)
-    with torch.no_grad():
-        for batch in data:
-            recorder.run(*batch)
-    return {n: torch.cat(rows)[:max_rows] for n, rows in recorder.inputs.items() if rows}
+def reweight_statistics(gm: fx.GraphModule, targets: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
+                        data: Iterable[tuple]) -> dict[str, ReweightStatistics]:
+    """One pass of ``gm`` over ``data``: the statistics of every (node name, weight, kept inputs) Linear that ran."""
+    statistics = {name: ReweightStatistics(weight, kept) for name, weight, kept in targets}
+    watch(gm, data, {name: (lambda args, _out, s=stats: s.add(args[0])) for name, stats in statistics.items()})
+    return {name: stats for name, stats in statistics.items() if stats.rows}
 
 
 def fit_reweight(weight: torch.Tensor, inputs: torch.Tensor, kept: torch.Tensor, ridge: float = 1e-3):
-    """Scale s and bias b on the kept inputs so that W_k (x_k s + b) best matches W x (least squares)."""
-    w = weight.detach().to(torch.float64)
-    target = inputs @ w.T                                  # (N, out): the unpruned layer (without its bias)
-    w_k, x_k = w[:, kept], inputs[:, kept]
-    gram = w_k.T @ w_k                                     # (K, K)
-    n = x_k.shape[0]
-    tw = target @ w_k                                      # (N, K)
-    top = torch.cat([gram * (x_k.T @ x_k), gram * x_k.sum(0)[:, None]], 1)
-    bottom = torch.cat([gram * x_k.sum(0)[None, :], gram * n], 1)
-    system = torch.cat([top, bottom], 0)
-    rhs = torch.cat([(x_k * tw).sum(0), tw.sum(0)])
-    k = len(kept)
-    strength = ridge * system.diagonal().mean().clamp_min(1e-12)
-    prior = torch.cat([torch.ones(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)])
-    solution = torch.linalg.solve(system + strength * torch.eye(2 * k, dtype=torch.float64), rhs + strength * prior)
-    return solution[:k], solution[k:]
+    """The reweight of one Linear fitted on input rows ``inputs`` (N, F)."""
+    statistics = ReweightStatistics(weight, kept)
+    statistics.add(inputs)
+    return statistics.fit(ridge)
 
 
 def insert_reweights(gm: fx.GraphModule, fits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> PassResult:

@@ -8,19 +8,28 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.interpreter import Interpreter
 
 from .. import meta
 from ..errors import CaptureError
 
 
-class _ValueRecorder(ShapeProp):
-    """ShapeProp that also records python values (sizes, ints) that shape queries produce."""
+class _ValueRecorder(Interpreter):
+    """Runs the graph and records every node's value: tensor shapes, and the python values (sizes, ints) that
+    shape queries produce. (Not fx's ShapeProp: it prints a traceback for a failure that capture recovers from
+    by exporting instead.)"""
 
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
+        try:
+            result = super().run_node(n)
+        except Exception as exc:  # noqa: BLE001 - named here, handled by the caller
+            raise _NodeFailed(f"at node '{n.name}' ({n.format_node()}): {type(exc).__name__}: {exc}") from exc
         n.meta[meta.VALUE] = _describe(result)
         return result
+
+
+class _NodeFailed(RuntimeError):
+    pass
 
 
 def _describe(value: Any) -> Any:
@@ -165,7 +174,7 @@ def _meta_of(value: Any) -> Any:
 def record_values(gm: fx.GraphModule, inputs: tuple, model_name: str) -> None:
     try:
         with torch.no_grad():
-            _ValueRecorder(gm).propagate(*inputs)
+            _ValueRecorder(gm).run(*inputs)
     except Exception as exc:
         raise CaptureError(
             f"fxprune: running the traced {model_name} on the example inputs failed: "

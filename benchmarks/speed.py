@@ -1,7 +1,8 @@
 """Real speedup on this CPU against the MACs cut, for fxprune and Torch-Pruning at equal MACs.
 
 For each model: the original, fxprune's graph with nothing removed (the cost of the graph itself), fxprune (q/k,
-v, heads and MLP channels; "+residual": the residual width too, unless ``--no-residual``) and Torch-Pruning's recipe (benchmarks/peer.py) at the same MACs target, each at ``round_to`` 1 (widths as
+v, heads and MLP channels; "+residual": the residual width too, unless ``--no-residual``; "+depth": whole
+residual branches too, scored on the example input, unless ``--no-depth``) and Torch-Pruning's recipe (benchmarks/peer.py) at the same MACs target, each at ``round_to`` 1 (widths as
 they fall) and 8 (kept widths rounded to multiples of 8: fxprune's ``round_to``, MetaPruner's ``round_to``).
 Every variant's name and JSON row say its ``round_to``. Latency is the median of interleaved runs (every
 variant runs once per round, so drift hits all alike) at 2 threads, batch 1 / 8 / 32, eager and
@@ -57,19 +58,23 @@ def interleaved_latency(models: dict[str, torch.nn.Module], x: torch.Tensor | tu
 
 
 def variants(model: torch.nn.Module, example: torch.Tensor, target: float, log,
-             residual: bool = True) -> tuple[dict, dict, dict, dict]:
+             residual: bool = True, depth: bool = True) -> tuple[dict, dict, dict, dict]:
     """(models, MACs, notes on Torch-Pruning's runs, round_to) by variant name. With ``residual``, fxprune also
-    prunes the residual width (``kinds`` with "residual"), as Torch-Pruning's recipe does."""
+    prunes the residual width (``kinds`` with "residual"), as Torch-Pruning's recipe does; with ``depth``, a
+    variant removes whole residual branches besides channels (``kinds`` with "depth")."""
     analysis = fxprune.analyze(model, (example,))
     out = {"original": model,
            "fxprune graph, nothing removed": fxprune.apply(analysis, fxprune.plan(analysis, 0.0))}
     round_tos: dict[str, int | None] = dict.fromkeys(out)
-    kind_sets = {"fxprune": DEFAULT_KINDS, **({"fxprune +residual": (*DEFAULT_KINDS, "residual")} if residual else {})}
+    kind_sets = {"fxprune": DEFAULT_KINDS, **({"fxprune +residual": (*DEFAULT_KINDS, "residual")} if residual else {}),
+                 **({"fxprune +depth": (*DEFAULT_KINDS, "depth")} if depth else {})}
     for method, kinds in kind_sets.items():
         for round_to in ROUND_TO:
             plan = fxprune.plan(analysis, target_macs=target, round_to=round_to, kinds=kinds)
             name = variant_name(method, target, round_to)
             out[name], round_tos[name] = fxprune.apply(analysis, plan), round_to
+            if "depth" in kinds:
+                log(f"    {name}: {len(plan.branches)} residual branches removed whole")
     notes = {}
     for round_to in ROUND_TO if peer.available() else ():
         name = variant_name("torch-pruning", target, round_to)
@@ -103,6 +108,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-residual", action="store_true", help="without the fxprune rows that prune residual width")
+    parser.add_argument("--no-depth", action="store_true", help="without the fxprune rows that remove whole branches")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", default=str(RESULTS / "speed.json"))
@@ -116,7 +122,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = timm.create_model(name).eval()
         example = torch.randn(1, 3, size, size)
-        models, macs, notes, round_tos = variants(model, example, args.target, log, residual=not args.no_residual)
+        models, macs, notes, round_tos = variants(model, example, args.target, log, residual=not args.no_residual,
+                                                 depth=not args.no_depth)
         for note in notes.items():
             log(f"  {label}: {note[0]} {note[1]}")
         for batch in args.batches:

@@ -70,6 +70,10 @@ def test_layer_weights_are_the_ridge_fit_of_the_unpruned_layer_folded_into_a_pla
     assert torch.allclose(pruned.fc2.weight.double(), expected[:-1].T, atol=1e-5)
     assert torch.allclose(pruned.fc2.bias.double(), expected[-1], atol=1e-5)
     assert not torch.allclose(pruned.fc2.weight, plain.fc2.weight, atol=1e-3)  # it did change the layer
+    # the reported calibration errors are the explicit ones, before (prior) and after (the fit)
+    fitted = next(f for f in pruned.meta[meta.COMPENSATED] if f.name == "fc2")
+    assert fitted.error_before == pytest.approx(float((design @ prior - target).square().sum()), rel=1e-6)
+    assert fitted.error_after == pytest.approx(float((design @ expected - target).square().sum()), rel=1e-6)
     # folded: the same plain graph as without compensation, no extra nodes or parameters
     assert [n.target for n in pruned.graph.nodes] == [n.target for n in plain.graph.nodes]
     assert fxprune.count_params(pruned) == fxprune.count_params(plain)

@@ -111,9 +111,9 @@ class _LayerStatistics:
             self.cross = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
         self.gram.add_(x.T @ x)
         self.cross.add_(x.T @ y)
-        if self.layer.bias is not None:
-            self.x_sum = self.x_sum + x.sum(0, dtype=torch.float64)
-            self.y_sum = self.y_sum + y.sum(0, dtype=torch.float64)
+        if self.layer.bias is not None:  # float32 sums of one batch (pairwise), accumulated in float64
+            self.x_sum = self.x_sum + x.sum(0).double()
+            self.y_sum = self.y_sum + y.sum(0).double()
         self.rows += x.shape[0]
         self.yy += float(torch.linalg.vector_norm(y)) ** 2
 
@@ -152,7 +152,7 @@ def ridge_solve(xx: torch.Tensor, xy: torch.Tensor, prior: torch.Tensor, ridge: 
 
     XᵀX + λI is symmetric positive definite: a Cholesky solve (half an LU's work), LU where rounding makes
     the factorisation fail."""
-    strength = ridge * xx.diagonal().mean().clamp_min(1e-12)
+    strength = _strength(xx, ridge)
     system = xx + strength * torch.eye(xx.shape[0], dtype=xx.dtype)
     rhs = xy + strength * prior
     factor, info = torch.linalg.cholesky_ex(system)
@@ -161,9 +161,20 @@ def ridge_solve(xx: torch.Tensor, xy: torch.Tensor, prior: torch.Tensor, ridge: 
     return torch.linalg.solve(system, rhs)
 
 
+def _strength(xx: torch.Tensor, ridge: float) -> torch.Tensor:
+    return ridge * xx.diagonal().mean().clamp_min(1e-12)
+
+
 def _error(xx: torch.Tensor, xy: torch.Tensor, yy: float, v: torch.Tensor) -> float:
     """||X V - Y||² from the statistics."""
     return float((v * (xx @ v)).sum() - 2 * (v * xy).sum() + yy)
+
+
+def _solution_error(xx: torch.Tensor, xy: torch.Tensor, yy: float, v: torch.Tensor, prior: torch.Tensor,
+                    ridge: float) -> float:
+    """``_error`` of ``v = ridge_solve(xx, xy, prior, ridge)`` without a product with ``xx``: the solve's
+    equations give XᵀX V = XᵀY + λ (prior - V), so ||X V - Y||² = ||Y||² - V·XᵀY + λ V·(prior - V)."""
+    return float(yy - (v * xy).sum() + _strength(xx, ridge) * (v * (prior - v)).sum())
 
 
 def set_tensor(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:
@@ -209,8 +220,9 @@ def _fold_layer(gm: fx.GraphModule, layer: Layer, v: torch.Tensor) -> None:
 def _solve_layer(gm, analysis, keep, layer: Layer, statistics: _LayerStatistics, ridge: float | None) -> Fitted:
     prior = _original_rows(analysis, keep, layer)
     xx, xy = statistics.xx, statistics.xy
-    v = ridge_solve(xx, xy, prior, relative_ridge(xx.shape[0], statistics.rows, ridge))  # Y was recorded at the kept outputs only
-    before, after = (_error(xx, xy, statistics.yy, m) for m in (prior, v))
+    strength = relative_ridge(xx.shape[0], statistics.rows, ridge)
+    v = ridge_solve(xx, xy, prior, strength)  # Y was recorded at the kept outputs only
+    before, after = _error(xx, xy, statistics.yy, prior), _solution_error(xx, xy, statistics.yy, v, prior, strength)
     _fold_layer(gm, layer, v)
     return Fitted(layer.node, before, after)
 

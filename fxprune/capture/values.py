@@ -16,16 +16,40 @@ from ..errors import CaptureError
 
 class _ValueRecorder(Interpreter):
     """Runs the graph and records every node's value: tensor shapes, and the python values (sizes, ints) that
-    shape queries produce. (Not fx's ShapeProp: it prints a traceback for a failure that capture recovers from
-    by exporting instead.)"""
+    shape queries produce; with ``fake_mode``, on fake tensors (shapes without computing). What fx's ShapeProp
+    does, without printing a traceback for a failure that capture recovers from (by exporting, or by a real
+    run after a failed fake one)."""
+
+    def __init__(self, gm: fx.GraphModule, fake_mode: Any = None) -> None:
+        super().__init__(gm)
+        self.fake_mode, self.real_module, self.fake_module = fake_mode, self.module, None
+        if fake_mode is not None:
+            from torch._dynamo.utils import deepcopy_to_fake_tensor
+
+            self.fake_module = deepcopy_to_fake_tensor(self.module, fake_mode)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
-            result = super().run_node(n)
+            if self.fake_mode is None:
+                result = super().run_node(n)
+            else:
+                from torch._dispatch.python import enable_python_dispatcher
+
+                self.module = self.fake_module  # parameters as fake tensors too, for this node only
+                try:
+                    with self.fake_mode, enable_python_dispatcher():
+                        result = super().run_node(n)
+                finally:
+                    self.module = self.real_module
         except Exception as exc:  # noqa: BLE001 - named here, handled by the caller
             raise _NodeFailed(f"at node '{n.name}' ({n.format_node()}): {type(exc).__name__}: {exc}") from exc
         n.meta[meta.VALUE] = _describe(result)
         return result
+
+    def propagate(self, *args: Any) -> Any:
+        if self.fake_mode is not None:
+            args = tuple(self.fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args)
+        return self.run(*args)
 
 
 class _NodeFailed(RuntimeError):
@@ -174,7 +198,7 @@ def _meta_of(value: Any) -> Any:
 def record_values(gm: fx.GraphModule, inputs: tuple, model_name: str) -> None:
     try:
         with torch.no_grad():
-            _ValueRecorder(gm).run(*inputs)
+            _ValueRecorder(gm).propagate(*inputs)
     except Exception as exc:
         raise CaptureError(
             f"fxprune: running the traced {model_name} on the example inputs failed: "

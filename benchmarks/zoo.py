@@ -138,19 +138,23 @@ def short_cell(column: str) -> str:
 
 
 def prune_or_channels_only(analysis, ratio: float, head_ratio: float):
-    """(plan, pruned, head_ratio, why heads were refused): the plan at ``ratio`` and ``head_ratio`` applied, or
-    where the self-check refuses the result with heads removed, the plan at ``ratio`` alone."""
-    with warnings.catch_warnings():  # the shortfall is reported in the row (channels removed, reason)
-        warnings.simplefilter("ignore", fxprune.PruningShortfallWarning)
+    """(plan, pruned, head_ratio, why heads were refused, what fxprune warned): the plan at ``ratio`` and
+    ``head_ratio`` applied, or where the self-check refuses the result with heads removed, the plan at
+    ``ratio`` alone. A shortfall warning goes into the row's reason: it shows the user was told."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", fxprune.PruningShortfallWarning)
         plan = fxprune.plan(analysis, ratio, head_ratio=head_ratio)
         try:
-            return plan, fxprune.apply(analysis, plan), head_ratio, ""
+            pruned, refused = fxprune.apply(analysis, plan), ""
         except fxprune.RewriteError as exc:  # the self-check refused the result: try channels only
             if not head_ratio:
                 raise
             refused = f"head removal refused by the self-check ({str(exc).splitlines()[0][:160]})"
-            plan = fxprune.plan(analysis, ratio)
-            return plan, fxprune.apply(analysis, plan), 0.0, refused
+            caught.clear()
+            plan, head_ratio = fxprune.plan(analysis, ratio), 0.0
+            pruned = fxprune.apply(analysis, plan)
+    warned = [". ".join(str(w.message).split(". ")[:2]) for w in caught if issubclass(w.category, fxprune.PruningShortfallWarning)]
+    return plan, pruned, head_ratio, refused, "; ".join(dict.fromkeys(warned))
 
 
 def check(name: str, kwargs: dict) -> dict:
@@ -163,7 +167,8 @@ def check(name: str, kwargs: dict) -> dict:
     try:
         analysis = fxprune.analyze(model)
         kinds = {g.kind for g in analysis.groups if g.prunable}
-        plan, pruned, head_ratio, refused = prune_or_channels_only(analysis, 0.25, 0.5 if "heads" in kinds else 0.0)
+        plan, pruned, head_ratio, refused, warned = prune_or_channels_only(analysis, 0.25,
+                                                                           0.5 if "heads" in kinds else 0.0)
     except fxprune.FxpruneError as exc:
         return {**row, "status": "unsupported", "reason": str(exc).splitlines()[0][:300]}
     except Exception as exc:  # noqa: BLE001
@@ -205,8 +210,8 @@ def check(name: str, kwargs: dict) -> dict:
                                              "no attention found in the graph (no q·kᵀ reached the analysis)")
     else:
         reason = "nothing prunable"
-    if refused:
-        reason = "; ".join(r for r in (reason, refused) if r)
+    if refused or warned:
+        reason = "; ".join(r for r in (reason, refused, f"warned: {warned}" if warned else "") if r)
     if not ok and analysis.unknown_ops:
         reason += f"; ops without rules: {', '.join(sorted({op.target for op in analysis.unknown_ops if op.touched_channels})[:3])}"
     return {**row, "status": "supported" if ok else "unsupported", "reason": reason, "error": error,

@@ -26,6 +26,11 @@ RIDGE = 1e-3
 RIDGE_PER_FEATURE = 0.3
 
 
+def ridge_strength(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The absolute ridge of a solve with this Gram: ``ridge`` times its mean diagonal (so ``ridge`` is relative)."""
+    return ridge * gram.diagonal().mean().clamp_min(1e-12)
+
+
 def relative_ridge(features: int, rows: int, ridge: float | None = None) -> float:
     """The ridge relative to the Gram's mean diagonal for ``features`` inputs fitted on ``rows`` rows; an explicit
     ``ridge`` is used as it is."""

@@ -24,13 +24,13 @@ import torch
 
 from ..data import batches, input_names
 from ..errors import InvalidArgumentError
-from ..statistics import LinearCall, Product, attention_products, linear_calls, relative_ridge, watch
+from ..statistics import LinearCall, Product, attention_products, linear_calls, relative_ridge, ridge_strength, watch
 from . import heads_from_channels, register
 from .magnitude import l2
 
 
 def _ridged_inverse_diagonal(gram: torch.Tensor, ridge: float) -> torch.Tensor:
-    strength = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    strength = ridge_strength(gram, ridge)
     return torch.linalg.inv(gram + strength * torch.eye(gram.shape[0], dtype=gram.dtype)).diagonal()
 
 

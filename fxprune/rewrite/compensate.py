@@ -30,7 +30,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..statistics import RIDGE, LinearCall, Product, Runner, attention_products, linear_calls, relative_ridge, watch
+from ..statistics import (RIDGE, LinearCall, Product, Runner, attention_products, linear_calls, relative_ridge,
+                          ridge_strength, watch)
 
 
 
@@ -152,17 +153,13 @@ def ridge_solve(xx: torch.Tensor, xy: torch.Tensor, prior: torch.Tensor, ridge: 
 
     XᵀX + λI is symmetric positive definite: a Cholesky solve (half an LU's work), LU where rounding makes
     the factorisation fail."""
-    strength = _strength(xx, ridge)
+    strength = ridge_strength(xx, ridge)
     system = xx + strength * torch.eye(xx.shape[0], dtype=xx.dtype)
     rhs = xy + strength * prior
     factor, info = torch.linalg.cholesky_ex(system)
     if int(info) == 0:
         return torch.cholesky_solve(rhs, factor)
     return torch.linalg.solve(system, rhs)
-
-
-def _strength(xx: torch.Tensor, ridge: float) -> torch.Tensor:
-    return ridge * xx.diagonal().mean().clamp_min(1e-12)
 
 
 def _error(xx: torch.Tensor, xy: torch.Tensor, yy: float, v: torch.Tensor) -> float:
@@ -174,7 +171,7 @@ def _solution_error(xx: torch.Tensor, xy: torch.Tensor, yy: float, v: torch.Tens
                     ridge: float) -> float:
     """``_error`` of ``v = ridge_solve(xx, xy, prior, ridge)`` without a product with ``xx``: the solve's
     equations give XᵀX V = XᵀY + λ (prior - V), so ||X V - Y||² = ||Y||² - V·XᵀY + λ V·(prior - V)."""
-    return float(yy - (v * xy).sum() + _strength(xx, ridge) * (v * (prior - v)).sum())
+    return float(yy - (v * xy).sum() + ridge_strength(xx, ridge) * (v * (prior - v)).sum())
 
 
 def set_tensor(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import meta
-from ..statistics import tensor_name, watch
+from ..statistics import ridge_strength, tensor_name, watch
 from .compensate import set_tensor
 
 PREFIX = meta.REWEIGHT_PREFIX
@@ -71,7 +71,7 @@ class ReweightStatistics:
         system = torch.cat([top, bottom], 0)
         rhs = torch.cat([self.cross, self.sums @ w.T @ w_k])
         k = len(self.kept)
-        strength = ridge * system.diagonal().mean().clamp_min(1e-12)
+        strength = ridge_strength(system, ridge)
         prior = torch.cat([torch.ones(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)])
         solution = torch.linalg.solve(system + strength * torch.eye(2 * k, dtype=torch.float64),
                                       rhs + strength * prior)

@@ -220,7 +220,7 @@ def removed_structure(analysis, plan) -> dict:
 
 
 def run_method(task: Task, analysis, method: str, target: float, log, kinds: tuple[str, ...] = DEFAULT_KINDS,
-               compensations: tuple[str, ...] = DEFAULT_COMPENSATIONS, auto_steps: int | None = AUTO_STEPS) -> dict:
+               compensations: tuple[str, ...] = DEFAULT_COMPENSATIONS, auto_steps: int = AUTO_STEPS) -> dict:
     full = fxprune.count_macs(task.model, (task.example,))
     row: dict = {"model": task.name, "method": method, "target": target,
                  "kinds": PEER_KINDS if method == "torch-pruning" else ",".join(kinds)}
@@ -233,9 +233,8 @@ def run_method(task: Task, analysis, method: str, target: float, log, kinds: tup
             return row
         reweighted = None
     elif method == "auto":
-        steps = {} if auto_steps is None else {"steps": auto_steps}
         reweighted = fxprune.auto_prune(task.model, task.calibration, target, example_inputs=(task.example,),
-                                        progress=False, compensation="reweight", kinds=kinds, **steps)
+                                        steps=auto_steps, progress=False, compensation="reweight", kinds=kinds)
         pruned = fxprune.apply(analysis, fxprune.plan_of(reweighted))
         row["kept"] = kept_fractions(analysis, fxprune.plan_of(reweighted))
         row.update(removed_structure(analysis, fxprune.plan_of(reweighted)))
@@ -252,13 +251,14 @@ def run_method(task: Task, analysis, method: str, target: float, log, kinds: tup
     start_from = pruned
     if reweighted is not None:
         row["reweighted"] = task.evaluate(reweighted)
-        for compensation in compensations:  # the same plan, compensated by least squares instead
+        for compensation in compensations:  # the same plan, compensated by least squares instead (in the order
+            # of COMPENSATIONS, so fine-tuning starts from the last: sequential where it was asked)
             started = time.perf_counter()
             compensated = fxprune.apply(analysis, fxprune.plan_of(reweighted), reweight_data=task.calibration,
                                         compensation=compensation, verify=False)
             row[f"{compensation}_s"] = time.perf_counter() - started
             row[compensation] = task.evaluate(compensated)
-            start_from = compensated if compensation == "sequential" or len(compensations) == 1 else start_from
+            start_from = compensated
     started = time.perf_counter()
     row["finetuned"] = _finetune(task, start_from)
     row["finetune_s"] = time.perf_counter() - started
@@ -356,9 +356,9 @@ def plot_kept(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def run_serial(args: argparse.Namespace, kind_sets: list[tuple[str, ...]], compensations: tuple[str, ...],
+def run_tasks(args: argparse.Namespace, kind_sets: list[tuple[str, ...]], compensations: tuple[str, ...],
                log) -> tuple[list[dict], dict]:
-    """Every model, target and method in this process, in order."""
+    """Every model, target and method asked, in order: (rows, unpruned scores by model)."""
     methods = peer.usable(args.methods, log)
     rows, originals, started = [], {}, time.perf_counter()
     for key in args.models:
@@ -411,7 +411,7 @@ def main() -> None:
     log = lambda message: print(message, flush=True)  # noqa: E731
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
-    rows, originals = run_serial(args, kind_sets, compensations, log)
+    rows, originals = run_tasks(args, kind_sets, compensations, log)
     Path(args.json).parent.mkdir(exist_ok=True)
     Path(args.json).write_text(json.dumps({"originals": originals, "rows": rows, "threads": args.threads,
                                            "kinds": args.kinds, "compensations": list(compensations),

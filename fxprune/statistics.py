@@ -39,6 +39,116 @@ def relative_ridge(features: int, rows: int, ridge: float | None = None) -> floa
     return max(RIDGE, RIDGE_PER_FEATURE * features / max(rows, 1))
 
 
+class Moments:
+    """Running second moments of calibration rows, without storing them: for inputs X (features last) and
+    outputs Y, ``XᵀX``, ``XᵀY`` and ``||Y||²``; with ``ones``, X is extended by a ones column, so the Gram also
+    holds X's column sums and the row count, and the cross term Y's column sums.
+
+    Cost and precision, batch by batch: the rows are gathered once into a buffer ``Z = [X | Y]`` (``columns``
+    picks X's features) shifted by the first batch's means, so that large means do not swamp the float32
+    products; one float32 product (float64 for float64 inputs) covers the Gram's block-rows from the diagonal
+    rightwards only (the Gram is symmetric: three blocks compute about 2/3 of a full product) and the cross
+    term, added in place into a running sum that goes into float64 every ``FLUSH`` batches. Column sums are
+    pairwise sums. The unshifted moments are put back together in float64 when read."""
+
+    BLOCK = 256  # Gram block-rows of about this many features: fewer products, each still large
+    FLUSH = 8
+
+    def __init__(self, ones: bool = False) -> None:
+        self.ones = ones
+        self.rows, self.width = 0, 0
+        self._shift: torch.Tensor | None = None  # of Z's columns
+        self._recent: torch.Tensor | None = None  # block-upper ZᵀZ[:width] since the last flush
+        self._total: torch.Tensor | None = None  # float64
+        self._sums: torch.Tensor | float = 0.0  # of Z's shifted columns, float64
+        self._squares: torch.Tensor | float = 0.0  # of Y's shifted columns, float64
+        self._pending = 0
+        self._whole: tuple[torch.Tensor, torch.Tensor] | None = None  # what _unshifted made of the sums so far
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> None:
+        """Add the rows of ``x`` (only its ``columns`` features when given) and of ``y`` (the same rows)."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        width = x.shape[1] if columns is None else len(columns)
+        outs = 0 if y is None else y.shape[-1]
+        z = torch.empty(x.shape[0], width + outs, dtype=dtype)
+        if columns is None:
+            z[:, :width].copy_(x)
+        elif x.dtype == dtype:
+            torch.index_select(x, 1, columns, out=z[:, :width])
+        else:
+            z[:, :width].copy_(x.index_select(1, columns))
+        if y is not None:
+            y = y.detach().reshape(-1, outs)
+            z[:, width:].copy_(y)
+        if self._recent is None:
+            self.width = width
+            self._shift = z.mean(0)
+            self._recent = torch.zeros(width, width + outs, dtype=dtype)
+        z.sub_(self._shift)
+        for start, end in self._blocks():
+            self._recent[start:end, start:].addmm_(z[:, start:end].T, z[:, start:])
+        self._sums = self._sums + z.sum(0).double()
+        if y is not None:  # Y's shifted squares, column by column: small numbers summed pairwise in float32
+            self._squares = self._squares + z[:, width:].square().sum(0).double()
+        self.rows += x.shape[0]
+        self._pending += 1
+        self._whole = None
+        if self._pending == self.FLUSH:
+            self._flush()
+
+    def _blocks(self) -> list[tuple[int, int]]:
+        count = max(1, round(self.width / self.BLOCK))
+        edges = [round(i * self.width / count) for i in range(count + 1)]
+        return list(zip(edges, edges[1:]))
+
+    def _flush(self) -> None:
+        if self._pending:
+            recent = self._recent.to(torch.float64, copy=True)  # a copy even when already float64
+            self._total = recent if self._total is None else self._total.add_(recent)
+            self._recent.zero_()
+            self._pending = 0
+
+    def _unshifted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """ZᵀZ[:width] (the Gram made whole from its upper blocks) and Zᵀ1 of the unshifted rows, float64."""
+        self._flush()
+        if self._total is None:
+            raise ValueError("fxprune: no calibration rows were recorded")
+        if self._whole is None:
+            moments = self._total.clone()
+            for start, end in self._blocks():  # the blocks left of the diagonal were never computed
+                moments[end:, start:end] = moments[start:end, end:self.width].T
+            shift, sums, w = self._shift.double(), self._sums, self.width
+            # (Z_c + 1 sᵀ)ᵀ(Z_c + 1 sᵀ) = Z_cᵀZ_c + Z_cᵀ1 sᵀ + s (Z_cᵀ1 + n s)ᵀ, its first width rows
+            moments.addr_(sums[:w], shift).addr_(shift[:w], sums + self.rows * shift)
+            self._whole = moments, sums + self.rows * shift
+        return self._whole
+
+    @property
+    def yy(self) -> float:
+        """||Y||² (0 without outputs)."""
+        shift, sums = self._shift.double()[self.width:], self._sums[self.width:]
+        return float((self._squares + 2 * shift * sums + self.rows * shift.square()).sum())
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """XᵀX (float64, symmetric), with the ones column last when ``ones``."""
+        moments, sums = self._unshifted()
+        gram = moments[:, :self.width]
+        if not self.ones:
+            return gram
+        corner = torch.tensor([[float(self.rows)]], dtype=torch.float64)
+        return torch.cat([torch.cat([gram, sums[:self.width, None]], 1),
+                          torch.cat([sums[None, :self.width], corner], 1)], 0)
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """XᵀY (float64), with Y's column sums as a last row when ``ones``."""
+        moments, sums = self._unshifted()
+        cross = moments[:, self.width:]
+        return torch.cat([cross, sums[None, self.width:]], 0) if self.ones else cross
+
+
 def tensor_name(x: Any) -> str | None:
     """The parameter or buffer a node argument names (a module's ParamRef or a get_attr node)."""
     if isinstance(x, ParamRef):
@@ -164,36 +274,38 @@ def attention_products(analysis) -> list[Product]:
     return found
 
 
-class _Watcher(Interpreter):
-    """Runs a graph and hands named nodes' (args, output) to callbacks."""
-
-    def __init__(self, gm: fx.GraphModule, callbacks: dict[str, Callable[[tuple, Any], None]]) -> None:
-        super().__init__(gm)
-        self.callbacks = callbacks
-
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
-        callback = self.callbacks.get(n.name)
+def _watched(gm: fx.GraphModule, callbacks: dict[str, Callable[[tuple, Any], None]]) -> fx.GraphModule:
+    """A copy of ``gm`` whose code calls ``callbacks[name](args, output)`` right after node ``name`` (the
+    generated code runs at plain forward speed, where an Interpreter costs Python work per node)."""
+    graph = fx.Graph()
+    graph.set_codegen(gm.graph._codegen)  # exported graphs take and return pytrees
+    copies: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        copies[node] = graph.node_copy(node, lambda n: copies[n])
+        callback = callbacks.get(node.name)
         if callback is not None:
-            callback(tuple(self.env[a] if isinstance(a, fx.Node) else a for a in n.args), result)
-        return result
+            graph.call_function(callback, (copies[node].args, copies[node]))
+    return fx.GraphModule(gm, graph)
 
 
 def watch(gm: fx.GraphModule, batches: Iterable[tuple], callbacks: dict[str, Callable[[tuple, Any], None]]) -> None:
     """Run ``gm`` on every batch; after each named node runs, call its callback with (args, output)."""
     if callbacks:
+        watched = _watched(gm, callbacks)
         with torch.no_grad():
             for batch in batches:
-                _Watcher(gm, callbacks).run(*batch)
+                watched(*batch)
 
 
 class Runner(Interpreter):
     """Runs a graph on one batch a stretch at a time, so that later stretches resume where earlier ones stopped."""
 
-    def __init__(self, gm: fx.GraphModule, batch: tuple) -> None:
+    def __init__(self, gm: fx.GraphModule, batch: tuple,
+                 callbacks: dict[str, Callable[[tuple, Any], None]] | None = None) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.nodes, self.position = list(gm.graph.nodes), 0
         self.args_iter = iter(batch)
+        self.callbacks = callbacks or {}  # as ``watch``'s: called with (args, output) after the node runs
 
     def run_until(self, name: str, inclusive: bool) -> Any:
         """Run the nodes before ``name`` (and ``name`` too when ``inclusive``); the args of ``name`` (or its output).
@@ -206,11 +318,20 @@ class Runner(Interpreter):
                     return tuple(self.env[a] if isinstance(a, fx.Node) else a for a in node.args)
                 self.position += 1
                 self.env[node] = self.run_node(node)
+                callback = self.callbacks.get(node.name)
+                if callback is not None:
+                    callback(tuple(self.env[a] if isinstance(a, fx.Node) else a for a in node.args), self.env[node])
                 for dead in self.user_to_last_uses.get(node, []):
                     del self.env[dead]
                 if node.name == name:
                     return self.env[node]
         raise KeyError(name)
+
+    def run_to_end(self) -> None:
+        """Run what is left of the graph (for the callbacks)."""
+        with torch.no_grad():
+            while self.position < len(self.nodes) and self.nodes[self.position].op != "output":
+                self.run_until(self.nodes[self.position].name, inclusive=True)
 
     def refresh(self, targets: set[str]) -> None:
         """Re-read parameters replaced since they were fetched (an exported graph fetches them all up front)."""

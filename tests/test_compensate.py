@@ -10,7 +10,7 @@ from fxprune import meta
 from fxprune.analysis.shapes import kept_indices
 from fxprune.errors import InvalidArgumentError
 from fxprune.rewrite.compensate import ridge_solve
-from fxprune.statistics import RIDGE, RIDGE_PER_FEATURE, relative_ridge
+from fxprune.statistics import RIDGE, RIDGE_PER_FEATURE, relative_ridge, watch
 from helpers import assert_unchanged, examples, small_vit, state_snapshot
 
 X = torch.randn(1, 3, 16, 16)
@@ -183,6 +183,49 @@ def test_key_rows_absorb_removed_query_channels_that_kept_ones_explain():
     assert before > 1e-2 and after < 1e-3 * before
 
 
+class KeyBeforeMlp(Attention):
+    """k is computed from the block input before an MLP whose fc2 shrinks; q and v read the MLP's output."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__(dim, heads)
+        self.fc1, self.fc2 = nn.Linear(dim, 32), nn.Linear(32, dim)
+
+    def forward(self, x):
+        k = self.split(self.k(x))
+        h = x + self.fc2(F.gelu(self.fc1(x)))
+        out = F.scaled_dot_product_attention(self.split(self.q(h)), k, self.split(self.v(h)))
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("model_class", [Attention, KeyBeforeMlp])
+def test_sequential_folds_the_same_key_rows_as_one_shot(model_class):
+    """The key fold regresses on the unpruned model's queries in both modes, so k comes out the same. Sequential
+    records the queries on the way through its layer-by-layer runs; where k's Linear runs before an earlier
+    shrinking layer (KeyBeforeMlp), by a pass of its own, before any pruned run reaches k."""
+    torch.manual_seed(0)
+    model = model_class().eval()
+    example = (torch.randn(2, 5, 16),)
+    analysis = fxprune.analyze(model, example)
+    plan = fxprune.plan(analysis, 0.5)
+    data = [torch.randn(4, 7, 16) for _ in range(3)]
+    plain = fxprune.apply(analysis, plan)
+    one_shot = fxprune.apply(analysis, plan, reweight_data=data, compensation="least_squares")
+    sequential = fxprune.apply(analysis, plan, reweight_data=data, compensation="sequential")
+    assert not torch.allclose(one_shot.k.weight, plain.k.weight, atol=1e-4)
+    assert torch.allclose(sequential.k.weight, one_shot.k.weight, atol=1e-6)
+    assert torch.allclose(sequential.k.bias, one_shot.k.bias, atol=1e-6)
+    # proj, the last layer, was fitted on inputs of the model with k already folded: the fit recomputed on the result
+    keep = kept_indices(analysis, plan.removed_atoms(analysis))
+    inputs, targets = [], []
+    watch(sequential, [(x,) for x in data], {"proj": lambda args, out: inputs.append(args[0])})
+    watch(analysis.gm, [(x,) for x in data], {"proj": lambda args, out: targets.append(out)})
+    design = torch.cat([torch.cat(inputs).reshape(-1, 8).double(), torch.ones(3 * 4 * 7, 1, dtype=torch.float64)], 1)
+    prior = torch.cat([model.proj.weight.double()[:, keep["proj.weight"][1]].T, model.proj.bias.double()[None]])
+    strength = relative_ridge(design.shape[1], len(design)) * float((design.T @ design).diagonal().mean())
+    expected = _explicit_ridge(design, torch.cat(targets).reshape(-1, 16).double(), prior, strength)
+    assert torch.allclose(sequential.proj.weight.double(), expected[:-1].T, atol=1e-5)
+
+
 def test_compensation_options_are_checked():
     model = small_vit(depth=1)
     with pytest.raises(InvalidArgumentError, match="compensation"):
@@ -298,7 +341,6 @@ def test_sequential_fits_each_layer_on_the_model_compensated_before_it_in_an_exp
     pytest.importorskip("transformers")
     import hf_models
     from fxprune.rewrite.compensate import shrinking_layers
-    from fxprune.statistics import watch
 
     generator = torch.Generator().manual_seed(0)
     model = hf_models.build("BERT", attention="sdpa")

@@ -24,7 +24,8 @@ import torch
 
 from ..data import batches, input_names
 from ..errors import InvalidArgumentError
-from ..statistics import LinearCall, Product, attention_products, linear_calls, relative_ridge, ridge_strength, watch
+from ..statistics import (LinearCall, Moments, Product, attention_products, linear_calls, relative_ridge,
+                          ridge_strength, watch)
 from . import heads_from_channels, register
 from .magnitude import l2
 
@@ -38,14 +39,9 @@ def _input_space(analysis, call: LinearCall):
     return next((s for s in analysis.ids.param_spaces if s.param == call.weight and s.dim == call.in_dim), None)
 
 
-def _gram_callback(call: LinearCall, grams: dict, rows: dict) -> Callable:
+def _gram_callback(call: LinearCall, moments: Moments) -> Callable:
     def record(args: tuple, output: Any) -> None:
-        x = args[call.input_position].detach()
-        x = x.reshape(-1, x.shape[-1]).float()
-        if call.bias is not None:
-            x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
-        grams[call.node] = grams.get(call.node, 0) + (x.T @ x).double()
-        rows[call.node] = rows.get(call.node, 0) + x.shape[0]
+        moments.add(args[call.input_position])
     return record
 
 
@@ -118,17 +114,19 @@ def reconstruction(analysis, data=None, max_batches: int | None = 8, ridge: floa
         if space is not None and bool(prunable[atom_of[space.start:space.start + space.size]].any()):
             layers.append(call)
     products = [p for p in attention_products(analysis) if bool(prunable[atom_of[p.query.ids]].any())]
-    grams: dict[str, torch.Tensor] = {}
+    grams = {call.node: Moments(ones=call.bias is not None) for call in layers}
     moments: dict[str, tuple] = {}
     rows: dict[str, int] = {}
-    callbacks = {call.node: _gram_callback(call, grams, rows) for call in layers}
+    callbacks = {call.node: _gram_callback(call, grams[call.node]) for call in layers}
     callbacks.update({product.node: _product_callback(product, moments, rows) for product in products})
     watch(analysis.gm, calibration, callbacks)
 
     scores = torch.zeros(analysis.atoms.count, dtype=torch.float64)
     covered = torch.zeros(analysis.atoms.count, dtype=torch.bool)
     for call in layers:
-        ids, costs = _layer_costs(analysis, call, grams[call.node], rows[call.node], ridge)
+        if not grams[call.node].rows:  # never ran on the calibration data: its channels fall back to magnitude
+            continue
+        ids, costs = _layer_costs(analysis, call, grams[call.node].gram, grams[call.node].rows, ridge)
         scores.index_add_(0, atom_of[ids], costs)
         covered[atom_of[ids]] = True
     for product in products:

@@ -30,8 +30,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..statistics import (RIDGE, LinearCall, Product, Runner, attention_products, linear_calls, relative_ridge,
-                          ridge_strength, watch)
+from ..statistics import (RIDGE, LinearCall, Moments, Product, Runner, attention_products, linear_calls,
+                          relative_ridge, ridge_strength, watch)
 
 
 
@@ -88,53 +88,10 @@ def qk_sites(analysis, removed: torch.Tensor) -> list[QkSite]:
     return sites
 
 
-class _LayerStatistics:
-    """Accumulates X_KᵀX_K and X_KᵀY for one layer (X_K with a ones column when the layer has a bias).
-
-    Each batch's products are float32 matrix products (the cost of compensation), added into float64 sums in
-    place; the ones column's blocks are column sums, joined to the products once, when the layer is solved.
-    """
-
-    def __init__(self, layer: Layer) -> None:
-        self.layer = layer
-        self.gram: torch.Tensor | None = None  # X_KᵀX_K
-        self.cross: torch.Tensor | None = None  # X_KᵀY
-        self.x_sum: torch.Tensor | float = 0.0
-        self.y_sum: torch.Tensor | float = 0.0
-        self.rows = 0
-        self.yy = 0.0
-
-    def add(self, x_kept: torch.Tensor, y: torch.Tensor) -> None:
-        x = x_kept.detach().reshape(-1, x_kept.shape[-1]).float()
-        y = y.detach().reshape(-1, y.shape[-1]).float()
-        if self.gram is None:
-            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-            self.cross = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
-        self.gram.add_(x.T @ x)
-        self.cross.add_(x.T @ y)
-        if self.layer.bias is not None:  # float32 sums of one batch (pairwise), accumulated in float64
-            self.x_sum = self.x_sum + x.sum(0).double()
-            self.y_sum = self.y_sum + y.sum(0).double()
-        self.rows += x.shape[0]
-        self.yy += float(torch.linalg.vector_norm(y)) ** 2
-
-    @property
-    def xx(self) -> torch.Tensor:
-        if self.layer.bias is None:
-            return self.gram
-        corner = torch.tensor([[float(self.rows)]], dtype=torch.float64)
-        return torch.cat([torch.cat([self.gram, self.x_sum[:, None]], 1),
-                          torch.cat([self.x_sum[None], corner], 1)], 0)
-
-    @property
-    def xy(self) -> torch.Tensor:
-        return self.cross if self.layer.bias is None else torch.cat([self.cross, self.y_sum[None]], 0)
-
-
-def _layer_callback(layer: Layer, statistics: _LayerStatistics) -> Callable:
+def _layer_callback(layer: Layer, moments: Moments) -> Callable:
     """Records the unpruned layer's kept inputs and its output (one-shot statistics)."""
     def record(args: tuple, output: Any) -> None:
-        statistics.add(args[layer.input_position].index_select(-1, layer.kept), output)
+        moments.add(args[layer.input_position], output, columns=layer.kept)
     return record
 
 
@@ -214,12 +171,12 @@ def _fold_layer(gm: fx.GraphModule, layer: Layer, v: torch.Tensor) -> None:
         set_tensor(gm, layer.bias, v[k])
 
 
-def _solve_layer(gm, analysis, keep, layer: Layer, statistics: _LayerStatistics, ridge: float | None) -> Fitted:
+def _solve_layer(gm, analysis, keep, layer: Layer, moments: Moments, ridge: float | None) -> Fitted:
     prior = _original_rows(analysis, keep, layer)
-    xx, xy = statistics.xx, statistics.xy
-    strength = relative_ridge(xx.shape[0], statistics.rows, ridge)
+    xx, xy = moments.gram, moments.cross  # with a ones column for the bias, if the layer has one
+    strength = relative_ridge(xx.shape[0], moments.rows, ridge)
     v = ridge_solve(xx, xy, prior, strength)  # Y was recorded at the kept outputs only
-    before, after = _error(xx, xy, statistics.yy, prior), _solution_error(xx, xy, statistics.yy, v, prior, strength)
+    before, after = _error(xx, xy, moments.yy, prior), _solution_error(xx, xy, moments.yy, v, prior, strength)
     _fold_layer(gm, layer, v)
     return Fitted(layer.node, before, after)
 
@@ -275,22 +232,36 @@ def least_squares(gm: fx.GraphModule, analysis, keep: dict, removed: torch.Tenso
     present = {n.name for n in gm.graph.nodes}  # a removed residual branch takes its layers with it
     layers = [layer for layer in shrinking_layers(analysis, keep) if layer.node in present]
     sites = [site for site in qk_sites(analysis, removed) if site.product.node in present]
-    grams: dict[str, torch.Tensor] = {}
-    query_rows: dict[str, int] = {}
-    statistics = {layer.node: _LayerStatistics(layer) for layer in layers}
-    callbacks = {site.product.node: _query_callback(site, grams, query_rows) for site in sites}
+    keys = _KeyFolds(gm, analysis, keep, removed, ridge)
+    moments = {layer.node: Moments(ones=layer.bias is not None) for layer in layers}
     out_kept = {layer.node: keep.get(layer.weight, {}).get(1 - layer.in_dim) for layer in layers}
-    if not sequential:
-        callbacks.update({layer.node: _layer_callback(layer, statistics[layer.node]) for layer in layers})
-    watch(analysis.gm, batches, {n: _kept_outputs(c, out_kept.get(n)) for n, c in callbacks.items()})
-    fitted = []
-    for site in sites:
-        if site.product.node in grams:
-            fitted += _fold_keys(gm, analysis, keep, site, grams[site.product.node], query_rows[site.product.node],
-                                 removed, ridge)
     if sequential:
-        return fitted + _sequential(gm, analysis, keep, layers, statistics, out_kept, batches, ridge)
-    return fitted + [_solve_layer(gm, analysis, keep, layer, statistics[layer.node], ridge) for layer in layers]
+        return _sequential(gm, analysis, layers, sites, keys, moments, out_kept, batches, ridge)
+    callbacks = {site.product.node: keys.recorder(site) for site in sites}
+    callbacks.update({layer.node: _kept_outputs(_layer_callback(layer, moments[layer.node]), out_kept[layer.node])
+                      for layer in layers})
+    watch(analysis.gm, batches, callbacks)
+    fitted = [f for site in sites for f in keys.fold(site)]
+    return fitted + [_solve_layer(gm, analysis, keep, layer, moments[layer.node], ridge) for layer in layers]
+
+
+class _KeyFolds:
+    """The q·kᵀ sites' query Grams, recorded on the unpruned model, and their folds into ``gm``'s k rows."""
+
+    def __init__(self, gm: fx.GraphModule, analysis, keep: dict, removed: torch.Tensor, ridge: float | None) -> None:
+        self.gm, self.analysis, self.keep, self.removed, self.ridge = gm, analysis, keep, removed, ridge
+        self.grams: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+
+    def recorder(self, site: QkSite) -> Callable:
+        return _query_callback(site, self.grams, self.rows)
+
+    def fold(self, site: QkSite) -> list[Fitted]:
+        node = site.product.node
+        if node not in self.grams:  # the product never ran on the calibration data
+            return []
+        return _fold_keys(self.gm, self.analysis, self.keep, site, self.grams[node], self.rows[node], self.removed,
+                          self.ridge)
 
 
 def _kept_outputs(callback: Callable, out_kept: torch.Tensor | None) -> Callable:
@@ -300,20 +271,48 @@ def _kept_outputs(callback: Callable, out_kept: torch.Tensor | None) -> Callable
     return lambda args, output: callback(args, output.index_select(-1, out_kept))
 
 
-def _sequential(gm, analysis, keep, layers: list[Layer], statistics: dict, out_kept: dict, batches: list[tuple],
-                ridge: float | None) -> list[Fitted]:
-    """Layer after layer: X_K from the pruned model as compensated so far, Y from the unpruned model."""
-    originals = [Runner(analysis.gm, batch) for batch in batches]
+def _sequential(gm, analysis, layers: list[Layer], sites: list[QkSite], keys: _KeyFolds, moments: dict,
+                out_kept: dict, batches: list[tuple], ridge: float | None) -> list[Fitted]:
+    """Layer after layer: X_K from the pruned model as compensated so far, Y from the unpruned model.
+
+    The query Grams are recorded on the way by the same unpruned runs (no extra forward pass): a site is folded
+    once every unpruned run has passed its product and before any pruned run reaches its k Linear. A site whose
+    k Linear comes before an earlier shrinking layer (which the pruned runs may have passed already) is recorded
+    by a pass of its own first."""
+    order = {node.name: i for i, node in enumerate(analysis.gm.graph.nodes)}
+    starts = [order[layer.node] for layer in layers]
+
+    def recorded_on_the_way(site: QkSite) -> bool:
+        before = [start for start in starts if start < order[site.product.node]]
+        return not before or order[site.product.key_source] > max(before)
+
+    early = [site for site in sites if not recorded_on_the_way(site)]
+    watch(analysis.gm, batches, {site.product.node: keys.recorder(site) for site in early})
+    fitted = [f for site in early for f in keys.fold(site)]
+    pending = sorted((site for site in sites if recorded_on_the_way(site)), key=lambda site: order[site.product.node])
+    recorders = {site.product.node: keys.recorder(site) for site in pending}
+    originals = [Runner(analysis.gm, batch, recorders) for batch in batches]
     pruned = [Runner(gm, batch) for batch in batches]
-    fitted = []
+
+    def fold_passed(position: float) -> None:  # sites whose product every unpruned run has passed
+        while pending and order[pending[0].product.node] <= position:
+            site = pending.pop(0)
+            fitted.extend(keys.fold(site))
+            for current in pruned:
+                current.refresh({site.weight, site.bias} - {None})
+
     for layer in layers:
-        for original, current in zip(originals, pruned):
-            y = original.run_until(layer.node, inclusive=True)
+        outputs = [original.run_until(layer.node, inclusive=True) for original in originals]
+        fold_passed(order[layer.node])
+        for y, current in zip(outputs, pruned):
             x = current.run_until(layer.node, inclusive=False)[layer.input_position]
             kept = out_kept[layer.node]
-            statistics[layer.node].add(x, y if kept is None else y.index_select(-1, kept))
-        fitted.append(_solve_layer(gm, analysis, keep, layer, statistics[layer.node], ridge))
+            moments[layer.node].add(x, y if kept is None else y.index_select(-1, kept))
+        fitted.append(_solve_layer(gm, analysis, keys.keep, layer, moments[layer.node], ridge))
         for current in pruned:  # what the solve replaced, wherever a runner already fetched it
             current.refresh({layer.weight, layer.bias} - {None})
+    if pending:
+        for original in originals:
+            original.run_to_end()
+        fold_passed(float("inf"))
     return fitted
-

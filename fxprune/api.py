@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 from . import importance as importance_
-from . import budget, depth
+from . import budget, depth, latency_budget
 from .allocate import DEFAULT_KINDS, HEAD_UNITS, global_budget, uniform
 from . import coverage
 from .analysis import KINDS, Analysis, analyze_captured
@@ -42,7 +42,7 @@ def _analysis(model_or_analysis, example_inputs, untie_shared_convs: bool = Fals
 def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, example_inputs: Sequence | None = None,
          importance: str = "l2", kinds: Iterable[str] = DEFAULT_KINDS, head_ratio: float = 0.0, seed: int = 0,
          untie_shared_convs: bool = False, target_macs: float | None = None, target_params: float | None = None,
-         data: Iterable | None = None, min_head_width: int = 1, ignored_layers: Iterable[str] = (),
+         target_latency: float | None = None, data: Iterable | None = None, min_head_width: int = 1, ignored_layers: Iterable[str] = (),
          round_to: int = 1, strict: bool = False, heads: str = "kv_groups") -> Plan:
     """Decide what to remove.
 
@@ -50,6 +50,10 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     (and of every MLP hidden layer) in every prunable group. With ``target_macs`` or ``target_params`` (a
     fraction of the original, instead of ``ratio``): the least important channels model-wide, compared
     within each kind (qk, v, mlp), until the budget is met; every head keeps ``min_head_width`` channels.
+    ``target_latency`` is such a budget on the time of a forward pass at the example inputs, on the device the
+    model is on: every node of the original is timed once, and each node's time is scaled by the share of its
+    MACs (or, for other ops, of its output elements) the plan keeps (``fxprune/latency_budget.py``;
+    ``plan.options["latency_ms"]`` holds the original's estimate, ``["reached"]`` the fraction kept).
 
     ``importance``: "l2", "l1", "random", "dimap" (data-free), "taylor" and "attention" (need ``data``: input
     batches). ``ignored_layers``: module names (or prefixes) whose parameters must not shrink: every group
@@ -73,15 +77,17 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     layer scales, the classifier). Its norms then normalise over the kept channels: the pruned model equals
     the original whose stream norms compute their statistics over the kept channels (activation level).
     """
-    targets = [t for t in (ratio, target_macs, target_params) if t is not None]
+    targets = [t for t in (ratio, target_macs, target_params, target_latency) if t is not None]
     if len(targets) > 1:
-        raise InvalidArgumentError("fxprune: give one of ratio, target_macs or target_params")
+        raise InvalidArgumentError("fxprune: give one of ratio, target_macs, target_params or target_latency")
+    budgets = {"macs": target_macs, "params": target_params, "latency": target_latency}
+    budget_name = next((name for name, value in budgets.items() if value is not None), None)
     ratio = 0.0 if not targets else ratio
     head_ratio = _check_ratio(head_ratio, "head_ratio")
     if heads not in HEAD_UNITS:
         raise InvalidArgumentError(f"fxprune: heads must be one of {list(HEAD_UNITS)}, got {heads!r}")
-    if heads != "kv_groups" and (target_macs is not None or target_params is not None):
-        raise InvalidArgumentError(f"fxprune: heads={heads!r} works with ratio, not with target_macs / target_params")
+    if heads != "kv_groups" and budget_name is not None:
+        raise InvalidArgumentError(f"fxprune: heads={heads!r} works with ratio, not with target_{budget_name}")
     kinds = _check_kinds(kinds)
     if isinstance(min_head_width, bool) or not isinstance(min_head_width, int) or min_head_width < 1:
         raise InvalidArgumentError(f"fxprune: min_head_width must be a positive integer, got {min_head_width!r}")
@@ -105,11 +111,12 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
                "untie_shared_convs": analysis.captured.untied}
     branches = depth.find_branches(analysis) if "depth" in kinds else []
     branch_scores = _branch_scores(analysis, branches, data) if branches else None
-    if target_macs is not None or target_params is not None:
-        target = _check_budget(target_macs if target_macs is not None else target_params,
-                               "target_macs" if target_macs is not None else "target_params")
-        measure = _measure(analysis, "macs" if target_macs is not None else "params", branches)
-        options["budget"] = "macs" if target_macs is not None else "params"
+    if budget_name is not None:
+        target = _check_budget(budgets[budget_name], f"target_{budget_name}")
+        measure = _measure(analysis, budget_name, branches)
+        options["budget"] = budget_name
+        if budget_name == "latency":
+            options["latency_ms"] = round(1000 * measure(torch.zeros(analysis.atoms.count, dtype=torch.bool)), 4)
         p = global_budget(analysis, scores, measure, target, kinds,
                           per_group_normalisation=not criterion.comparable_across_groups,
                           min_head_width=min_head_width, head_ratio=head_ratio, options=options,
@@ -139,11 +146,14 @@ def _branch_scores(analysis: Analysis, branches: list, data: Iterable | None) ->
 
 
 def _measure(analysis: Analysis, what: str, branches: list):
-    """MACs or parameters of (removed atoms, removed branch names)."""
+    """MACs, parameters or estimated seconds of (removed atoms, removed branch names)."""
     by_name = {b.name: b for b in branches}
+    estimate = latency_budget.Estimator(analysis, latency_budget.profile(analysis)) if what == "latency" else None
 
-    def measure(removed: torch.Tensor, names: Sequence[str] = ()) -> int:
+    def measure(removed: torch.Tensor, names: Sequence[str] = ()) -> float:
         chosen = [by_name[n] for n in names]
+        if what == "latency":
+            return estimate(removed, depth.dropped_nodes(chosen))
         if what == "macs":
             return budget.macs(analysis, removed, depth.dropped_nodes(chosen))
         return budget.params(analysis, removed, set().union(*(b.parameters for b in chosen)) if chosen else set())
@@ -215,7 +225,8 @@ def _replay_analysis(model: torch.nn.Module | Analysis, p: Plan, example_inputs:
     return _analysis(model, example_inputs, bool(p.options.get("untie_shared_convs")))
 
 
-_KNOWN_OPTIONS = {"kinds", "seed", "head_ratio", "untie_shared_convs", "target_macs", "target_params", "data",
+_KNOWN_OPTIONS = {"kinds", "seed", "head_ratio", "untie_shared_convs", "target_macs", "target_params",
+                  "target_latency", "data",
                   "min_head_width", "reweight_data", "ignored_layers", "round_to", "strict", "verify", "compensation",
                   "heads"}
 
@@ -225,7 +236,7 @@ def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs:
     """Remove ``ratio`` of each head's q/k and v channels and of every MLP hidden layer.
 
     Returns a new, physically smaller ``torch.fx.GraphModule``; ``model`` is not modified.
-    Options: ``target_macs`` / ``target_params`` (instead of ``ratio``; see ``plan``), ``data`` (calibration
+    Options: ``target_macs`` / ``target_params`` / ``target_latency`` (instead of ``ratio``; see ``plan``), ``data`` (calibration
     batches for data-driven importance), ``min_head_width``, ``reweight_data`` (see ``apply``),
     ``head_ratio`` (fraction of every attention's heads to remove first, at least one stays), ``heads`` (kv
     groups or query heads, see ``plan``),
@@ -236,8 +247,9 @@ def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs:
     unknown = set(options) - _KNOWN_OPTIONS
     if unknown:
         raise InvalidArgumentError(f"fxprune: unknown option(s) {sorted(unknown)}; known: {sorted(_KNOWN_OPTIONS)}")
-    if ratio is None and options.get("target_macs") is None and options.get("target_params") is None:
-        raise InvalidArgumentError("fxprune: give ratio (e.g. prune(model, 0.5)) or target_macs= / target_params=")
+    if ratio is None and all(options.get(f"target_{b}") is None for b in ("macs", "params", "latency")):
+        raise InvalidArgumentError("fxprune: give ratio (e.g. prune(model, 0.5)) or target_macs= / target_params= / "
+                                   "target_latency=")
     if ratio is not None:
         ratio = _check_ratio(ratio)
     analysis = _analysis(model, example_inputs, bool(options.pop("untie_shared_convs", False)))

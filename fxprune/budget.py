@@ -20,6 +20,11 @@ def macs(analysis, removed: torch.Tensor, dropped: frozenset[str] | set[str] = f
     """MACs of one forward pass at the example input size after removing ``removed`` atoms and the nodes of
     residual branches removed whole (``dropped``, node names)."""
     shapes = new_shapes(analysis.gm, analysis.atoms.atom_of, removed)
+    return sum(count for name, count in node_macs(analysis, shapes).items() if name not in dropped)
+
+
+def node_macs(analysis, shapes: dict[str, Any]) -> dict[str, int]:
+    """MACs of every node whose op declares them, at the node output shapes ``shapes`` (``new_shapes``)."""
 
     def shape_of(x: Any) -> tuple | None:
         if isinstance(x, ParamRef):
@@ -27,14 +32,14 @@ def macs(analysis, removed: torch.Tensor, dropped: frozenset[str] | set[str] = f
         shape = shapes.get(getattr(x, "name", None))
         return shape if isinstance(shape, tuple) else None
 
-    total = 0
+    counts = {}
     for node in analysis.gm.graph.nodes:
         call = node.meta.get(meta.OP)
         spec = spec_of(call)
         out = shapes.get(node.name)
-        if spec is not None and spec.macs is not None and isinstance(out, tuple) and node.name not in dropped:
-            total += spec.macs(call, out, shape_of)
-    return total
+        if spec is not None and spec.macs is not None and isinstance(out, tuple):
+            counts[node.name] = spec.macs(call, out, shape_of)
+    return counts
 
 
 def params(analysis, removed: torch.Tensor, dropped: frozenset[str] | set[str] = frozenset()) -> int:

@@ -81,7 +81,8 @@ def channel_fraction(analysis, plan, kinds: Iterable[str]) -> float:
 def assess(analysis, plan, kinds: Iterable[str], asked: float, measure: str) -> dict:
     """What was asked and reached, the removable share of MACs and the top frozen reasons, as plain data.
 
-    ``measure``: "channels" (``asked`` is a ratio removed), "macs" or "params" (``asked`` is a fraction kept).
+    ``measure``: "channels" (``asked`` is a ratio removed), "macs", "params" or "latency" (``asked`` is a
+    fraction kept).
     """
     kinds = tuple(kinds)
     if measure == "channels" and set(kinds) <= {"depth"}:  # only whole residual branches were asked for
@@ -104,8 +105,8 @@ def message(coverage: dict) -> str:
     if coverage["measure"] == "channels":
         what = f"removed {100 * coverage['reached']:.1f}% of the channels where {100 * coverage['asked']:.1f}% was asked"
     else:
-        what = (f"kept {100 * coverage['reached']:.1f}% of the {coverage['measure'].upper() if coverage['measure'] == 'macs' else 'parameters'} "
-                f"where {100 * coverage['asked']:.1f}% was the target")
+        measured = {"macs": "MACs", "params": "parameters", "latency": "estimated latency"}[coverage["measure"]]
+        what = f"kept {100 * coverage['reached']:.1f}% of the {measured} where {100 * coverage['asked']:.1f}% was the target"
     lines = [f"fxprune: {what}."]
     if coverage.get("removable_macs") is not None:
         lines.append(f"At most {100 * coverage['removable_macs']:.1f}% of the MACs can be removed in these kinds.")

@@ -86,7 +86,7 @@ def cmd_prune(args) -> int:
     started = time.perf_counter()
     pruned = fxprune.prune(model, args.ratio, example_inputs=inputs, importance=args.importance,
                            head_ratio=args.head_ratio, heads=args.heads, target_macs=args.target_macs,
-                           untie_shared_convs=args.untie, kinds=tuple(args.kinds))
+                           target_latency=args.target_latency, untie_shared_convs=args.untie, kinds=tuple(args.kinds))
     seconds = time.perf_counter() - started
     rows = [fxprune.report.measure("original", model, {1: inputs[0]}, repeats=args.repeats),
             fxprune.report.measure("pruned", pruned, {1: inputs[0]}, repeats=args.repeats, prune_s=seconds)]
@@ -126,6 +126,8 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--heads", choices=["kv_groups", "q_heads"], default="kv_groups",
                        help="grouped-query attention: remove whole kv groups, or query heads inside every kv group")
     prune.add_argument("--target-macs", type=float, help="MACs to keep, as a fraction (instead of --ratio)")
+    prune.add_argument("--target-latency", type=float,
+                       help="estimated latency at batch 1 on this machine to keep, as a fraction (instead of --ratio)")
     prune.add_argument("--importance", default="l2", help="l2, l1, dimap, random (data-free criteria)")
     prune.add_argument("--kinds", nargs="+", default=["qk", "v", "mlp"],
                        help="what to prune: qk, v, mlp (channels), residual (the residual stream's width), "

@@ -104,6 +104,10 @@ def test_cli_prune_inspect_bench(tmp_path, capsys):
                 "--out", str(deep), "--repeats", "1"]) == 0
     assert json.loads((deep / "plan.json").read_text())["plan"]["branches"]
     assert cli(["bench", str(deep), "--batches", "1", "--repeats", "1"]) == 0
+    timed = tmp_path / "timed"  # a latency budget from the command line: the plan says so
+    assert cli(["prune", "deit_tiny_patch16_224", *args, "--target-latency", "0.9", "--out", str(timed),
+                "--repeats", "1"]) == 0
+    assert json.loads((timed / "plan.json").read_text())["plan"]["options"]["budget"] == "latency"
     assert cli(["prune", "no_such_model", "--ratio", "0.5"]) == 2
     assert "neither a saved fxprune directory" in capsys.readouterr().err
     assert cli(["prune", "deit_tiny_patch16_224", *args, "--ratio", "1.5"]) == 2

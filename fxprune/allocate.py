@@ -6,8 +6,10 @@ from typing import Iterable
 
 import torch
 
+from . import meta
 from .analysis.query_heads import MQA, query_heads
 from .plan import Plan, dead_rows, removed_head_channels
+from .statistics import operand
 
 DEFAULT_KINDS = ("qk", "v", "mlp")
 HEAD_UNITS = ("kv_groups", "q_heads")  # what whole-head removal removes in grouped-query attention
@@ -46,9 +48,47 @@ def protected(group, ignored: tuple[str, ...]) -> bool:
     return any(s.param == p or s.param.startswith(p + ".") for s in group.members for p in ignored)
 
 
+def sdpa_pairs(analysis) -> list[tuple[str, str]]:
+    """(q/k group, v group) of every fused ``scaled_dot_product_attention`` whose q/k and v channels are groups.
+
+    Its fast kernels need q/k and v of one head width: with unequal ones it falls back to the math kernel (on
+    this CPU 3–4× slower per attention at ViT-S sizes), so budgets keep the two equal (``equal_head_dims``)."""
+    group_of = {a: g.name for g in analysis.groups if g.kind != "heads" for a in g.atoms}
+    pairs = []
+    for node in analysis.gm.graph.nodes:
+        call = node.meta.get(meta.OP)
+        if call is None or call.op != "sdpa":
+            continue
+        query, value = (operand(node, call.args.get(name), 1) for name in ("query", "value"))
+        if query is None or value is None:
+            continue
+        groups = [group_of.get(int(analysis.atoms.atom_of[op.ids.flatten()[0]])) for op in (query, value)]
+        if None not in groups and groups[0] != groups[1] and tuple(groups) not in pairs:
+            pairs.append(tuple(groups))
+    return pairs
+
+
+def _equal_head_dims(analysis, counts: dict[str, int], widths: dict[str, int], round_to: int,
+                     pairs: list[tuple[str, str]]) -> None:
+    """Give both groups of every pair the same kept head width: the mean of the two (so budgets move little),
+    rounded up to what both groups' atoms and ``round_to`` allow. Pairs where one group is not cut are left."""
+    for qk, v in pairs:
+        if not counts.get(qk) and not counts.get(v) or qk not in widths or v not in widths:
+            continue
+        per_atom = (analysis.group(qk).channels_per_atom, analysis.group(v).channels_per_atom)
+        full = widths[qk] * per_atom[0]
+        if widths[v] * per_atom[1] != full or counts.get(qk) is None or counts.get(v) is None:
+            continue
+        step = math.lcm(*per_atom, round_to)
+        step = step if full % step == 0 else math.lcm(*per_atom)
+        kept = (2 * full - counts[qk] * per_atom[0] - counts[v] * per_atom[1]) / 2
+        kept = min(full, max(step, math.ceil(kept / step) * step))
+        counts[qk], counts[v] = (full - kept) // per_atom[0], (full - kept) // per_atom[1]
+
+
 def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] = DEFAULT_KINDS,
             head_ratio: float = 0.0, options: dict | None = None, ignored: tuple[str, ...] = (),
-            round_to: int = 1, heads: str = "kv_groups") -> Plan:
+            round_to: int = 1, heads: str = "kv_groups", equal_head_dims: bool = True) -> Plan:
     """Remove ``head_ratio`` of the heads of every attention, then ``ratio`` of every remaining head's channels
     (and of every MLP hidden layer) in every prunable group of the given kinds.
 
@@ -80,14 +120,18 @@ def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] =
                     removed[group.name] = [_lowest(scores, group.rows[0], count)]
     gone = removed_head_channels(analysis, removed)
 
-    counts = {}
+    counts, widths = {}, {}
     for group in analysis.groups:
         if group.kind == "heads":
             continue
         alive = [row for row, dead in zip(group.rows, dead_rows(group, gone)) if not dead]
         width = min((len(r) for r in alive), default=0)
         eligible = group.kind in kinds and group.prunable and width > 0 and not protected(group, ignored)
-        counts[group.name] = _fraction(ratio, width, in_atoms(group, round_to)) if eligible else 0
+        counts[group.name] = _fraction(ratio, width, in_atoms(group, round_to)) if eligible else None
+        widths[group.name] = width
+    if equal_head_dims:
+        _equal_head_dims(analysis, counts, widths, round_to, sdpa_pairs(analysis))
+    counts = {name: count or 0 for name, count in counts.items()}
     for group in analysis.groups:  # groups stacked in one tensor must keep equal counts per row
         for peer in group.same_count_as:
             counts[group.name] = min(counts[group.name], counts[peer])
@@ -160,30 +204,36 @@ def _quantiles_within_kind(analysis, scores: torch.Tensor, per_group: bool) -> d
 
 def _threshold_plan(analysis, scores: torch.Tensor, quantile: dict[int, float], threshold: float, kinds: tuple,
                     min_head_width: int, base: dict[str, list[list[int]]], per_row: str = "mean",
-                    ignored: tuple[str, ...] = (), round_to: int = 1) -> dict[str, list[list[int]]]:
+                    ignored: tuple[str, ...] = (), round_to: int = 1,
+                    pairs: list[tuple[str, str]] = ()) -> dict[str, list[list[int]]]:
     removed = dict(base)
     gone = removed_head_channels(analysis, removed)
+    counts, widths, dead = {}, {}, {}
     for group in analysis.groups:
         if group.kind not in kinds or not group.prunable or group.same_count_as or protected(group, ignored):
             continue
-        dead = dead_rows(group, gone)
-        alive = [row for row, d in zip(group.rows, dead) if not d]
+        dead[group.name] = dead_rows(group, gone)
+        alive = [row for row, d in zip(group.rows, dead[group.name]) if not d]
         if not alive:
             continue
-        counts = [sum(1 for a in row if quantile.get(a, 1.0) < threshold) for row in alive]
-        below = sum(counts) / len(alive) if per_row == "mean" else min(counts)
-        width = min(len(r) for r in alive)
+        below_per_row = [sum(1 for a in row if quantile.get(a, 1.0) < threshold) for row in alive]
+        below = sum(below_per_row) / len(alive) if per_row == "mean" else min(below_per_row)
+        widths[group.name] = width = min(len(r) for r in alive)
         keep = max(1, -(-min_head_width // group.channels_per_atom))
-        count = _rounded(min(int(round(below)), width - keep), width, in_atoms(group, round_to))
+        counts[group.name] = _rounded(min(int(round(below)), width - keep), width, in_atoms(group, round_to))
+    _equal_head_dims(analysis, counts, widths, round_to, list(pairs))
+    for name, count in counts.items():
         if count > 0:
-            removed[group.name] = [[] if d else _lowest(scores, row, count) for row, d in zip(group.rows, dead)]
+            group = analysis.group(name)
+            removed[name] = [[] if d else _lowest(scores, row, count) for row, d in zip(group.rows, dead[name])]
     return removed
 
 
 def global_budget(analysis, scores: torch.Tensor, measure, target: float, kinds: Iterable[str] = DEFAULT_KINDS,
                   per_group_normalisation: bool = True, min_head_width: int = 1, head_ratio: float = 0.0,
                   options: dict | None = None, steps: int = 40, per_row: str = "mean",
-                  ignored: tuple[str, ...] = (), round_to: int = 1, branch_scores: dict[str, float] | None = None) -> Plan:
+                  ignored: tuple[str, ...] = (), round_to: int = 1, branch_scores: dict[str, float] | None = None,
+                  equal_head_dims: bool = True) -> Plan:
     """Remove the least important channels model-wide until ``measure(removed) / measure(nothing)`` reaches
     ``target`` (MACs or parameters): one threshold on within-kind quantiles, head-aligned per group.
 
@@ -200,10 +250,11 @@ def global_budget(analysis, scores: torch.Tensor, measure, target: float, kinds:
     nothing = torch.zeros(analysis.atoms.count, dtype=torch.bool)
     full = measure(nothing, []) if branch_quantile else measure(nothing)
     quantile = _quantiles_within_kind(analysis, scores, per_group_normalisation)
+    pairs = sdpa_pairs(analysis) if equal_head_dims else []
 
     def fraction(threshold: float) -> tuple[float, dict, list[str]]:
         removed = _threshold_plan(analysis, scores, quantile, threshold, kinds, min_head_width, base, per_row,
-                                  ignored, round_to)
+                                  ignored, round_to, pairs)
         atoms = Plan(removed).removed_atoms(analysis)
         if not branch_quantile:
             return measure(atoms) / full, removed, []

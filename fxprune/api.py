@@ -43,7 +43,7 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
          importance: str = "l2", kinds: Iterable[str] = DEFAULT_KINDS, head_ratio: float = 0.0, seed: int = 0,
          untie_shared_convs: bool = False, target_macs: float | None = None, target_params: float | None = None,
          target_latency: float | None = None, data: Iterable | None = None, min_head_width: int = 1, ignored_layers: Iterable[str] = (),
-         round_to: int = 1, strict: bool = False, heads: str = "kv_groups") -> Plan:
+         round_to: int = 1, strict: bool = False, heads: str = "kv_groups", equal_head_dims: bool = True) -> Plan:
     """Decide what to remove.
 
     With ``ratio``: ``head_ratio`` of every attention's heads, then ``ratio`` of every remaining head's channels
@@ -62,6 +62,9 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     When the plan removes less than asked (frozen groups, rounding, constraints: more than a point below
     ``ratio``, or a target missed by more than a point), a ``PruningShortfallWarning`` says how much less and
     why (``plan.options["coverage"]`` holds the numbers); ``strict=True`` raises ``PlanError`` instead.
+    ``equal_head_dims`` (default on): q/k and v of every fused ``scaled_dot_product_attention`` keep the same
+    head width, the mean of what each would keep (its fast kernels need equal widths; unequal ones fall back to
+    the math kernel, 3–4× slower per attention on this CPU); off, each group keeps its own count.
     ``untie_shared_convs`` first gives every head its own copy of a depthwise conv the heads share (FLatten's
     DWC on V; numerically identical), so heads may choose their own channels and be removed whole.
     ``heads``: what ``head_ratio`` removes in grouped-query attention: "kv_groups" (the default: whole kv
@@ -120,13 +123,14 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
         p = global_budget(analysis, scores, measure, target, kinds,
                           per_group_normalisation=not criterion.comparable_across_groups,
                           min_head_width=min_head_width, head_ratio=head_ratio, options=options,
-                          ignored=ignored, round_to=round_to, branch_scores=branch_scores)
+                          ignored=ignored, round_to=round_to, branch_scores=branch_scores,
+                          equal_head_dims=equal_head_dims)
         asked, what = target, options["budget"]
     else:
         asked, what = _check_ratio(ratio), "channels"
         options["heads"] = heads
         p = uniform(analysis, scores, asked, kinds, head_ratio=head_ratio, options=options, ignored=ignored,
-                    round_to=round_to, heads=heads)
+                    round_to=round_to, heads=heads, equal_head_dims=equal_head_dims)
         if branch_scores:  # the same share of the residual branches, the least important first
             p.branches = sorted(branch_scores, key=branch_scores.get)[:int(round(asked * len(branch_scores)))]
     if branch_scores:
@@ -228,7 +232,7 @@ def _replay_analysis(model: torch.nn.Module | Analysis, p: Plan, example_inputs:
 _KNOWN_OPTIONS = {"kinds", "seed", "head_ratio", "untie_shared_convs", "target_macs", "target_params",
                   "target_latency", "data",
                   "min_head_width", "reweight_data", "ignored_layers", "round_to", "strict", "verify", "compensation",
-                  "heads"}
+                  "heads", "equal_head_dims"}
 
 
 def prune(model: torch.nn.Module, ratio: float | None = None, *, example_inputs: Sequence | None = None,

@@ -179,7 +179,8 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
                example_inputs: Sequence | None = None, lr: float = 0.05, penalty: float = 50.0,
                similarity: bool = True, attention_init: bool = True, reweight: bool = True, equal_heads: bool = True,
                kinds: Iterable[str] = DEFAULT_KINDS, seed: int = 0, progress: bool = True,
-               compensation: str | None = None, init_importance: str = "attention", settle: float | None = 0.05):
+               compensation: str | None = None, init_importance: str = "attention", settle: float | None = 0.05,
+               equal_head_dims: bool = True):
     """Prune ``model`` to ``target_macs`` (a fraction of its MACs) with the automatic method; returns the pruned,
     reweighted GraphModule (its plan from ``fxprune.plan_of``, the trained indicators in the plan options).
     With ``reweight``, the removed channels are compensated on ``data`` as ``compensation`` says (see
@@ -190,7 +191,8 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
     channels the budget would remove change by at most that fraction between looks ten steps apart, twice in
     a row (``None``: every step runs). The plan records the steps run in ``options["steps_run"]``.
     ``kinds``: as ``fxprune.plan``'s, "residual" (the stream's width, indicators applied where the stream is
-    read) and "depth" (one indicator per residual branch; ``options["branch_indicators"]``) included."""
+    read) and "depth" (one indicator per residual branch; ``options["branch_indicators"]``) included.
+    ``equal_head_dims``: as ``fxprune.plan``'s (q/k and v of a fused attention keep one head width)."""
     if not 0.0 < float(target_macs) <= 1.0:
         raise InvalidArgumentError(f"fxprune: target_macs must be in (0, 1], got {target_macs!r}")
     compensation = check_compensation(compensation, data)
@@ -233,10 +235,11 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
         branch_indicators = {b.name: float(indicators[analysis.atoms.count + i]) for i, b in enumerate(branches)}
         plan = global_budget(analysis, scores, _measure(analysis, "macs", branches), float(target_macs),
                              kinds, per_group_normalisation=False, per_row="mean" if equal_heads else "min",
-                             branch_scores=branch_indicators or None,
+                             branch_scores=branch_indicators or None, equal_head_dims=equal_head_dims,
                              options={"importance": "auto", "steps": steps, "similarity": similarity,
                                       "attention_init": attention_init, "reweight": reweight, "seed": seed,
-                                      "equal_heads": equal_heads, "compensation": compensation,
+                                      "equal_heads": equal_heads, "equal_head_dims": equal_head_dims,
+                                      "compensation": compensation,
                                       "init_importance": init_importance, "settle": settle, "steps_run": steps_run,
                                       "input_shapes": [list(t.shape) for t in captured.example_inputs]})
         pruned = apply_plan(analysis, plan, train=captured.was_training,

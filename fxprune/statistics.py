@@ -244,7 +244,7 @@ class Product:
     key_source: str | None  # the Linear node k comes from through layout ops only (None: another path)
 
 
-def _operand(node: fx.Node, x: Any, channel_dim_from_end: int) -> Operand | None:
+def operand(node: fx.Node, x: Any, channel_dim_from_end: int) -> Operand | None:
     value = x.meta.get(meta.VALUE) if isinstance(x, fx.Node) else None
     ndim = getattr(value, "ndim", 0)
     if ndim < 2 or x.meta.get(meta.CONST) or x not in node.args:
@@ -267,7 +267,7 @@ def attention_products(analysis) -> list[Product]:
             continue
         q, k = (call.args.get("query"), call.args.get("key")) if call.op == "sdpa" \
             else (call.args.get("input"), call.args.get("other"))
-        query, key = _operand(node, q, 1), _operand(node, k, 1 if call.op == "sdpa" else 2)
+        query, key = operand(node, q, 1), operand(node, k, 1 if call.op == "sdpa" else 2)
         if query is None or key is None:
             continue
         source = linear_source(analysis.gm, k)

@@ -174,8 +174,10 @@ def _threshold_counts(plan, groups, rule):
 def test_equal_heads_decides_how_far_each_head_of_a_group_shrinks(model, runs):
     analysis = fxprune.analyze(model, (X,))
     groups = {g.name: g for g in analysis.groups}
-    aligned, unaligned = fxprune.plan_of(runs()), fxprune.plan_of(runs(equal_heads=False, reweight=False))
-    assert unaligned.options["equal_heads"] is False
+    # one threshold decides every group's count only where q/k and v may keep different head widths
+    aligned = fxprune.plan_of(runs(equal_head_dims=False))
+    unaligned = fxprune.plan_of(runs(equal_heads=False, reweight=False, equal_head_dims=False))
+    assert unaligned.options["equal_heads"] is False and unaligned.options["equal_head_dims"] is False
     for plan in (aligned, unaligned):  # every head keeps the same width and drops its own lowest channels
         for name, rows in plan.removed.items():
             assert len({len(r) for r in rows}) == 1, name
@@ -190,7 +192,7 @@ def test_equal_heads_decides_how_far_each_head_of_a_group_shrinks(model, runs):
     assert unaligned_min
     assert aligned.removed != unaligned.removed
     # the unaligned plan is still exact: the pruned model computes what the masked original does
-    pruned = runs(equal_heads=False, reweight=False)
+    pruned = runs(equal_heads=False, reweight=False, equal_head_dims=False)
     assert abs(_macs_fraction(model, pruned) - TARGET) <= 0.02
     reference = fxprune.mask(model, unaligned, example_inputs=(X,))
     with torch.no_grad():
@@ -258,7 +260,8 @@ def test_auto_prune_with_residual_width_and_depth(model, runs, extra):
     """The new kinds meet the budget (counted on the pruned model), pass the self-check, and change the selection."""
     kinds = ("qk", "v", "mlp", *extra)
     pruned = runs(kinds=kinds)
-    assert abs(_macs_fraction(model, pruned) - TARGET) <= 0.01
+    # whole branches of a 2-block model, with q/k and v moving together (equal head dims), make a coarse grid
+    assert abs(_macs_fraction(model, pruned) - TARGET) <= (0.03 if "depth" in extra else 0.01)
     check = fxprune.check_of(pruned)
     assert check is not None and check.error < 1e-4
     plan, without = fxprune.plan_of(pruned), fxprune.plan_of(runs())

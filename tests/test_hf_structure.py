@@ -189,6 +189,20 @@ def test_phi3_fused_qkv_sliced_by_position_prunes_q_k_v_and_kv_groups():
         assert fxprune.relative_error(pruned(tokens).last_hidden_state, reference(tokens).last_hidden_state) < 1e-5
 
 
+def test_phi3_v_range_moves_when_only_query_heads_go():
+    """Query heads removed inside the kv groups shorten q's range of the fused qkv_proj while k and v keep every
+    row: k's and v's ranges must start earlier all the same (v = [48:] once started at 48 whatever it kept)."""
+    config = transformers.Phi3Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                     intermediate_size=24, vocab_size=50, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = randomize(transformers.Phi3Model(config)).eval()
+    pruned = fxprune.prune(model, 0.0, example_inputs=(_tokens(2, 5),), head_ratio=0.5, heads="q_heads")
+    assert pruned.get_parameter("layers.0.self_attn.qkv_proj.weight").shape == (48, 32)  # 16 q + 16 k + 16 v rows
+    reference = fxprune.mask(model, fxprune.plan_of(pruned), example_inputs=(_tokens(2, 5),))
+    with torch.no_grad():
+        tokens = _tokens(3, 9, seed=4)
+        assert fxprune.relative_error(pruned(tokens).last_hidden_state, reference(tokens).last_hidden_state) < 1e-5
+
+
 def test_a_single_key_value_head_keeps_its_rotary_channels_prunable_per_layer():
     """Multi-query attention: the one key head meets the rotary tables every layer shares; read through a
     gather, they no longer tie the layers' key channels together, so q/k channels prune."""

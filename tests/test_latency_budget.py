@@ -114,3 +114,32 @@ def test_target_latency_arguments():
         fxprune.plan(model, example_inputs=(X,), target_latency=0.5, heads="q_heads")
     pruned = fxprune.prune(model, example_inputs=(X,), target_latency=0.95)  # prune() passes it on
     assert fxprune.plan_of(pruned).options["budget"] == "latency"
+
+
+def _sdpa_head_dims(pruned, x):
+    """(q head width, v head width) of every scaled_dot_product_attention the pruned model runs."""
+    from fxprune.statistics import watch
+
+    seen = []
+    watch(pruned, [(x,)], {n.name: lambda args, out: seen.append((args[0].shape[-1], args[2].shape[-1]))
+                           for n in pruned.graph.nodes if "scaled_dot_product" in str(n.target)})
+    return seen
+
+
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_fused_attention_keeps_equal_q_k_and_v_head_widths(round_to):
+    """SDPA's fast kernels need one head width for q/k and v (unequal ones run the math kernel, 3–4x slower
+    on CPU): budgets keep them equal by default, at the mean of what each group would keep; off, they differ."""
+    model = small_vit(num_heads=2, embed_per_head=16, depth=3)
+    analysis = fxprune.analyze(model, (X,))
+    unequal = fxprune.plan(analysis, target_macs=0.45, importance="random", round_to=round_to, equal_head_dims=False)
+    dims = _sdpa_head_dims(fxprune.apply(analysis, unequal), X)
+    assert any(q != v for q, v in dims)  # the draw this test relies on: the constraint has work to do
+    equal = fxprune.plan(analysis, target_macs=0.45, importance="random", round_to=round_to)
+    pruned = fxprune.apply(analysis, equal)
+    dims = _sdpa_head_dims(pruned, X)
+    assert dims and all(q == v and q % round_to == 0 for q, v in dims)
+    assert equal.options["reached"] == pytest.approx(0.45, abs=0.02)  # widths of 16 in steps of 4: coarse
+    assert masked_error(model, analysis, equal, pruned, torch.randn(2, 3, 16, 16)) < 1e-5
+    ratio = fxprune.apply(analysis, fxprune.plan(analysis, 0.4, importance="random", round_to=round_to))
+    assert all(q == v for q, v in _sdpa_head_dims(ratio, X))

@@ -180,7 +180,7 @@ def test_frozen_groups_are_reported_with_their_reason():
 
 def test_a_missed_macs_target_is_reported():
     model = small_vit(depth=2)
-    with pytest.warns(fxprune.PruningShortfallWarning, match=r"kept .*% of the MACS where 40\.0% was the target"):
+    with pytest.warns(fxprune.PruningShortfallWarning, match=r"kept .*% of the MACs where 40\.0% was the target"):
         plan = fxprune.plan(model, target_macs=0.4, example_inputs=(X,), ignored_layers=["blocks.0"])
     coverage = plan.options["coverage"]
     assert coverage["measure"] == "macs" and coverage["reached"] > 0.41

@@ -56,11 +56,13 @@ def _edge_slice(item: slice, new_size: int, new_start: int | None = None) -> sli
 
 
 def _record_prefix(ctx, block, item: slice, out_dim: int) -> None:
-    """A middle range ``x[..., a:b]`` of channels starts after the channels kept before ``a`` once pruned:
-    remember those ids (``rewrite/slice_starts.py`` counts them); every row must keep as many of them."""
+    """A range ``x[..., a:b]`` (or ``x[..., a:]``) of channels starts after the channels kept before ``a`` once
+    pruned: remember those ids (``rewrite/slice_starts.py`` counts them); every row must keep as many of them.
+    A trailing range needs it too: its own channels may all stay while those before it go (a fused q/k/v
+    projection's v after query heads were removed), and only the new start says where it now begins."""
     width = block.ids.shape[block.dim]
     start, stop, _ = item.indices(width)
-    if start == 0 or stop == width:
+    if start == 0:
         return
     prefix = block.ids.narrow(block.dim, 0, start)
     if block.row_dims():

@@ -73,12 +73,12 @@ def _equal_head_dims(analysis, counts: dict[str, int], widths: dict[str, int], r
     """Give both groups of every pair the same kept head width: the mean of the two (so budgets move little),
     rounded up to what both groups' atoms and ``round_to`` allow. Pairs where one group is not cut are left."""
     for qk, v in pairs:
-        if not counts.get(qk) and not counts.get(v) or qk not in widths or v not in widths:
-            continue
+        if counts.get(qk) is None or counts.get(v) is None or not (counts[qk] or counts[v]):
+            continue  # one of them is not cut here (another kind, frozen, ignored), or neither is
         per_atom = (analysis.group(qk).channels_per_atom, analysis.group(v).channels_per_atom)
         full = widths[qk] * per_atom[0]
-        if widths[v] * per_atom[1] != full or counts.get(qk) is None or counts.get(v) is None:
-            continue
+        if widths[v] * per_atom[1] != full:
+            continue  # heads of different widths to begin with
         step = math.lcm(*per_atom, round_to)
         step = step if full % step == 0 else math.lcm(*per_atom)
         kept = (2 * full - counts[qk] * per_atom[0] - counts[v] * per_atom[1]) / 2

@@ -13,6 +13,7 @@ nodes adds a few microseconds to each, which only matters for very small inputs.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Any, Callable
@@ -71,8 +72,8 @@ class Estimator:
                 continue
             if name in self.macs and self.macs[name] > 0:
                 total += seconds * macs.get(name, 0) / self.macs[name]
-            elif name not in self.fixed and isinstance(shapes.get(name), tuple) and _numel(self.shapes[name]):
-                total += seconds * _numel(shapes[name]) / _numel(self.shapes[name])
+            elif name not in self.fixed and isinstance(shapes.get(name), tuple) and math.prod(self.shapes[name]):
+                total += seconds * math.prod(shapes[name]) / math.prod(self.shapes[name])
             else:
                 total += seconds
         return total
@@ -81,10 +82,3 @@ class Estimator:
 def _keeps_its_time(node: torch.fx.Node) -> bool:
     call = node.meta.get(meta.OP)
     return call is None or call.op in LAYOUT_OPS
-
-
-def _numel(shape: tuple) -> int:
-    count = 1
-    for size in shape:
-        count *= int(size)
-    return count

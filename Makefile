@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test install clean bench-accuracy bench-speed bench-cost bench-zoo bench-hf bench-minilm bench-scale
+.PHONY: demo test install clean bench-accuracy bench-speed bench-cost bench-zoo bench-hf bench-minilm bench-scale bench-decode
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ bench-minilm: $(BENCH_STAMP)
 
 bench-scale: $(BENCH_STAMP)
 	$(PY) benchmarks/llama_scale.py --markdown
+
+bench-decode: $(BENCH_STAMP)
+	$(PY) benchmarks/decode.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -16,6 +16,7 @@ from .finetune import finetune
 from .io import LoadError, load, save
 from .plan import Plan
 from .rewrite.reweight import fold_reweights
+from .to_module import to_module
 from .verify import count_macs, count_params, latency, relative_error
 
 
@@ -38,7 +39,7 @@ __all__ = [
     # pruning
     "analyze", "plan", "apply", "prune", "mask", "plan_of", "check_of", "auto_prune",
     # after pruning
-    "fold_reweights", "finetune", "save", "load",
+    "fold_reweights", "finetune", "save", "load", "to_module",
     # measuring
     "count_macs", "count_params", "latency", "relative_error",
     # extending and inspecting

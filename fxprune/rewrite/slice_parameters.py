@@ -12,7 +12,13 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(path) if path else root), attr
 
 
-def _fix_module_attributes(module: nn.Module, was_depthwise: bool) -> None:
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution by its size attributes (read before they follow a sliced weight)."""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.out_channels \
+        and module.weight.shape[1] == 1
+
+
+def fix_module_attributes(module: nn.Module, was_depthwise: bool) -> None:
     """Keep a module's size attributes true to its (smaller) tensors."""
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
@@ -33,6 +39,10 @@ def _fix_module_attributes(module: nn.Module, was_depthwise: bool) -> None:
     elif isinstance(module, nn.modules.batchnorm._NormBase):
         reference = module.weight if module.weight is not None else module.running_mean
         module.num_features = reference.shape[0]
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = module.weight.shape[1]
+    elif type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int):  # Hugging Face (in, out)
+        module.nf = module.weight.shape[1]
 
 
 def _names_by_tensor(gm: nn.Module) -> dict[int, tuple[torch.Tensor, list[str]]]:
@@ -61,9 +71,7 @@ def slice_parameters(gm: fx.GraphModule, keep: dict[str, dict[int, torch.Tensor]
                                    "channels; tied weights must lose the same channels")
             continue
         if id(owner) not in touched:
-            depthwise = isinstance(owner, nn.modules.conv._ConvNd) and owner.groups > 1 and owner.groups == owner.out_channels \
-                and owner.weight.shape[1] == 1
-            touched[id(owner)] = (owner, depthwise)
+            touched[id(owner)] = (owner, is_depthwise(owner))
         old = getattr(owner, attr)
         new = old.detach()
         for dim, index in sorted(dims.items()):
@@ -84,5 +92,5 @@ def slice_parameters(gm: fx.GraphModule, keep: dict[str, dict[int, torch.Tensor]
                 touched[id(alias_owner)] = (alias_owner, False)
         sliced[id(new)] = dims
     for owner, depthwise in touched.values():
-        _fix_module_attributes(owner, depthwise)
+        fix_module_attributes(owner, depthwise)
     return PassResult(gm, bool(keep))

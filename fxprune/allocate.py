@@ -98,15 +98,13 @@ def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] =
     same number removed inside every kv group (k and v stay).
     """
     kinds = tuple(kinds)
+    if "heads" in kinds and head_ratio == 0:  # whole heads asked as a kind: ``ratio`` of them, like the others
+        head_ratio = ratio
     removed: dict[str, list[list[int]]] = {}
     q_removed: dict[str, list[list[int]]] = {}
     energy = None  # per fine atom, computed once where query heads are ranked
     if head_ratio > 0:
-        kept_whole = {a for g in analysis.groups if g.kind != "heads" and protected(g, ignored) for a in g.atoms}
-        for group in analysis.groups:
-            owned = {c for h in group.atoms for c in analysis.atoms.head_links.get(h, ())} if group.kind == "heads" else set()
-            if group.kind != "heads" or protected(group, ignored) or owned & kept_whole:
-                continue
+        for group in removable_head_groups(analysis, ignored, prunable_only=False):
             layout = _query_heads_to_remove(analysis, group) if heads == "q_heads" else None
             if layout is not None:
                 count = _fraction(head_ratio, len(layout[0]))
@@ -142,6 +140,21 @@ def uniform(analysis, scores: torch.Tensor, ratio: float, kinds: Iterable[str] =
         removed[group.name] = [[] if dead else _lowest(scores, row, count)
                                for row, dead in zip(group.rows, dead_rows(group, gone))]
     return Plan(removed, dict(options or {}, ratio=ratio, head_ratio=head_ratio, kinds=list(kinds)), q_heads=q_removed)
+
+
+def removable_head_groups(analysis, ignored: tuple[str, ...], prunable_only: bool = True) -> list:
+    """The heads groups whose heads may go: not in an ignored module, owning no channel an ignored module keeps
+    (with ``prunable_only``, not frozen either; query heads inside kv groups may go where the group is frozen
+    for multi-query attention)."""
+    kept_whole = {a for g in analysis.groups if g.kind != "heads" and protected(g, ignored) for a in g.atoms}
+    groups = []
+    for group in analysis.groups:
+        if group.kind != "heads" or protected(group, ignored) or (prunable_only and not group.prunable):
+            continue
+        owned = {c for h in group.atoms for c in analysis.atoms.head_links.get(h, ())}
+        if not owned & kept_whole:
+            groups.append(group)
+    return groups
 
 
 def _query_heads_to_remove(analysis, group) -> list[list[frozenset[int]]] | None:
@@ -186,8 +199,8 @@ def _quantiles_within_kind(analysis, scores: torch.Tensor, per_group: bool) -> d
     criteria already comparable across layers (DIMAP) skip that, so one threshold per kind remains.
     """
     by_kind: dict[str, list[tuple[int, float]]] = {}
-    for group in analysis.groups:
-        if group.kind == "heads" or not group.prunable:
+    for group in analysis.groups:  # heads groups too: whole heads are a kind of their own in budgets
+        if not group.prunable:
             continue
         atoms = group.atoms
         values = scores[torch.tensor(atoms, dtype=torch.long)].to(torch.float64)
@@ -207,10 +220,16 @@ def _threshold_plan(analysis, scores: torch.Tensor, quantile: dict[int, float], 
                     ignored: tuple[str, ...] = (), round_to: int = 1,
                     pairs: list[tuple[str, str]] = ()) -> dict[str, list[list[int]]]:
     removed = dict(base)
+    if "heads" in kinds:  # whole heads below the threshold go first (one stays); their channels go with them
+        for group in removable_head_groups(analysis, ignored):
+            below = sum(1 for a in group.rows[0] if quantile.get(a, 1.0) < threshold)
+            if min(below, group.width - 1) > 0:
+                removed[group.name] = [_lowest(scores, group.rows[0], min(below, group.width - 1))]
     gone = removed_head_channels(analysis, removed)
     counts, widths, dead = {}, {}, {}
     for group in analysis.groups:
-        if group.kind not in kinds or not group.prunable or group.same_count_as or protected(group, ignored):
+        if group.kind not in kinds or group.kind == "heads" or not group.prunable or group.same_count_as \
+                or protected(group, ignored):
             continue
         dead[group.name] = dead_rows(group, gone)
         alive = [row for row, d in zip(group.rows, dead[group.name]) if not d]

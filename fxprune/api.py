@@ -92,6 +92,10 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     if heads != "kv_groups" and budget_name is not None:
         raise InvalidArgumentError(f"fxprune: heads={heads!r} works with ratio, not with target_{budget_name}")
     kinds = _check_kinds(kinds)
+    if "heads" in kinds and head_ratio > 0:
+        raise InvalidArgumentError("fxprune: whole heads are asked twice, by kinds ('heads') and by head_ratio; give "
+                                   "one (kinds: the same ratio or budget as the other kinds; head_ratio: a ratio of "
+                                   "its own)")
     if isinstance(min_head_width, bool) or not isinstance(min_head_width, int) or min_head_width < 1:
         raise InvalidArgumentError(f"fxprune: min_head_width must be a positive integer, got {min_head_width!r}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
@@ -171,8 +175,7 @@ def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     unknown = [k for k in kinds if k not in KINDS_ASKED]
     if unknown:
-        raise InvalidArgumentError(f"fxprune: unknown kind(s) {unknown}; kinds are {list(KINDS_ASKED)} "
-                                   "(whole heads go with head_ratio)")
+        raise InvalidArgumentError(f"fxprune: unknown kind(s) {unknown}; kinds are {list(KINDS_ASKED)}")
     return kinds
 
 

@@ -38,14 +38,14 @@ def removable_macs(analysis, kinds: Iterable[str]) -> float:
 
 
 def asked_groups(analysis, kinds: Iterable[str]) -> list:
-    """The channel groups a request for ``kinds`` covers, frozen ones included.
+    """The channel groups (and heads groups, for "heads") a request for ``kinds`` covers, frozen ones included.
 
     A hidden layer whose channels meet an op without a rule never gets coupled to its consumer, so the
     analysis cannot call it "mlp"; one producer and an unknown op say it is one (it counts as asked). A
     residual stream frozen for another reason (it reaches the output) is kind "other" but counts as asked
     for "residual".
     """
-    kinds = set(kinds) - {"heads"}
+    kinds = set(kinds)
     return [g for g in analysis.groups if g.kind in kinds or ("mlp" in kinds and _hidden_behind_unknown_op(analysis, g))
             or ("residual" in kinds and g.stream)]
 

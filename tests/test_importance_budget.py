@@ -1,8 +1,10 @@
 """Importance criteria (shapes, invariances, zeroed channels lowest) and global MACs / parameter budgets."""
+import warnings
+
 import pytest
 import timm
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import fxprune
 from fxprune import importance
@@ -122,3 +124,42 @@ def test_macs_budget_within_one_point(name):
     for target in (0.8, 0.6, 0.4):
         pruned = fxprune.apply(analysis, fxprune.plan(analysis, target_macs=target))
         assert abs(fxprune.count_macs(pruned, inputs) / original - target) <= 0.01, (name, target)
+
+
+@settings(max_examples=examples(8), deadline=None)
+@given(target=st.floats(0.35, 0.95), heads=st.integers(2, 6), residual=st.booleans())
+@example(target=0.4, heads=4, residual=False)
+def test_whole_heads_are_a_budget_kind(target, heads, residual):
+    """kinds with "heads": whole heads sit under the budget's one threshold with the other kinds; no channel is
+    removed inside a head (what a model's own code can run, ``fxprune.to_module``), and each layer keeps a head."""
+    model = small_vit(num_heads=heads, embed_per_head=8, depth=3)
+    analysis = fxprune.analyze(model, (X,))
+    kinds = ("heads", "mlp", "residual") if residual else ("heads", "mlp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxprune.PruningShortfallWarning)  # one head per layer stays: a floor
+        plan = fxprune.plan(analysis, target_macs=target, kinds=kinds)
+    assert not any(any(rows) for name, rows in plan.removed.items() if name.endswith((":qk", ":v")))
+    removed_heads = [len(rows[0]) for name, rows in plan.removed.items() if name.endswith(":heads")]
+    assert all(n < heads for n in removed_heads)
+    pruned = fxprune.apply(analysis, plan)
+    reached = fxprune.count_macs(pruned, (X,)) / fxprune.count_macs(model, (X,))
+    assert reached == pytest.approx(plan.options["reached"], abs=1e-9)
+    assert reached <= target + 0.01 or plan.options["coverage"]["short"]
+    if target < 0.6 and not residual:  # more than the MLPs can give: heads must go
+        assert sum(removed_heads) > 0
+    small = fxprune.to_module(model, pruned, example_inputs=(X,))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert fxprune.relative_error(small(x), pruned(x)) < 1e-5
+
+
+def test_heads_kind_with_a_ratio_is_head_ratio_and_not_both():
+    model = small_vit(num_heads=4)
+    analysis = fxprune.analyze(model, (X,))
+    as_kind = fxprune.plan(analysis, 0.5, kinds=("heads", "mlp"))
+    as_ratio = fxprune.plan(analysis, 0.5, kinds=("mlp",), head_ratio=0.5)
+    assert as_kind.removed == as_ratio.removed and any(n.endswith(":heads") for n in as_kind.removed)
+    with pytest.raises(fxprune.InvalidArgumentError, match="asked twice"):
+        fxprune.plan(analysis, 0.5, kinds=("heads",), head_ratio=0.5)
+    with pytest.raises(fxprune.InvalidArgumentError, match="per head"):
+        fxprune.auto_prune(model, [(X,)], 0.5, kinds=("heads", "mlp"))

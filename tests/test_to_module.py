@@ -210,3 +210,18 @@ def test_mlp_plan_round_trips_where_the_config_names_the_mlp_width(name):
         # from_pretrained may pick another attention implementation: equal to rounding
         assert fxprune.relative_error(again(*example).last_hidden_state, small(*example).last_hidden_state) < 1e-5
     assert fxprune.count_params(again) < fxprune.count_params(model)
+
+
+def test_macs_budget_of_whole_heads_mlp_and_residual_decodes_with_cache():
+    """The budget form a deployed decoder wants: kinds ("heads", "mlp", "residual") under one MACs target, then
+    the model's own class back; layers keep different head counts, which the config cannot say."""
+    model = CAUSAL_LMS["Qwen3"]()
+    ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    pruned = fxprune.prune(model, example_inputs=(ids,), target_macs=0.5, kinds=("heads", "mlp", "residual"))
+    assert fxprune.plan_of(pruned).options["reached"] == pytest.approx(0.5, abs=0.02)
+    small = fxprune.to_module(model, pruned, example_inputs=(ids,))
+    out = small.generate(ids[:, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    with torch.no_grad():
+        whole = pruned(out.sequences).logits[:, 3:-1]
+    assert fxprune.relative_error(torch.stack(out.logits, 1), whole) < 1e-5

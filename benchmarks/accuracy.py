@@ -200,13 +200,11 @@ def _finetune(task: Task, pruned: torch.nn.Module) -> dict:
 
 
 def kept_fractions(analysis, plan) -> dict[str, float]:
-    """For every prunable q/k, v and MLP group: the fraction of its channels the plan keeps."""
-    out = {}
-    for group in analysis.groups:
-        if group.prunable and group.kind in ("qk", "v", "mlp"):
-            removed = sum(len(r) for r in plan.removed.get(group.name, []))
-            out[group.name] = 1 - removed / len(group.atoms)
-    return out
+    """For every prunable q/k, v, MLP and heads group: the fraction of its channels (heads) the plan keeps, the
+    channels of removed whole heads counted as removed."""
+    removed = plan.removed_atoms(analysis)
+    return {group.name: 1 - float(removed[torch.tensor(group.atoms, dtype=torch.long)].float().mean())
+            for group in analysis.groups if group.prunable and group.kind in ("qk", "v", "mlp", "heads")}
 
 
 def removed_structure(analysis, plan) -> dict:

@@ -20,6 +20,7 @@ packed (batch, tokens, 2) input instead: the same weights and function, the mask
 
     python benchmarks/minilm.py --markdown           # table + benchmarks/results/minilm.json
     python benchmarks/minilm.py --methods l2 torch-pruning --targets 0.6
+    python benchmarks/minilm.py --methods l2 taylor --kinds heads mlp --json benchmarks/results/minilm_heads.json
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 import accuracy
 import fxprune
 import offline
+from fxprune.allocate import DEFAULT_KINDS
 import peer
 import speed
 
@@ -187,10 +189,10 @@ def measure(model: nn.Module, encoder: nn.Module, data: Corpus, reference: torch
 
 
 def fxprune_row(form: Form, method: str, target: float, encoder: nn.Module, data: Corpus,
-                reference: torch.Tensor) -> dict:
+                reference: torch.Tensor, kinds: tuple[str, ...]) -> dict:
     started = time.perf_counter()
     calibration = form.data(data.calibration)
-    plan = fxprune.plan(form.analysis, target_macs=target, importance=method, data=calibration)
+    plan = fxprune.plan(form.analysis, target_macs=target, importance=method, data=calibration, kinds=kinds)
     pruned = fxprune.apply(form.analysis, plan)
     row = {"prune_s": time.perf_counter() - started, **measure(form.runnable(pruned), encoder, data, reference),
            "kept": accuracy.kept_fractions(form.analysis, plan)}
@@ -222,12 +224,12 @@ def bert_kept(pruned: SentenceEncoder, encoder: SentenceEncoder) -> dict[str, fl
 
 
 def run_row(method: str, target: float, form: Form, encoder: nn.Module, data: Corpus, reference: torch.Tensor,
-            log) -> dict:
-    row = {"method": method, "target": target}
+            log, kinds: tuple[str, ...]) -> dict:
+    row = {"method": method, "target": target, "kinds": list(kinds)}
     if method == "torch-pruning":
         return {**row, **torch_pruning_row(target, encoder, data, reference, log)}
     try:
-        return {**row, **fxprune_row(form, method, target, encoder, data, reference)}
+        return {**row, **fxprune_row(form, method, target, encoder, data, reference, kinds)}
     except Exception as exc:  # noqa: BLE001 - fxprune's failure is a row of the table
         return {**row, "note": f"failed ({_error_text(exc)})"}
 
@@ -238,9 +240,10 @@ def _cell(row: dict, stage: str, key: str) -> str:
 
 
 def kept_by_kind(row: dict) -> str:
-    """The mean fraction of q/k, v and MLP channels an fxprune plan keeps (Torch-Pruning keeps one ratio)."""
+    """The mean fraction of q/k, v and MLP channels (and of heads) an fxprune plan keeps (Torch-Pruning keeps one
+    ratio)."""
     kept = row.get("kept", {})
-    means = {kind: [v for k, v in kept.items() if k.endswith(":" + kind)] for kind in ("qk", "v", "mlp")}
+    means = {kind: [v for k, v in kept.items() if k.endswith(":" + kind)] for kind in ("qk", "v", "mlp", "heads")}
     return " ".join(f"{kind} {sum(v) / len(v):.2f}" for kind, v in means.items() if v)
 
 
@@ -265,7 +268,9 @@ def markdown(result: dict) -> str:
         if "macs" not in r:
             lines.append(f"| {r['target']:.0%} | {r['method']} | {r.get('note', '-')} | | | | | | | | |")
             continue
-        lines.append(f"| {r['target']:.0%} | {r['method']} | {r['macs']:.1%} | {r['params']:.1%} | "
+        method = r["method"] if r.get("kinds", list(DEFAULT_KINDS)) == list(DEFAULT_KINDS) or \
+            r["method"] == "torch-pruning" else f"{r['method']}, kinds {' '.join(r['kinds'])}"
+        lines.append(f"| {r['target']:.0%} | {method} | {r['macs']:.1%} | {r['params']:.1%} | "
                      f"{kept_by_kind(r)} | {_cell(r, 'pruned', 'cosine')} | {_cell(r, 'reweighted', 'cosine')} | "
                      f"{_cell(r, 'pruned', 'similarity_corr')} | {_cell(r, 'reweighted', 'similarity_corr')} | "
                      f"{r['latency']:.2f} | {r['prune_s']:.1f} |")
@@ -277,6 +282,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS),
+                        help='what fxprune removes, as plan\'s kinds ("heads mlp": what to_module can run)')
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", default=str(RESULTS / "minilm.json"))
     args = parser.parse_args()
@@ -298,7 +305,7 @@ def main() -> None:
     for target in args.targets:
         for method in methods:
             torch.manual_seed(0)
-            rows.append(run_row(method, target, form, encoder, data, reference, log))
+            rows.append(run_row(method, target, form, encoder, data, reference, log, tuple(args.kinds)))
             log(f"  {target:.0%} {method:13s} {summary(rows[-1])}  [{time.perf_counter() - started:.0f}s]")
     result = {"original": original, "form": {"packed": form.packed, "errors": form.errors},
               "graph_nothing_removed": graph, "rows": rows, "threads": args.threads,

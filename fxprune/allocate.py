@@ -252,7 +252,7 @@ def global_budget(analysis, scores: torch.Tensor, measure, target: float, kinds:
                   per_group_normalisation: bool = True, min_head_width: int = 1, head_ratio: float = 0.0,
                   options: dict | None = None, steps: int = 40, per_row: str = "mean",
                   ignored: tuple[str, ...] = (), round_to: int = 1, branch_scores: dict[str, float] | None = None,
-                  equal_head_dims: bool = True) -> Plan:
+                  equal_head_dims: bool = True, branch_units: dict[str, list[str]] | None = None) -> Plan:
     """Remove the least important channels model-wide until ``measure(removed) / measure(nothing)`` reaches
     ``target`` (MACs or parameters): one threshold on within-kind quantiles, head-aligned per group.
 
@@ -261,6 +261,8 @@ def global_budget(analysis, scores: torch.Tensor, measure, target: float, kinds:
     the channels are chosen without regard to heads, and a head shrinks only as far as every head can).
     ``branch_scores`` (residual branch name -> score): branches removable whole, one more kind under the same
     threshold on their quantile; ``measure`` then takes the removed branch names as a second argument.
+    ``branch_units`` (name in ``branch_scores`` -> branch names): units removed whole, a block's branches
+    together (kind "layers"); the plan lists their branches.
     """
     kinds = tuple(kinds)
     ranked = sorted(branch_scores or {}, key=lambda name: branch_scores[name])
@@ -277,7 +279,8 @@ def global_budget(analysis, scores: torch.Tensor, measure, target: float, kinds:
         atoms = Plan(removed).removed_atoms(analysis)
         if not branch_quantile:
             return measure(atoms) / full, removed, []
-        branches = [name for name in ranked if branch_quantile[name] < threshold]
+        units = [name for name in ranked if branch_quantile[name] < threshold]
+        branches = [b for unit in units for b in (branch_units[unit] if branch_units else [unit])]
         return measure(atoms, branches) / full, removed, branches
 
     low, high = 0.0, 1.0

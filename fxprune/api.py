@@ -75,6 +75,9 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     ``kinds`` may include "depth": whole residual branches (a block's attention or MLP) are removed too,
     scored by how much they change their input on ``data`` (or the example inputs): ``ratio`` of them, or
     under a target the same threshold on their quantile as on the channels' (``plan.branches``).
+    ``kinds`` may include "layers" instead: whole blocks (every residual branch under one module path, a
+    block's attention and its MLP), scored by the sum of their branches' scores (``plan.options["layers"]``),
+    what a model's own code follows by deleting the block (``fxprune.to_module``).
     ``kinds`` may include "residual": the residual stream's width (one group per stream, a stage in Swin),
     removed from everything that reads or writes it (embeddings, tokens, every block's projections, norms,
     layer scales, the classifier). Its norms then normalise over the kept channels: the pruned model equals
@@ -92,6 +95,9 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     if heads != "kv_groups" and budget_name is not None:
         raise InvalidArgumentError(f"fxprune: heads={heads!r} works with ratio, not with target_{budget_name}")
     kinds = _check_kinds(kinds)
+    if {"depth", "layers"} <= set(kinds):
+        raise InvalidArgumentError("fxprune: kinds 'depth' (single residual branches) and 'layers' (whole blocks) "
+                                   "both remove branches; give one")
     if "heads" in kinds and head_ratio > 0:
         raise InvalidArgumentError("fxprune: whole heads are asked twice, by kinds ('heads') and by head_ratio; give "
                                    "one (kinds: the same ratio or budget as the other kinds; head_ratio: a ratio of "
@@ -116,8 +122,12 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
                     if isinstance(t, torch.Tensor)]
     options = {"importance": importance, "seed": seed, "input_shapes": input_shapes, "input_dtypes": input_dtypes,
                "untie_shared_convs": analysis.captured.untied}
-    branches = depth.find_branches(analysis) if "depth" in kinds else []
+    branches = depth.find_branches(analysis) if {"depth", "layers"} & set(kinds) else []
     branch_scores = _branch_scores(analysis, branches, data) if branches else None
+    units = None  # kind "layers": whole blocks, each the sum of its branches' scores
+    if branch_scores and "layers" in kinds:
+        units = depth.blocks(branches)
+        branch_scores = {block: sum(branch_scores[b] for b in names) for block, names in units.items()}
     if budget_name is not None:
         target = _check_budget(budgets[budget_name], f"target_{budget_name}")
         measure = _measure(analysis, budget_name, branches)
@@ -128,17 +138,20 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
                           per_group_normalisation=not criterion.comparable_across_groups,
                           min_head_width=min_head_width, head_ratio=head_ratio, options=options,
                           ignored=ignored, round_to=round_to, branch_scores=branch_scores,
-                          equal_head_dims=equal_head_dims)
+                          equal_head_dims=equal_head_dims, branch_units=units)
         asked, what = target, options["budget"]
     else:
         asked, what = _check_ratio(ratio), "channels"
         options["heads"] = heads
         p = uniform(analysis, scores, asked, kinds, head_ratio=head_ratio, options=options, ignored=ignored,
                     round_to=round_to, heads=heads, equal_head_dims=equal_head_dims)
-        if branch_scores:  # the same share of the residual branches, the least important first
-            p.branches = sorted(branch_scores, key=branch_scores.get)[:int(round(asked * len(branch_scores)))]
+        if branch_scores:  # the same share of the residual branches (blocks), the least important first
+            chosen = sorted(branch_scores, key=branch_scores.get)[:int(round(asked * len(branch_scores)))]
+            p.branches = [b for unit in chosen for b in (units[unit] if units else [unit])]
     if branch_scores:
         p.options["branch_scores"] = {name: round(score, 6) for name, score in branch_scores.items()}
+    if units:  # the blocks removed whole, for to_module and the coverage count
+        p.options["layers"] = [block for block, names in units.items() if set(names) <= set(p.branches)]
     p.options["coverage"] = coverage.assess(analysis, p, kinds, asked, what)
     coverage.enforce(p.options["coverage"], strict)
     return p
@@ -168,7 +181,7 @@ def _measure(analysis: Analysis, what: str, branches: list):
     return measure
 
 
-KINDS_ASKED = (*KINDS, "depth")  # channel group kinds, and whole residual branches
+KINDS_ASKED = (*KINDS, "depth", "layers")  # channel group kinds, whole residual branches, whole blocks
 
 
 def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:

@@ -200,9 +200,10 @@ def auto_prune(model: torch.nn.Module, data: Iterable, target_macs: float, *, st
     from .api import _check_kinds, _measure
 
     kinds = _check_kinds(kinds)
-    if "heads" in kinds:
-        raise InvalidArgumentError("fxprune: auto_prune learns an indicator per channel, not per head; for whole heads "
-                                   "use fxprune.prune with kinds ('heads', ...) and a budget")
+    if {"heads", "layers"} & set(kinds):
+        raise InvalidArgumentError("fxprune: auto_prune learns an indicator per channel and per branch, not per head "
+                                   "or block; for whole heads or blocks use fxprune.prune with kinds ('heads' / "
+                                   "'layers', ...) and a budget")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

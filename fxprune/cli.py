@@ -130,8 +130,8 @@ def parser() -> argparse.ArgumentParser:
                        help="estimated latency at batch 1 on this machine to keep, as a fraction (instead of --ratio)")
     prune.add_argument("--importance", default="l2", help="l2, l1, dimap, random (data-free criteria)")
     prune.add_argument("--kinds", nargs="+", default=["qk", "v", "mlp"],
-                       help="what to prune: qk, v, mlp (channels), residual (the residual stream's width), "
-                            "depth (whole residual branches)")
+                       help="what to prune: qk, v, mlp (channels), heads (whole heads), residual (the residual "
+                            "stream's width), depth (whole residual branches) or layers (whole blocks)")
     prune.add_argument("--checkpoint", help="weights (.pth state_dict or .safetensors) to load first")
     prune.add_argument("--untie", action="store_true", help="untie depthwise convs shared by heads")
     prune.add_argument("--out", help="directory to save the pruned model to")

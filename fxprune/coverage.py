@@ -85,9 +85,10 @@ def assess(analysis, plan, kinds: Iterable[str], asked: float, measure: str) -> 
     fraction kept).
     """
     kinds = tuple(kinds)
-    if measure == "channels" and set(kinds) <= {"depth"}:  # only whole residual branches were asked for
-        count = len(plan.options.get("branch_scores", {}))
-        reached = len(plan.branches) / count if count else 0.0
+    if measure == "channels" and len(set(kinds) & {"depth", "layers"}) == len(set(kinds)):  # only whole branches
+        count = len(plan.options.get("branch_scores", {}))  # branches, or blocks for "layers"
+        removed = len(plan.options["layers"]) if "layers" in kinds else len(plan.branches)
+        reached = removed / count if count else 0.0
         short = reached < asked - max(SLACK, 0.5 / max(count, 1))  # a share of a few branches rounds
     elif measure == "channels":
         reached = channel_fraction(analysis, plan, kinds)

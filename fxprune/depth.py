@@ -9,7 +9,8 @@ replaces the add by its other operand, ``x``: exactly the model with that branch
 Branches are found from the graph alone (``find_branches``), scored on calibration batches by how much they
 change their input (``branch_scores``: ‖f(x)‖ / ‖x‖, the mean over batches; small goes first), and removed in
 the pruned copy by the ``drop_branches`` pass (``rewrite/drop_branches.py``). Parameters no other node reads
-go with them.
+go with them. Kind "layers" removes whole blocks instead: every branch under one module path (``blocks``), scored
+by the sum of their scores, which a model's own code can follow by deleting the block (``fxprune.to_module``).
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def _kind(nodes: set[fx.Node]) -> str | None:
     return "mlp" if ops & set(_WEIGHT_OPS) else None
 
 
-def _module_path(node: fx.Node) -> str | None:
+def module_path(node: fx.Node) -> str | None:
     if node.op == "call_module":
         return str(node.target)
     stack = node.meta.get("nn_module_stack")  # torch.export / dynamo graphs
@@ -134,7 +135,7 @@ def find_branches(analysis) -> list[Branch]:
     outside = _parameters_read(everything_else)
     branches, used_names = [], set()
     for add, skip, nodes, kind in found:
-        paths = [p for p in (_module_path(n) for n in nodes) if p]
+        paths = [p for p in (module_path(n) for n in nodes) if p]
         name = f"{_common_prefix(paths) or add.name}:{kind}"
         while name in used_names:
             name = f"{add.name}:{kind}"
@@ -158,6 +159,25 @@ def branch_scores(analysis, branches: list[Branch], data: Iterable[tuple]) -> di
     batches = list(data)
     watch(analysis.gm, batches, {b.add: record(b) for b in branches})
     return {name: total / max(len(batches), 1) for name, total in sums.items()}
+
+
+def block_of(branch_name: str) -> str:
+    """The block a branch belongs to: its module path up to the last index in it ("blocks.3:attention" ->
+    "blocks.3"; BERT's post-norm "encoder.layer.2.attention:attention" -> "encoder.layer.2"), the whole path
+    where it holds no index."""
+    path = branch_name.rsplit(":", 1)[0]
+    parts = path.split(".")
+    last = max((i for i, part in enumerate(parts) if part.isdigit()), default=None)
+    return ".".join(parts[:last + 1]) if last is not None else path
+
+
+def blocks(branches: Iterable[Branch]) -> dict[str, list[str]]:
+    """Whole blocks (kind "layers"): the branches under each module path, a block's attention and its MLP, by
+    path in graph order."""
+    out: dict[str, list[str]] = {}
+    for branch in branches:
+        out.setdefault(block_of(branch.name), []).append(branch.name)
+    return out
 
 
 def by_name(analysis, names: Iterable[str]) -> list[Branch]:

@@ -7,6 +7,8 @@ module's (compensated or fine-tuned weights included), so the model's own code r
 
 1. ``_resized_copy``      a deep copy of ``model`` in which every tensor the pruned module holds under the same
                           name is that tensor (copied); the originals are not copied first
+   ``_remove_blocks``     blocks removed whole (kind "layers") are deleted from their ModuleList / Sequential;
+                          later blocks' ``layer_idx`` and the config's layer count follow
 2. ``_fix_sizes``         size attributes follow the tensors: Linear / Conv1D / conv / norm / Embedding widths,
                           and attention modules' head counts (``HEAD_COUNTS``: how each family keeps them)
 3. ``_describe_in_config`` where every layer agrees, the config is updated so ``from_pretrained`` rebuilds the
@@ -15,9 +17,10 @@ module's (compensated or fine-tuned weights included), so the model's own code r
                           batch one larger: ``RewriteError`` otherwise
 
 Only what a model's own code can express is accepted: code that reshapes q, k and v with one ``head_dim`` cannot
-run heads of different widths, so channels removed inside heads (kinds "qk" / "v") and whole residual branches
-("depth") are refused with the reason; whole heads ("heads" / ``head_ratio``, query heads inside kv groups), MLP
-channels and the residual width are what such code follows.
+run heads of different widths, so channels removed inside heads (kinds "qk" / "v") and single residual branches
+("depth": the block's code still calls them) are refused with the reason; whole heads ("heads" / ``head_ratio``,
+query heads inside kv groups), MLP channels, the residual width and whole blocks ("layers") are what such code
+follows.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
-from . import meta
+from . import depth, meta
 from .errors import InvalidArgumentError, RewriteError
 from .rewrite.slice_parameters import fix_module_attributes, is_depthwise
 
@@ -162,10 +165,11 @@ def _refuse_what_modules_cannot_express(pruned: fx.GraphModule) -> None:
     from .api import plan_of
 
     plan = plan_of(pruned)
-    if plan.branches:
+    single = sorted({depth.block_of(b) for b in plan.branches} - set(plan.options.get("layers", [])))
+    if single:
         raise InvalidArgumentError(
-            f"fxprune: to_module cannot express removed residual branches ({', '.join(plan.branches[:3])}): the "
-            "model's own code still calls them. Keep the GraphModule, or plan without kinds 'depth'.")
+            f"fxprune: to_module cannot express single residual branches removed from a block ({', '.join(single[:3])}):"
+            " the model's own code still calls them. Remove whole blocks (kinds 'layers'), or keep the GraphModule.")
     # whole heads leave their rows of the q/k and v groups empty: a position listed there is inside a head
     inside = sorted(name for name, rows in plan.removed.items() if name.rsplit(":", 1)[-1] in ("qk", "v") and any(rows))
     if inside:
@@ -176,6 +180,41 @@ def _refuse_what_modules_cannot_express(pruned: fx.GraphModule) -> None:
     if pruned.meta.get(meta.REWEIGHTED_NODES):
         raise InvalidArgumentError("fxprune: the pruned module has reweight nodes, which the original's code has no "
                                    "place for: fold them first (fxprune.fold_reweights(pruned)).")
+
+
+def _remove_blocks(model: nn.Module, pruned: fx.GraphModule, blocks: list[str]) -> None:
+    """Delete the blocks the plan removes whole (kind "layers") from the ModuleList / Sequential holding them.
+    Indices of the blocks after them (``layer_idx``, which a key/value cache is kept by) and the config's layer
+    count and per-layer types follow."""
+    # what the pruned graph still reads of a block: its modules (fx) or its parameters (fx and torch.export)
+    computed = {str(n.target) for n in pruned.graph.nodes if n.op in ("call_module", "get_attr")}
+    by_parent: dict[str, list[int]] = {}
+    for block in blocks:
+        parent_path, _, index = block.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else None
+        if not index.isdigit() or not isinstance(parent, (nn.ModuleList, nn.Sequential)):
+            raise InvalidArgumentError(f"fxprune: to_module cannot delete block '{block}': it is not an element of a "
+                                       "ModuleList or Sequential. Keep the GraphModule.")
+        left = sorted(p for p in computed if p == block or p.startswith(block + "."))
+        if left:  # a post-norm block (BERT) normalises after its residual adds: that stays without its branches
+            raise InvalidArgumentError(f"fxprune: to_module cannot delete block '{block}': the pruned model still "
+                                       f"reads its '{left[0]}' outside the removed branches. Keep the GraphModule.")
+        by_parent.setdefault(parent_path, []).append(int(index))
+    config = getattr(model, "config", None)
+    for parent_path, indices in by_parent.items():
+        parent = model.get_submodule(parent_path)
+        count = len(parent)
+        for index in sorted(indices, reverse=True):
+            del parent[index]
+        for new_index, block in enumerate(parent):
+            for module in block.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = new_index
+        if config is not None and getattr(config, "num_hidden_layers", None) == count:
+            layer_types = getattr(config, "layer_types", None)
+            if isinstance(layer_types, list) and len(layer_types) == count:
+                config.layer_types = [t for i, t in enumerate(layer_types) if i not in set(indices)]
+            config.num_hidden_layers = len(parent)
 
 
 def _resized_copy(model: nn.Module, pruned: fx.GraphModule) -> nn.Module:
@@ -330,7 +369,8 @@ def to_module(model: nn.Module, pruned: fx.GraphModule, *, example_inputs: Seque
     ``from_pretrained`` where every layer keeps the same sizes (the config is updated and checked; otherwise it
     keeps the original sizes and a warning says the config cannot describe per-layer sizes). ``pruned`` comes from
     ``prune`` / ``apply`` / ``auto_prune`` / ``finetune`` on ``model`` (reweight nodes folded): its plan may remove
-    whole heads, MLP channels and residual width, not channels inside heads or whole branches. ``verify``: the
+    whole heads, MLP channels, residual width and whole blocks (kinds "layers"), not channels inside heads or
+    single branches of a block. ``verify``: the
     copy must compute what ``pruned`` computes on the example inputs and on a batch one larger (``RewriteError``
     otherwise). ``model`` is not changed.
     """
@@ -340,6 +380,7 @@ def to_module(model: nn.Module, pruned: fx.GraphModule, *, example_inputs: Seque
         raise InvalidArgumentError(f"fxprune: to_module expects the GraphModule fxprune returned, got {type(pruned).__name__}")
     _refuse_what_modules_cannot_express(pruned)
     resized = _resized_copy(model, pruned)
+    _remove_blocks(resized, pruned, plan_of(pruned).options.get("layers", []))
     heads = _fix_sizes(resized)
     if hasattr(resized, "config") and not _describe_in_config(resized, model, plan_of(pruned), heads):
         _own_configs(resized, heads)

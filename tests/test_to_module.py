@@ -225,3 +225,59 @@ def test_macs_budget_of_whole_heads_mlp_and_residual_decodes_with_cache():
     with torch.no_grad():
         whole = pruned(out.sequences).logits[:, 3:-1]
     assert fxprune.relative_error(torch.stack(out.logits, 1), whole) < 1e-5
+
+
+def test_whole_layers_leave_the_decoder_with_fewer_layers():
+    """kinds "layers": a block's attention and MLP go together, so to_module deletes the block from
+    ``model.layers``; the later layers' ``layer_idx`` (the cache's key) and the config's layer count and layer
+    types follow, cached decoding and from_pretrained included. MACs counted on the pruned graph are what the
+    budget planned (torch.export's metadata asserts no longer keep removed layers' work alive)."""
+    model = _causal_lm("Qwen2ForCausalLM", "Qwen2Config", num_hidden_layers=4, num_key_value_heads=2)
+    ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    plan = fxprune.plan(model, 0.5, example_inputs=(ids,), kinds=("layers", "mlp"))
+    assert len(plan.options["layers"]) == 2 and len(plan.branches) == 4
+    # the first and the third layer, whichever the scores chose: the last ones keep their index when deleted
+    plan.options["layers"] = ["model.layers.0", "model.layers.2"]
+    plan.branches = [f"{block}:{kind}" for block in plan.options["layers"] for kind in ("attention", "mlp")]
+    pruned = fxprune.apply(model, plan, example_inputs=(ids,))
+    small = fxprune.to_module(model, pruned, example_inputs=(ids,))
+    assert len(small.model.layers) == small.config.num_hidden_layers == 2 == len(small.config.layer_types)
+    assert [layer.self_attn.layer_idx for layer in small.model.layers] == [0, 1]
+    assert len(model.model.layers) == model.config.num_hidden_layers == 4
+    out = small.generate(ids[:, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    with torch.no_grad():
+        whole = pruned(out.sequences).logits[:, 3:-1]
+    assert fxprune.relative_error(torch.stack(out.logits, 1), whole) < 1e-5
+    with tempfile.TemporaryDirectory() as directory:
+        small.save_pretrained(directory)
+        again = transformers.Qwen2ForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        assert fxprune.relative_error(again(ids).logits, small(ids).logits) < 1e-6
+
+    budget = fxprune.prune(model, example_inputs=(ids,), target_macs=0.6, kinds=("layers",))
+    reached = fxprune.plan_of(budget).options["reached"]
+    assert fxprune.count_macs(budget, (ids,)) / fxprune.count_macs(model, (ids,)) == pytest.approx(reached, abs=1e-9)
+
+
+def test_whole_layers_of_timm_vit_and_the_blocks_that_cannot_go():
+    import timm
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    vit = randomize_timm(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4,
+                                           num_classes=5)).eval()
+    pruned = fxprune.prune(vit, 0.5, example_inputs=(x,), kinds=("layers",))
+    small = fxprune.to_module(vit, pruned, example_inputs=(x,))
+    assert len(small.blocks) == 2 and len(vit.blocks) == 4
+    y = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert fxprune.relative_error(small(y), pruned(y)) < 1e-5
+    # BERT normalises after each residual add (post-norm): without its branches the block still has its norms
+    family = FAMILIES["BERT"]
+    bert = build(family, Arch(heads=2, head_dim=8, layers=3, intermediate=16))
+    example = inputs(family, 2, TRACE_SEQ, torch.Generator().manual_seed(0))
+    plan = fxprune.plan(bert, 0.4, example_inputs=example, kinds=("layers",))
+    block = plan.options["layers"][0]
+    assert block.startswith("encoder.layer.") and {f"{block}.attention:attention", f"{block}:mlp"} <= set(plan.branches)
+    with pytest.raises(fxprune.InvalidArgumentError, match=f"cannot delete block '{block}'.*LayerNorm"):
+        fxprune.to_module(bert, fxprune.apply(bert, plan, example_inputs=example), example_inputs=example)

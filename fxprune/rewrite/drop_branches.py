@@ -16,7 +16,27 @@ def bypass(graph: fx.Graph, branches: Iterable) -> None:
         if branch is not None:
             node.replace_all_uses_with(node.args[branch.skip])
             graph.erase_node(node)
-    graph.eliminate_dead_code()
+    _drop_orphaned_asserts(graph)
+    # an unused attention (SDPA is tagged random, for its dropout) or random op is dead too: removing it changes
+    # no value, only what a random generator is asked for
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
+
+
+def _drop_orphaned_asserts(graph: fx.Graph) -> None:
+    """torch.export's graphs assert tensors' metadata (``aten._assert_tensor_metadata``): side effects, so dead
+    code elimination keeps them and, through them, the part of a removed branch they check. An assert reading
+    a value the output no longer needs goes."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    live, stack = {output}, [output]
+    while stack:
+        for source in stack.pop().all_input_nodes:
+            if source not in live:
+                live.add(source)
+                stack.append(source)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and "_assert" in str(node.target) and not node.users \
+                and any(source not in live for source in node.all_input_nodes):
+            graph.erase_node(node)
 
 
 def drop_branches(gm: fx.GraphModule, branches: Iterable) -> PassResult:

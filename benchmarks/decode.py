@@ -4,9 +4,10 @@ A Llama-style decoder (random init, built from a config: 8 layers, hidden 512, 8
 64, MLP 1408, vocabulary 8000) generates greedily at batch 1 and 8 from a prompt of 64 tokens. Rows:
 the original with its key/value cache (``generate``), the pruned GraphModule (no cache: each step recomputes the
 whole sequence, the only way it can decode), and ``to_module(model, pruned)`` with the cache (``generate``).
-Plans: half of the kv groups and half of each MLP (``head_ratio=0.5``, ``kinds=("mlp",)``), and the same with a
-half of the residual width. Time per generated token is the median of interleaved rounds; the pruned rows
-also give the ratio to the original's. Tokens are checked equal between the GraphModule and the copy.
+Plans: half of the kv groups and half of each MLP (``head_ratio=0.5``, ``kinds=("mlp",)``), the same with half
+of the residual width, and half of the decoder layers (``kinds=("layers",)``). Time per generated token is the
+median of interleaved rounds; the pruned rows also give the ratio to the original's. Tokens are checked equal
+between the GraphModule and the copy.
 
     python benchmarks/decode.py                    # table + results/decode.json
     python benchmarks/decode.py --new-tokens 32 --rounds 3
@@ -29,7 +30,8 @@ CONFIG = dict(vocab_size=8000, hidden_size=512, num_hidden_layers=8, num_attenti
               head_dim=64, intermediate_size=1408, max_position_embeddings=512, attn_implementation="sdpa",
               bos_token_id=None, eos_token_id=None, pad_token_id=0)
 PLANS = {"heads 0.5 + MLP 0.5": dict(head_ratio=0.5, kinds=("mlp",)),
-         "heads 0.5 + MLP 0.5 + residual 0.5": dict(head_ratio=0.5, kinds=("mlp", "residual"))}
+         "heads 0.5 + MLP 0.5 + residual 0.5": dict(head_ratio=0.5, kinds=("mlp", "residual")),
+         "layers 0.5": dict(kinds=("layers",))}
 
 
 def greedy_without_cache(pruned: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:

@@ -41,7 +41,7 @@ class Branch:
     parameters: frozenset[str]  # parameters and buffers only the branch reads
 
 
-def _live(graph: fx.Graph) -> set[fx.Node]:
+def live_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes the output depends on (a traced ``B, N, C = x.shape`` leaves unused getitems behind)."""
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     live, stack = {output}, [output]
@@ -108,7 +108,7 @@ def _parameters_read(nodes: Iterable[fx.Node]) -> set[str]:
 def find_branches(analysis) -> list[Branch]:
     """Every residual branch of the analysed graph that holds weights, in graph order."""
     graph = analysis.gm.graph
-    live = _live(graph)
+    live = live_nodes(graph)
     found: list[tuple[fx.Node, int, set[fx.Node], str]] = []
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in _ADDS or len(node.args) != 2 or node.kwargs:

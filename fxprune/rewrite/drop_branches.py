@@ -7,6 +7,8 @@ from typing import Iterable
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from ..depth import live_nodes
+
 
 def bypass(graph: fx.Graph, branches: Iterable) -> None:
     """Replace each branch's ``add(x, f(x))`` by ``x`` and drop the nodes nothing reads any more."""
@@ -26,13 +28,7 @@ def _drop_orphaned_asserts(graph: fx.Graph) -> None:
     """torch.export's graphs assert tensors' metadata (``aten._assert_tensor_metadata``): side effects, so dead
     code elimination keeps them and, through them, the part of a removed branch they check. An assert reading
     a value the output no longer needs goes."""
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    live, stack = {output}, [output]
-    while stack:
-        for source in stack.pop().all_input_nodes:
-            if source not in live:
-                live.add(source)
-                stack.append(source)
+    live = live_nodes(graph)
     for node in list(graph.nodes):
         if node.op == "call_function" and "_assert" in str(node.target) and not node.users \
                 and any(source not in live for source in node.all_input_nodes):

@@ -52,14 +52,13 @@ def masked_errors(family, model, plan, pruned, example) -> tuple[dict, str]:
     return errors, ""
 
 
-def why_not(analysis, cols: dict, refused: str) -> str:
+def why_not(analysis, cols: dict, refused: str, warned: str = "") -> str:
     """The frozen reasons of the kinds that did not shrink, the head removal the self-check refused, the
-    prunable groups ratio pruning leaves alone (kind "other", e.g. a gated MLP), and the ops without a rule
-    that touch channels."""
+    shortfall fxprune warned of, the prunable groups ratio pruning leaves alone (kind "other", e.g. a gated
+    MLP), and the ops without a rule that touch channels."""
     parts = [f"{kind}: {cols[kind].removeprefix('frozen: ')}" for kind in KIND_COLUMNS
              if cols[kind].startswith("frozen")]
-    if refused:
-        parts.append(refused)
+    parts += [p for p in (refused, warned) if p]
     other = [g.name for g in analysis.groups if g.kind == "other" and g.prunable]
     if other:
         more = ", ..." if other[2:] else ""
@@ -77,7 +76,7 @@ def check(family, attention: str) -> dict:
     started = time.perf_counter()
     try:
         analysis = fxprune.analyze(model, example)
-        plan, pruned, head_ratio, refused = prune_or_channels_only(analysis, RATIO, HEAD_RATIO)
+        plan, pruned, head_ratio, refused, warned = prune_or_channels_only(analysis, RATIO, HEAD_RATIO)
     except Exception as exc:  # noqa: BLE001 - the row reports what fxprune does
         return {**row, "error_message": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
                 "trace": traceback.format_exc()[-1500:]}
@@ -88,7 +87,7 @@ def check(family, attention: str) -> dict:
     return {**row, **cols, "head_ratio": head_ratio, "runs_at_other_shapes": not failure, "shape_failure": failure,
             "errors": errors, "error": max(errors.values(), default=float("nan")), "params": params,
             "params_after": fxprune.count_params(pruned), "params_kept": fxprune.count_params(pruned) / params,
-            "why_not": why_not(analysis, cols, refused), "seconds": seconds,
+            "why_not": why_not(analysis, cols, refused, warned), "seconds": seconds,
             "capture": analysis.gm.meta.get(fxprune.meta.CAPTURE_METHOD, "symbolic")}
 
 

@@ -82,3 +82,16 @@ def test_llama_scale_runs_every_phase_and_reports_what_was_pruned():
     removed = sum(k["removed"] for k in kinds.values())
     assert removed > 0 and all(k["removed"] <= k["channels"] for k in kinds.values())
     assert llama_scale.model_bytes(model) >= 4 * sum(before.values())
+
+
+def test_hf_benchmark_row_prunes_and_reports(monkeypatch):
+    """``benchmarks/hf.py``'s row on a small Llama: pruned, checked at other shapes, no error in the row (the
+    row once unpacked four values where its helper returned five, and every row of the table said so)."""
+    import hf
+    from hf_models import Arch
+
+    monkeypatch.setattr(hf, "ARCH", Arch(heads=4, head_dim=8, layers=1, intermediate=32, kv_groups=2))
+    row = hf.check(hf.FAMILIES["Llama"], "sdpa")
+    assert "error_message" not in row, row.get("trace")
+    assert row["runs_at_other_shapes"] and row["error"] < 1e-5 and row["params_kept"] < 1
+    assert "ops without rules" not in row["why_not"]

@@ -289,16 +289,23 @@ def test_norms_replaced_in_the_reference_are_the_model_own():
 
 
 @pytest.mark.parametrize("family,head", [("ViT", "ViTForImageClassification"), ("BERT", "BertForSequenceClassification"),
-                                         ("DistilBERT", "DistilBertForSequenceClassification")])
+                                         ("DistilBERT", "DistilBertForSequenceClassification"),
+                                         # its patch embedding is exported as aten.conv2d.padding ("valid")
+                                         ("SigLIP-vision", "SiglipForImageClassification")])
 def test_hugging_face_classifiers_equal_layer_norm_over_kept_channels(family, head):
     """A classifier's stream (a bare model's is its output, so it stays) narrows; every nn.LayerNorm of the hidden
     width, post-norm BERT's too, then normalises over the kept channels."""
     import transformers
     import hf_models
 
-    config = getattr(transformers, hf_models.FAMILIES[family].config)(
-        **hf_models.FAMILIES[family].kwargs(hf_models.Arch()), num_labels=3, attn_implementation="eager")
+    kwargs = hf_models.FAMILIES[family].kwargs(hf_models.Arch())
+    if head == "SiglipForImageClassification":  # a classifier over the vision tower of a vision-text config
+        config = transformers.SiglipConfig(vision_config=kwargs, num_labels=3, attn_implementation="eager")
+    else:
+        config = getattr(transformers, hf_models.FAMILIES[family].config)(**kwargs, num_labels=3,
+                                                                         attn_implementation="eager")
     model = hf_models.randomize(getattr(transformers, head)(config)).eval()
+    config = getattr(config, "vision_config", config)
     generator = torch.Generator().manual_seed(0)
     analysis = fxprune.analyze(model, hf_models.inputs(family, 2, 8, generator))
     plan = fxprune.plan(analysis, 0.5, kinds=("residual",))

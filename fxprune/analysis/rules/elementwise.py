@@ -29,7 +29,7 @@ _ELEMENTWISE = ["add", "sub", "mul", "div", "truediv", "floordiv", "pow", "maxim
                 "rsub", "true_divide", "addcmul"]
 _ELEMENTWISE_ATEN = ["add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "add.Scalar", "mul.Scalar", "div.Scalar",
                      "sub.Scalar", "pow.Tensor_Scalar", "maximum.default", "minimum.default", "where.self",
-                     "rsub.Scalar"]
+                     "where.ScalarOther", "where.ScalarSelf", "where.Scalar", "rsub.Scalar"]
 # constants shaped like their input: their channels are free; the rewrite gives them explicit sizes
 LIKE_CREATORS = {"zeros_like": "new_zeros", "ones_like": "new_ones", "empty_like": "new_empty"}
 

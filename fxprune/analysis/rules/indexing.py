@@ -219,6 +219,17 @@ def rule_index(ctx, call: OpCall) -> Labels:
     return rule_getitem(ctx, OpCall("getitem", call.node, call.args))
 
 
+@register_op("gather", ("input", "dim", "index"), functions=[torch.gather], methods=["gather"],
+             aten=[_aten.gather.default])
+def rule_gather(ctx, call: OpCall) -> Labels:
+    """torch.gather(x, dim, index): ``index`` picks positions of ``x`` element by element (BERT's token type ids
+    by position). Along ``dim`` the picked channels are read by position; along the other dims the output
+    follows ``index``'s size, not ``x``'s: neither can lose channels, and the output has none of its own."""
+    ctx.freeze_labels(ctx.labels(call.args["input"]), "torch.gather reads them by position")
+    ctx.freeze_labels(ctx.labels(call.args["index"]), "torch.gather's index sets the output's size")
+    return ()
+
+
 def _gather(ctx, labels: Labels, index: tuple, shape: Sequence[int]) -> Labels:
     """``table[..., idx, ...]`` with one index tensor, after full slices only (relative position tables:
     ``table[idx]``; TinyViT's per-head biases: ``biases[:, idx]``): the gathered dim becomes the index's

@@ -136,7 +136,8 @@ def _resize_conv(node: fx.Node, call: OpCall, old: tuple, new: tuple) -> None:
 
 @register_op("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
              functions=[F.conv1d, F.conv2d, F.conv3d],
-             aten=[_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default],
+             aten=[_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default,  # .padding: "valid" / "same"
+                   _aten.conv1d.padding, _aten.conv2d.padding, _aten.conv3d.padding],
              modules={nn.Conv1d: _conv_args, nn.Conv2d: _conv_args, nn.Conv3d: _conv_args}, macs=_conv_macs,
              produces_channels=True, resize=_resize_conv)
 def rule_conv(ctx, call: OpCall) -> Labels:

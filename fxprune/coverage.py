@@ -85,7 +85,9 @@ def assess(analysis, plan, kinds: Iterable[str], asked: float, measure: str) -> 
     fraction kept).
     """
     kinds = tuple(kinds)
+    unit = "channels and heads" if "heads" in kinds else "channels"
     if measure == "channels" and len(set(kinds) & {"depth", "layers"}) == len(set(kinds)):  # only whole branches
+        unit = "blocks" if "layers" in kinds else "residual branches"
         count = len(plan.options.get("branch_scores", {}))  # branches, or blocks for "layers"
         removed = len(plan.options["layers"]) if "layers" in kinds else len(plan.branches)
         reached = removed / count if count else 0.0
@@ -96,7 +98,7 @@ def assess(analysis, plan, kinds: Iterable[str], asked: float, measure: str) -> 
     else:
         reached = float(plan.options.get("reached", 1.0))
         short = reached > asked + SLACK
-    return {"measure": measure, "asked": round(asked, 4), "reached": round(reached, 4), "short": short,
+    return {"measure": measure, "unit": unit, "asked": round(asked, 4), "reached": round(reached, 4), "short": short,
             "removable_macs": round(removable_macs(analysis, kinds), 4) if short else None,
             "frozen": [[reason, n] for reason, n in frozen_reasons(analysis, kinds)],
             "unknown_ops": sorted({op.target for op in analysis.unknown_ops if op.touched_channels})}
@@ -104,7 +106,8 @@ def assess(analysis, plan, kinds: Iterable[str], asked: float, measure: str) -> 
 
 def message(coverage: dict) -> str:
     if coverage["measure"] == "channels":
-        what = f"removed {100 * coverage['reached']:.1f}% of the channels where {100 * coverage['asked']:.1f}% was asked"
+        what = (f"removed {100 * coverage['reached']:.1f}% of the {coverage.get('unit', 'channels')} where "
+                f"{100 * coverage['asked']:.1f}% was asked")
     else:
         measured = {"macs": "MACs", "params": "parameters", "latency": "estimated latency"}[coverage["measure"]]
         what = f"kept {100 * coverage['reached']:.1f}% of the {measured} where {100 * coverage['asked']:.1f}% was the target"

@@ -163,3 +163,14 @@ def test_heads_kind_with_a_ratio_is_head_ratio_and_not_both():
         fxprune.plan(analysis, 0.5, kinds=("heads",), head_ratio=0.5)
     with pytest.raises(fxprune.InvalidArgumentError, match="per head"):
         fxprune.auto_prune(model, [(X,)], 0.5, kinds=("heads", "mlp"))
+
+
+def test_whole_units_short_of_the_ratio_say_what_they_count():
+    """Three heads at 0.5 leave two (whole heads round down): the warning counts heads, not channels; a plan of
+    whole blocks counts blocks."""
+    model = small_vit(num_heads=3, depth=3)
+    analysis = fxprune.analyze(model, (X,))
+    with pytest.warns(fxprune.PruningShortfallWarning, match=r"removed 33\.3% of the channels and heads where 50"):
+        fxprune.plan(analysis, 0.5, kinds=("heads",))
+    coverage = fxprune.plan(analysis, 0.4, kinds=("layers",)).options["coverage"]
+    assert (coverage["unit"], coverage["reached"]) == ("blocks", pytest.approx(1 / 3, abs=1e-4))

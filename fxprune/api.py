@@ -76,8 +76,9 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     scored by how much they change their input on ``data`` (or the example inputs): ``ratio`` of them, or
     under a target the same threshold on their quantile as on the channels' (``plan.branches``).
     ``kinds`` may include "layers" instead: whole blocks (every residual branch under one module path, a
-    block's attention and its MLP), scored by the sum of their branches' scores (``plan.options["layers"]``),
-    what a model's own code follows by deleting the block (``fxprune.to_module``).
+    block's attention and its MLP), scored by how much removing each alone changes the model's outputs on
+    ``data`` (or the example inputs; one forward per block and batch; ``plan.options["layers"]``), what a
+    model's own code follows by deleting the block (``fxprune.to_module``).
     ``kinds`` may include "residual": the residual stream's width (one group per stream, a stage in Swin),
     removed from everything that reads or writes it (embeddings, tokens, every block's projections, norms,
     layer scales, the classifier). Its norms then normalise over the kept channels: the pruned model equals
@@ -123,11 +124,8 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     options = {"importance": importance, "seed": seed, "input_shapes": input_shapes, "input_dtypes": input_dtypes,
                "untie_shared_convs": analysis.captured.untied}
     branches = depth.find_branches(analysis) if {"depth", "layers"} & set(kinds) else []
-    branch_scores = _branch_scores(analysis, branches, data) if branches else None
-    units = None  # kind "layers": whole blocks, each the sum of its branches' scores
-    if branch_scores and "layers" in kinds:
-        units = depth.blocks(branches)
-        branch_scores = {block: sum(branch_scores[b] for b in names) for block, names in units.items()}
+    units = depth.blocks(branches) if "layers" in kinds and branches else None  # whole blocks, by their effect
+    branch_scores = (_block_scores if units else _branch_scores)(analysis, branches, data) if branches else None
     if budget_name is not None:
         target = _check_budget(budgets[budget_name], f"target_{budget_name}")
         measure = _measure(analysis, budget_name, branches)
@@ -157,13 +155,22 @@ def plan(model: torch.nn.Module | Analysis, ratio: float | None = None, *, examp
     return p
 
 
-def _branch_scores(analysis: Analysis, branches: list, data: Iterable | None) -> dict[str, float]:
-    """Scores of residual branches on the calibration batches (on the example inputs without them)."""
+def _calibration(analysis: Analysis, data: Iterable | None) -> list[tuple]:
+    """Up to 8 calibration batches, or the example inputs without data."""
     from .data import batches, input_names
 
-    calibration = list(batches(data, 8, input_names(analysis.gm))) if data is not None \
+    return list(batches(data, 8, input_names(analysis.gm))) if data is not None \
         else [tuple(analysis.captured.example_inputs)]
-    return depth.branch_scores(analysis, branches, calibration)
+
+
+def _branch_scores(analysis: Analysis, branches: list, data: Iterable | None) -> dict[str, float]:
+    """Scores of residual branches on the calibration batches (on the example inputs without them)."""
+    return depth.branch_scores(analysis, branches, _calibration(analysis, data))
+
+
+def _block_scores(analysis: Analysis, branches: list, data: Iterable | None) -> dict[str, float]:
+    """Scores of whole blocks: their effect on the outputs, on the calibration batches (or the example inputs)."""
+    return depth.block_scores(analysis, branches, _calibration(analysis, data))
 
 
 def _measure(analysis: Analysis, what: str, branches: list):

@@ -10,7 +10,8 @@ Branches are found from the graph alone (``find_branches``), scored on calibrati
 change their input (``branch_scores``: ‖f(x)‖ / ‖x‖, the mean over batches; small goes first), and removed in
 the pruned copy by the ``drop_branches`` pass (``rewrite/drop_branches.py``). Parameters no other node reads
 go with them. Kind "layers" removes whole blocks instead: every branch under one module path (``blocks``), scored
-by the sum of their scores, which a model's own code can follow by deleting the block (``fxprune.to_module``).
+by how much removing that block alone changes the model's outputs (``block_scores``), which a model's own code
+can follow by deleting the block (``fxprune.to_module``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Iterable
 
 import torch
 import torch.fx as fx
+from torch.fx.interpreter import Interpreter
 
 from . import meta
 from .analysis.rules import ParamRef
@@ -178,6 +180,40 @@ def blocks(branches: Iterable[Branch]) -> dict[str, list[str]]:
     for branch in branches:
         out.setdefault(block_of(branch.name), []).append(branch.name)
     return out
+
+
+def block_scores(analysis, branches: list[Branch], data: Iterable[tuple]) -> dict[str, float]:
+    """Each block's effect on the model's output: the relative change of the outputs with that block's branches
+    removed alone, ‖y − y₋ᵦ‖ / ‖y‖ averaged over the batches (one forward per block and batch, through
+    gates on the branches). Local measures miss what later blocks make of a block's output: on
+    all-MiniLM-L6-v2 the block of the smallest ‖f(x)‖ / ‖x‖ left a held-out cosine of 0.931 where the one
+    this picks left 0.942."""
+    from torch.utils._pytree import tree_leaves
+
+    from .gating import gated_graph
+
+    units = blocks(branches)
+    index = {b.name: analysis.atoms.count + i for i, b in enumerate(branches)}
+    gm = gated_graph(analysis, branches=branches).eval()
+    ones = torch.ones(analysis.atoms.count + len(branches))
+    sums = dict.fromkeys(units, 0.0)
+
+    def outputs(gates: torch.Tensor, batch: tuple) -> torch.Tensor:
+        # an Interpreter: an exported graph's generated forward keeps the input spec it had before the gates
+        result = Interpreter(gm).run(gates, *batch)
+        leaves = [t for t in tree_leaves(result) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return torch.cat([t.detach().double().flatten() for t in leaves])
+
+    batches = list(data)
+    with torch.no_grad():
+        for batch in batches:
+            reference = outputs(ones, batch)
+            scale = float(torch.linalg.vector_norm(reference)) or 1.0
+            for block, names in units.items():
+                gates = ones.clone()
+                gates[[index[n] for n in names]] = 0.0
+                sums[block] += float(torch.linalg.vector_norm(outputs(gates, batch) - reference)) / scale
+    return {block: total / max(len(batches), 1) for block, total in sums.items()}
 
 
 def by_name(analysis, names: Iterable[str]) -> list[Branch]:

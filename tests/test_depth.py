@@ -107,3 +107,23 @@ def test_compensation_after_removing_branches(compensation):
     fitted = compensated.meta[fxprune.meta.COMPENSATED]
     assert fitted and all(f.error_after <= f.error_before * (1 + 1e-6) + 1e-9 for f in fitted)
     assert fxprune.count_params(compensated) == fxprune.count_params(plain)
+
+
+def test_block_scores_are_the_output_change_of_removing_each_block_and_the_least_goes():
+    """Kind "layers" scores a block by what removing it alone does to the outputs on the data (not by a local
+    norm); a ratio removes the blocks of the smallest scores."""
+    model = small_vit(num_heads=2, depth=4)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    analysis = fxprune.analyze(model, (x[:2],))
+    plan = fxprune.plan(analysis, 0.25, kinds=("layers",), data=[(x,)])
+    scores = plan.options["branch_scores"]
+    assert sorted(scores) == [f"blocks.{i}" for i in range(4)]
+    with torch.no_grad():
+        reference = model(x)
+        for block in scores:
+            alone = fxprune.plan(analysis, 0.0)
+            alone.branches, alone.options["layers"] = [f"{block}:attention", f"{block}:mlp"], [block]
+            change = float(torch.linalg.vector_norm(fxprune.apply(analysis, alone)(x) - reference)
+                           / torch.linalg.vector_norm(reference))
+            assert scores[block] == pytest.approx(change, rel=1e-4, abs=1e-6), block
+    assert plan.options["layers"] == [min(scores, key=scores.get)]

@@ -86,12 +86,13 @@ def assess(analysis, plan, kinds: Iterable[str], asked: float, measure: str) -> 
     """
     kinds = tuple(kinds)
     unit = "channels and heads" if "heads" in kinds else "channels"
-    if measure == "channels" and len(set(kinds) & {"depth", "layers"}) == len(set(kinds)):  # only whole branches
+    if measure == "channels" and set(kinds) <= {"depth", "layers"}:  # only whole branches were asked for
         unit = "blocks" if "layers" in kinds else "residual branches"
         count = len(plan.options.get("branch_scores", {}))  # branches, or blocks for "layers"
-        removed = len(plan.options["layers"]) if "layers" in kinds else len(plan.branches)
+        removed = len(plan.options.get("layers", [])) if "layers" in kinds else len(plan.branches)
         reached = removed / count if count else 0.0
-        short = reached < asked - max(SLACK, 0.5 / max(count, 1))  # a share of a few branches rounds
+        # a share of a few branches rounds; a model without any removed nothing of what was asked
+        short = reached < asked - max(SLACK, 0.5 / count) if count else asked > 0
     elif measure == "channels":
         reached = channel_fraction(analysis, plan, kinds)
         short = reached < asked - SLACK

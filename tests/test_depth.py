@@ -127,3 +127,10 @@ def test_block_scores_are_the_output_change_of_removing_each_block_and_the_least
                            / torch.linalg.vector_norm(reference))
             assert scores[block] == pytest.approx(change, rel=1e-4, abs=1e-6), block
     assert plan.options["layers"] == [min(scores, key=scores.get)]
+
+
+def test_whole_blocks_asked_of_a_model_without_residual_blocks_warn():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    with pytest.warns(fxprune.PruningShortfallWarning, match="removed 0.0% of the blocks"):
+        plan = fxprune.plan(model, 0.5, example_inputs=(torch.randn(2, 8),), kinds=("layers",))
+    assert plan.branches == [] and plan.options["coverage"]["short"]

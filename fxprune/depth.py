@@ -174,8 +174,8 @@ def block_of(branch_name: str) -> str:
 
 
 def blocks(branches: Iterable[Branch]) -> dict[str, list[str]]:
-    """Whole blocks (kind "layers"): the branches under each module path, a block's attention and its MLP, by
-    path in graph order."""
+    """Whole blocks (kind "layers"): the branches of each block (``block_of``), a block's attention and its MLP,
+    by block in graph order."""
     out: dict[str, list[str]] = {}
     for branch in branches:
         out.setdefault(block_of(branch.name), []).append(branch.name)

@@ -187,11 +187,11 @@ def linear_calls(analysis) -> list[LinearCall]:
 
 # ops that re-lay a tensor out (views mostly): values pass through them unchanged, in another layout
 LAYOUT_OPS = {"reshape", "permute", "transpose", "expand", "getitem", "select", "slice", "unbind", "split", "chunk"}
-_SAME_VALUE = {"contiguous", "clone", "to", "type_as", "float", "half", "bfloat16", "detach", "dropout", "alias",
+SAME_VALUE = {"contiguous", "clone", "to", "type_as", "float", "half", "bfloat16", "detach", "dropout", "alias",
                "_to_copy", "Dropout", "Identity"}
 
 
-def _base_name(gm: fx.GraphModule, node: fx.Node) -> str:
+def base_name(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         return type(gm.get_submodule(str(node.target))).__name__
     target = node.target
@@ -208,9 +208,9 @@ def linear_source(gm: fx.GraphModule, node: Any) -> fx.Node | None:
             return None
         if call.op in ("linear", "addmm"):
             return node
-        if call.op in LAYOUT_OPS or (call.op == "unary" and _base_name(gm, node) in _SAME_VALUE):
+        if call.op in LAYOUT_OPS or (call.op == "unary" and base_name(gm, node) in SAME_VALUE):
             node = call.args.get("input")
-        elif call.op == "elementwise" and _base_name(gm, node) in ("mul", "truediv", "div") \
+        elif call.op == "elementwise" and base_name(gm, node) in ("mul", "truediv", "div") \
                 and len(call.args["operands"]) == 2 and isinstance(call.args["operands"][0], fx.Node) \
                 and isinstance(call.args["operands"][1], (int, float)):
             node = call.args["operands"][0]

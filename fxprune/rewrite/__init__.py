@@ -94,7 +94,7 @@ def apply_plan(analysis, plan: Plan, train: bool = False, reweight_data=None, ve
 
         data = batches(reweight_data, names=input_names(analysis.gm))
         gm.meta[meta.COMPENSATED] = least_squares(gm, analysis, keep, removed, data,
-                                                  sequential=compensation == "sequential")
+                                                  sequential=compensation == "sequential", removed_branches=branches)
         gm.recompile()
     if fits:
         insert_reweights(gm, fits)

@@ -18,6 +18,12 @@ Removing channels changes two kinds of computation, and both are re-fitted on ca
   layout ops only (no rotary embedding, no per-head norm); other products are left as they are. In
   ``sequential`` mode the query statistics still come from the unpruned model.
 
+- **The residual stream after a removed branch** (``sequential`` only): the stream lacks what the branch added,
+  and nothing whose inputs shrank is there to refit. Every later Linear that writes into the stream (its output
+  reaching a residual add through same-value ops only: an attention's output projection, an MLP's fc2) is fitted
+  to its unpruned output plus the stream's deviation at that add, ``Y + (s_unpruned − s_pruned)``, so the add's
+  result comes back towards the unpruned model's, each writer taking back what the ones before left.
+
 The result is a plain pruned model (no extra nodes); the diagonal reweight nodes (``reweight.py``) remain
 the trainable alternative. ``least_squares(...)`` returns what it fitted, per layer, for reports and tests.
 """
@@ -30,8 +36,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..statistics import (RIDGE, LinearCall, Moments, Product, Runner, attention_products, linear_calls,
-                          relative_ridge, ridge_strength, watch)
+from .. import meta
+from ..statistics import (RIDGE, SAME_VALUE, LinearCall, Moments, Product, Runner, attention_products, base_name,
+                          linear_calls, relative_ridge, ridge_strength, watch)
 
 
 
@@ -86,6 +93,57 @@ def qk_sites(analysis, removed: torch.Tensor) -> list[QkSite]:
         if all(tuple(atom_of[row].tolist()) in key_rows for row in product.query.ids):
             sites.append(QkSite(product, source.weight, source.bias, out_dim, key_rows))
     return sites
+
+
+@dataclass
+class StreamFix:
+    """A Linear writing into the residual add ``add`` (``skip``: the stream operand) after a removed branch."""
+
+    add: str
+    skip: int
+
+
+def stream_writers(analysis, removed_branches: Iterable) -> dict[str, StreamFix]:
+    """Linear node -> its residual add, for every branch kept after the first removed one whose output comes
+    from one Linear through same-value ops (dropout, casts, identity) only."""
+    from ..depth import find_branches
+
+    removed_branches = list(removed_branches)
+    if not removed_branches:
+        return {}
+    nodes = {n.name: n for n in analysis.gm.graph.nodes}
+    order = {name: i for i, name in enumerate(nodes)}
+    gone = {b.name for b in removed_branches}
+    first = min(order[b.add] for b in removed_branches)
+    calls = {call.node for call in linear_calls(analysis)}
+    fixes = {}
+    for branch in find_branches(analysis):
+        if branch.name in gone or order[branch.add] < first:
+            continue
+        node = nodes[branch.add].args[1 - branch.skip]
+        while isinstance(node, fx.Node) and node.name not in calls:
+            call = node.meta.get(meta.OP)
+            if call is None or call.op != "unary" or base_name(analysis.gm, node) not in SAME_VALUE:
+                break
+            node = call.args.get("input")
+        if isinstance(node, fx.Node) and node.name in calls:
+            fixes[node.name] = StreamFix(branch.add, branch.skip)
+    return fixes
+
+
+def _deviation(original: Runner, current: Runner, add_original: fx.Node, add_pruned: fx.Node, skip: int,
+               kept: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | float:
+    """The stream operand of a residual add, unpruned minus pruned (at the kept channels), where both runs hold
+    it in the layer output's shape; 0 otherwise."""
+    stream_original = original.env.get(add_original.args[skip])
+    stream_pruned = current.env.get(add_pruned.args[skip])
+    if not (isinstance(stream_original, torch.Tensor) and isinstance(stream_pruned, torch.Tensor)):
+        return 0.0
+    if kept is not None:
+        stream_original = stream_original.index_select(-1, kept)
+    if stream_original.shape != like.shape or stream_pruned.shape != like.shape:
+        return 0.0
+    return stream_original - stream_pruned
 
 
 def _layer_callback(layer: Layer, moments: Moments) -> Callable:
@@ -224,19 +282,29 @@ def _fold_keys(gm, analysis, keep, site: QkSite, gram: torch.Tensor, rows_seen: 
 
 
 def least_squares(gm: fx.GraphModule, analysis, keep: dict, removed: torch.Tensor, batches: Iterable[tuple],
-                  sequential: bool = False, ridge: float | None = None) -> list[Fitted]:
+                  sequential: bool = False, ridge: float | None = None,
+                  removed_branches: Iterable = ()) -> list[Fitted]:
     """Pass: compensate ``gm`` (the pruned copy of ``analysis.gm``) in place; returns what was fitted. ``ridge``
     (relative to each Gram's mean diagonal; default: ``statistics.relative_ridge`` of the layer's features and
-    calibration rows) regularises every solve towards the uncompensated weights."""
+    calibration rows) regularises every solve towards the uncompensated weights. ``removed_branches``: the
+    residual branches the plan removes; in ``sequential`` mode the stream writers after them are refitted too."""
     batches = list(batches)
     present = {n.name for n in gm.graph.nodes}  # a removed residual branch takes its layers with it
     layers = [layer for layer in shrinking_layers(analysis, keep) if layer.node in present]
+    fixes = {node: fix for node, fix in stream_writers(analysis, removed_branches).items() if node in present} \
+        if sequential else {}
+    if fixes:  # writers whose inputs kept every feature are fitted too, in graph order
+        order = {node.name: i for i, node in enumerate(analysis.gm.graph.nodes)}
+        fitted_already = {layer.node for layer in layers}
+        layers += [Layer(**vars(call), kept=torch.arange(analysis.tensor(call.weight).shape[call.in_dim]))
+                   for call in linear_calls(analysis) if call.node in fixes and call.node not in fitted_already]
+        layers.sort(key=lambda layer: order[layer.node])
     sites = [site for site in qk_sites(analysis, removed) if site.product.node in present]
     keys = _KeyFolds(gm, analysis, keep, removed, ridge)
     moments = {layer.node: Moments(ones=layer.bias is not None) for layer in layers}
     out_kept = {layer.node: keep.get(layer.weight, {}).get(1 - layer.in_dim) for layer in layers}
     if sequential:
-        return _sequential(gm, analysis, layers, sites, keys, moments, out_kept, batches, ridge)
+        return _sequential(gm, analysis, layers, sites, keys, moments, out_kept, batches, ridge, fixes)
     callbacks = {site.product.node: keys.recorder(site) for site in sites}
     callbacks.update({layer.node: _kept_outputs(_layer_callback(layer, moments[layer.node]), out_kept[layer.node])
                       for layer in layers})
@@ -272,7 +340,8 @@ def _kept_outputs(callback: Callable, out_kept: torch.Tensor | None) -> Callable
 
 
 def _sequential(gm, analysis, layers: list[Layer], sites: list[QkSite], keys: _KeyFolds, moments: dict,
-                out_kept: dict, batches: list[tuple], ridge: float | None) -> list[Fitted]:
+                out_kept: dict, batches: list[tuple], ridge: float | None,
+                fixes: dict[str, StreamFix] | None = None) -> list[Fitted]:
     """Layer after layer: X_K from the pruned model as compensated so far, Y from the unpruned model.
 
     The query Grams are recorded on the way by the same unpruned runs (no extra forward pass): a site is folded
@@ -301,13 +370,21 @@ def _sequential(gm, analysis, layers: list[Layer], sites: list[QkSite], keys: _K
             for current in pruned:
                 current.refresh({site.weight, site.bias} - {None})
 
+    fixes = fixes or {}
+    nodes_original = {n.name: n for n in analysis.gm.graph.nodes}
+    nodes_pruned = {n.name: n for n in gm.graph.nodes}
     for layer in layers:
         outputs = [original.run_until(layer.node, inclusive=True) for original in originals]
         fold_passed(order[layer.node])
-        for y, current in zip(outputs, pruned):
+        fix = fixes.get(layer.node)
+        for y, current, original in zip(outputs, pruned, originals):
             x = current.run_until(layer.node, inclusive=False)[layer.input_position]
             kept = out_kept[layer.node]
-            moments[layer.node].add(x, y if kept is None else y.index_select(-1, kept))
+            target = y if kept is None else y.index_select(-1, kept)
+            if fix is not None:  # and what the stream lacks at its add, for this writer to take back
+                target = target + _deviation(original, current, nodes_original[fix.add], nodes_pruned[fix.add],
+                                             fix.skip, kept, target)
+            moments[layer.node].add(x, target)
         fitted.append(_solve_layer(gm, analysis, keys.keep, layer, moments[layer.node], ridge))
         for current in pruned:  # what the solve replaced, wherever a runner already fetched it
             current.refresh({layer.weight, layer.bias} - {None})

@@ -334,3 +334,24 @@ def test_calibration_batches_carry_every_input_of_a_token_model(importance):
     plan = fxprune.plan(analysis, 0.5, importance=importance, data=[(ids, padded)])
     pruned = fxprune.apply(analysis, plan, reweight_data=[(ids, padded)])
     assert pruned(ids, padded).last_hidden_state.shape == (4, 8, 32)
+
+
+def test_a_norm_over_every_head_freezes_whole_heads_instead_of_planning_what_apply_refuses():
+    """Olmo2 normalises q (and k) over all heads at once: removing a head would change every other head's
+    statistics. The heads group is frozen with that reason, so head_ratio plans nothing apply must refuse (it
+    used to plan the heads away and apply raised PlanError); v and the MLP still shrink."""
+    import transformers
+    from hf_models import randomize
+
+    config = transformers.Olmo2Config(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=4, intermediate_size=48, max_position_embeddings=32)
+    model = randomize(transformers.Olmo2ForCausalLM(config)).eval()
+    ids = torch.randint(3, 40, (1, 6), generator=torch.Generator().manual_seed(0))
+    analysis = fxprune.analyze(model, (ids,))
+    heads = [g for g in analysis.groups if g.kind == "heads"]
+    assert heads and all(not g.prunable and any("a head cannot go alone" in r for r in g.frozen) for g in heads)
+    with pytest.warns(fxprune.PruningShortfallWarning):
+        plan = fxprune.plan(analysis, 0.25, head_ratio=0.5)
+    assert not any(name.endswith(":heads") for name in plan.removed)
+    pruned = fxprune.apply(analysis, plan)
+    assert fxprune.count_params(pruned) < fxprune.count_params(model)

@@ -219,6 +219,18 @@ def _describe_heads(group: Group, members: list[int], atoms: Atoms, owners: dict
         for reason in atoms.frozen.get(c, []):
             if reason not in group.frozen:
                 group.frozen.append(reason)
+    whole = [*atoms.whole_sets, *atoms.stream_norm_sets]  # norms over heads' channels are either, by their width
+    sets_of: dict[int, list[int]] = defaultdict(list)  # channel atom -> all-or-nothing sets holding it
+    for i, (atom_set, _) in enumerate(whole):
+        for a in atom_set & linked:
+            sets_of[a].append(i)
+    for head in members:  # a set all heads' channels make up (Olmo2's q/k norm over every head) cannot lose one
+        channels = atoms.head_links.get(head, set())
+        for i in sorted({i for c in channels for i in sets_of.get(c, ())}):
+            atom_set, reason = whole[i]
+            why = f"{reason} (across heads: a head cannot go alone)"
+            if not atom_set <= channels and why not in group.frozen:
+                group.frozen.append(why)
     for head in members:  # removing a head must take whole rows of every channel group it reaches
         channels = atoms.head_links.get(head, set())
         for g in sorted({group_of[c] for c in channels if group_of[c] >= 0}):

@@ -213,18 +213,25 @@ def _remove_blocks(model: nn.Module, pruned: fx.GraphModule, blocks: list[str]) 
         if config is not None and getattr(config, "num_hidden_layers", None) == count:
             layer_types = getattr(config, "layer_types", None)
             if isinstance(layer_types, list) and len(layer_types) == count:
-                config.layer_types = [t for i, t in enumerate(layer_types) if i not in set(indices)]
+                gone = set(indices)
+                config.layer_types = [t for i, t in enumerate(layer_types) if i not in gone]
             config.num_hidden_layers = len(parent)
 
 
-def _resized_copy(model: nn.Module, pruned: fx.GraphModule) -> nn.Module:
-    """A deep copy of ``model`` holding, under each name the pruned module also has, the pruned tensor."""
+def _resized_copy(model: nn.Module, pruned: fx.GraphModule, blocks: list[str]) -> nn.Module:
+    """A deep copy of ``model`` holding, under each name the pruned module also has, the pruned tensor. Tensors
+    only ``blocks`` (about to be deleted) hold are not copied: empty meta tensors stand in for them."""
     replacements = dict(pruned.named_parameters(remove_duplicate=False))
     replacements.update(pruned.named_buffers(remove_duplicate=False))
     memo: dict[int, object] = {}
     made: dict[int, torch.Tensor] = {}  # pruned tensor -> its copy: tied names stay tied
-    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    outside = {id(t) for name, t in named if not any(name.startswith(block + ".") for block in blocks)}
+    for name, tensor in named:
         new = replacements.get(name)
+        if new is None and id(tensor) not in outside and id(tensor) not in memo:
+            empty = torch.empty_like(tensor, device="meta")
+            memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
         if new is None or id(tensor) in memo:
             continue
         if id(new) not in made:
@@ -379,8 +386,9 @@ def to_module(model: nn.Module, pruned: fx.GraphModule, *, example_inputs: Seque
     if not isinstance(pruned, fx.GraphModule):
         raise InvalidArgumentError(f"fxprune: to_module expects the GraphModule fxprune returned, got {type(pruned).__name__}")
     _refuse_what_modules_cannot_express(pruned)
-    resized = _resized_copy(model, pruned)
-    _remove_blocks(resized, pruned, plan_of(pruned).options.get("layers", []))
+    blocks = plan_of(pruned).options.get("layers", [])
+    resized = _resized_copy(model, pruned, blocks)
+    _remove_blocks(resized, pruned, blocks)
     heads = _fix_sizes(resized)
     if hasattr(resized, "config") and not _describe_in_config(resized, model, plan_of(pruned), heads):
         _own_configs(resized, heads)
